@@ -1,0 +1,4 @@
+//! Demo backends for wasmgate: small, real WebSocket servers that the demo, the tests and the
+//! benchmarks put behind the gateway.
+
+pub mod echo;

@@ -1,0 +1,425 @@
+//! The TOML configuration: its schema, its defaults, and errors that point at the file, line
+//! and key that are wrong.
+//!
+//! Parsing happens in two steps. serde checks the shape (unknown keys are errors, thanks to
+//! `deny_unknown_fields`); then `validate` checks what serde cannot (references between
+//! tables, addresses, ranges). Fields that such checks need to point at are `Spanned`, so
+//! every error can name a line.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error, already formatted as `file:line:column: key `k`: what is wrong`.
+#[derive(Debug)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewaySection,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamSection>,
+    #[serde(default, rename = "plugin")]
+    pub plugins: Vec<PluginSection>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteSection>,
+    /// The directory relative paths (plugin files) are resolved against: the config file's.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// Where the configuration came from, for messages and reloads.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Client-facing address.
+    pub listen: Spanned<String>,
+    /// Admin address (health, metrics, plugins); off when absent.
+    pub admin: Option<Spanned<String>>,
+    /// Largest message accepted in either direction, in bytes; larger ones close with 1009.
+    #[serde(default = "defaults::max_message_size")]
+    pub max_message_size: u64,
+    /// Close a connection after this long with no data message either way; 0 = never.
+    #[serde(default)]
+    pub idle_timeout_secs: u64,
+    /// Ping a silent peer after this long; 0 = no keepalive pings.
+    #[serde(default = "defaults::ping_interval_secs")]
+    pub ping_interval_secs: u64,
+    /// A peer that sends nothing for this long after a keepalive ping is considered dead.
+    #[serde(default = "defaults::pong_timeout_secs")]
+    pub pong_timeout_secs: u64,
+    /// How long to wait for the other side's close frame once a close has started.
+    #[serde(default = "defaults::close_timeout_secs")]
+    pub close_timeout_secs: u64,
+    /// Limit for the client's upgrade request headers and the upstream's answer.
+    #[serde(default = "defaults::handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+    /// On shutdown, how long live connections get to finish their close handshakes.
+    #[serde(default = "defaults::shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+    /// Where compiled plugins are cached; relative to the config file.
+    pub plugin_cache: Option<String>,
+    /// Watch the config file and plugin files and reload on change.
+    #[serde(default)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub name: Spanned<String>,
+    pub servers: Vec<Spanned<ServerEntry>>,
+    /// Name of a `[[plugin]]` that exports the balancer hook; round robin when absent.
+    pub balancer: Option<Spanned<String>>,
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// How many servers to try before giving the client a 502.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+}
+
+/// A server is either a plain address string or a table with weight and labels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ServerEntry {
+    Address(String),
+    Detailed(ServerTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTable {
+    pub address: String,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSection {
+    pub name: Spanned<String>,
+    /// Path to the component, relative to the config file.
+    pub wasm: Spanned<String>,
+    /// Handed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// What a failing call means: "deny" refuses, "allow" carries on as if the plugin was not
+    /// there. Default per hook: handshake deny, balancer fall back to round robin, messages
+    /// forward.
+    pub on_error: Option<Spanned<String>>,
+    /// Deadline for handshake, select and close calls.
+    #[serde(default = "defaults::plugin_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Deadline for one on-message call.
+    #[serde(default = "defaults::plugin_message_timeout_ms")]
+    pub message_timeout_ms: u64,
+    /// Linear memory cap per instance.
+    #[serde(default = "defaults::plugin_memory_limit_mb")]
+    pub memory_limit_mb: u64,
+    /// Instances kept per plugin; they are shared by all connections.
+    #[serde(default = "defaults::plugin_instances")]
+    pub instances: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Path prefix; the longest matching prefix wins.
+    #[serde(default = "defaults::route_path")]
+    pub path: Spanned<String>,
+    /// Exact host (without port) this route is for; any host when absent.
+    pub host: Option<String>,
+    pub upstream: Spanned<String>,
+    /// Plugin chain, in call order.
+    #[serde(default)]
+    pub plugins: Vec<Spanned<String>>,
+}
+
+mod defaults {
+    pub fn max_message_size() -> u64 {
+        16 << 20
+    }
+    pub fn ping_interval_secs() -> u64 {
+        30
+    }
+    pub fn pong_timeout_secs() -> u64 {
+        20
+    }
+    pub fn close_timeout_secs() -> u64 {
+        5
+    }
+    pub fn handshake_timeout_secs() -> u64 {
+        10
+    }
+    pub fn shutdown_grace_secs() -> u64 {
+        5
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        3000
+    }
+    pub fn max_attempts() -> u32 {
+        3
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn plugin_timeout_ms() -> u64 {
+        20
+    }
+    pub fn plugin_message_timeout_ms() -> u64 {
+        5
+    }
+    pub fn plugin_memory_limit_mb() -> u64 {
+        64
+    }
+    pub fn plugin_instances() -> usize {
+        4
+    }
+    pub fn route_path() -> toml::Spanned<String> {
+        toml::Spanned::new(0..0, "/".to_string())
+    }
+}
+
+impl ServerEntry {
+    pub fn address(&self) -> &str {
+        match self {
+            ServerEntry::Address(a) => a,
+            ServerEntry::Detailed(t) => &t.address,
+        }
+    }
+    pub fn weight(&self) -> u32 {
+        match self {
+            ServerEntry::Address(_) => 1,
+            ServerEntry::Detailed(t) => t.weight,
+        }
+    }
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        match self {
+            ServerEntry::Address(_) => BTreeMap::new(),
+            ServerEntry::Detailed(t) => t.labels.clone(),
+        }
+    }
+}
+
+impl GatewaySection {
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.get_ref().parse().expect("validated")
+    }
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.get_ref().parse().expect("validated"))
+    }
+    pub fn close_timeout(&self) -> Duration {
+        Duration::from_secs(self.close_timeout_secs)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
+impl PluginSection {
+    pub fn wasm_path(&self, base_dir: &Path) -> PathBuf {
+        base_dir.join(self.wasm.get_ref())
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut config = Config::parse(&text, &path.display().to_string(), base_dir)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
+        let at = Locator { text, origin };
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let (msg, span) = (e.message().trim_end().to_string(), e.span());
+            match span {
+                Some(span) => at.error(span, &msg),
+                None => ConfigError(format!("{origin}: {msg}")),
+            }
+        })?;
+        config.base_dir = base_dir;
+        config.validate(&at)?;
+        Ok(config)
+    }
+
+    fn validate(&self, at: &Locator) -> Result<(), ConfigError> {
+        let g = &self.gateway;
+        parse_addr(at, &g.listen)?;
+        if let Some(admin) = &g.admin {
+            parse_addr(at, admin)?;
+        }
+        let plugin_names = unique_names(at, self.plugins.iter().map(|p| &p.name), "plugin")?;
+        let upstream_names = unique_names(at, self.upstreams.iter().map(|u| &u.name), "upstream")?;
+        for p in &self.plugins {
+            if let Some(on_error) = &p.on_error {
+                if !matches!(on_error.get_ref().as_str(), "deny" | "allow") {
+                    return Err(at.error(on_error.span(), "on_error must be \"deny\" or \"allow\""));
+                }
+            }
+        }
+        for u in &self.upstreams {
+            if u.servers.is_empty() {
+                return Err(at.error(u.name.span(), "upstream has no servers"));
+            }
+            for s in &u.servers {
+                crate::upstream::ServerAddress::parse(s.get_ref().address())
+                    .map_err(|e| at.error(s.span(), &e))?;
+            }
+            if let Some(b) = &u.balancer {
+                if !plugin_names.contains(b.get_ref().as_str()) {
+                    return Err(at.error(b.span(), "balancer names no [[plugin]]"));
+                }
+            }
+            if u.max_attempts == 0 {
+                return Err(at.error(u.name.span(), "max_attempts must be at least 1"));
+            }
+        }
+        let mut seen_routes = HashSet::new();
+        for r in &self.routes {
+            if !r.path.get_ref().starts_with('/') {
+                return Err(at.error(r.path.span(), "route path must start with '/'"));
+            }
+            if !seen_routes.insert((r.host.clone(), r.path.get_ref().clone())) {
+                return Err(at.error(r.path.span(), "duplicate route (same host and path)"));
+            }
+            if !upstream_names.contains(r.upstream.get_ref().as_str()) {
+                return Err(at.error(r.upstream.span(), "upstream names no [[upstream]]"));
+            }
+            for p in &r.plugins {
+                if !plugin_names.contains(p.get_ref().as_str()) {
+                    return Err(at.error(p.span(), "plugins names no [[plugin]]"));
+                }
+            }
+        }
+        if self.routes.is_empty() {
+            return Err(ConfigError(format!("{}: no [[route]]: nothing would be served", at.origin)));
+        }
+        Ok(())
+    }
+}
+
+fn parse_addr(at: &Locator, s: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+    s.get_ref()
+        .parse()
+        .map_err(|_| at.error(s.span(), "expected an address like \"127.0.0.1:8080\""))
+}
+
+fn unique_names<'a>(
+    at: &Locator,
+    names: impl Iterator<Item = &'a Spanned<String>>,
+    what: &str,
+) -> Result<HashSet<&'a str>, ConfigError> {
+    let mut set = HashSet::new();
+    for n in names {
+        if !set.insert(n.get_ref().as_str()) {
+            return Err(at.error(n.span(), &format!("duplicate {what} name")));
+        }
+    }
+    Ok(set)
+}
+
+/// Turns byte spans into `file:line:column: key `k`: message`.
+struct Locator<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, span: std::ops::Range<usize>, msg: &str) -> ConfigError {
+        let start = span.start.min(self.text.len());
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_no = self.text[..start].matches('\n').count() + 1;
+        let column = start - line_start + 1;
+        let line = self.text[line_start..].lines().next().unwrap_or("");
+        // The key is what stands before '=' on the line the span starts on.
+        let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.is_empty());
+        match key {
+            Some(key) => ConfigError(format!("{}:{line_no}:{column}: key `{key}`: {msg}", self.origin)),
+            None => ConfigError(format!("{}:{line_no}:{column}: {msg} (in `{}`)", self.origin, line.trim())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "gw.toml", PathBuf::new())
+    }
+
+    const GOOD: &str = r#"
+[gateway]
+listen = "127.0.0.1:8080"
+
+[[upstream]]
+name = "echo"
+servers = ["127.0.0.1:9001", { address = "ws://127.0.0.1:9002/base", weight = 3, labels = { zone = "a" } }]
+
+[[route]]
+path = "/"
+upstream = "echo"
+"#;
+
+    #[test]
+    fn accepts_a_good_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.upstreams[0].servers[1].get_ref().weight(), 3);
+        assert_eq!(c.gateway.max_message_size, 16 << 20);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = GOOD.replace("listen = ", "lisen = \"x\"\nlisten = ");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("gw.toml:3:"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let text = GOOD.replace("[gateway]\n", "[gateway]\nmax_message_size = \"big\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("gw.toml:3:"), "{err}");
+        assert!(err.contains("key `max_message_size`"), "{err}");
+    }
+
+    #[test]
+    fn dangling_reference_names_line_and_key() {
+        let text = GOOD.replace("upstream = \"echo\"", "upstream = \"nope\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("gw.toml:11:"), "{err}");
+        assert!(err.contains("key `upstream`"), "{err}");
+    }
+
+    #[test]
+    fn bad_server_address_is_rejected() {
+        let text = GOOD.replace("127.0.0.1:9001", "localhost");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("gw.toml:7:"), "{err}");
+    }
+}

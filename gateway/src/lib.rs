@@ -1,0 +1,21 @@
+//! wasmgate: a WebSocket gateway whose per-connection decisions are made by WebAssembly
+//! plugins.
+//!
+//! A connection's life, module by module:
+//! [`listener`] accepts → [`handshake`] validates the upgrade → [`routes`] picks the route →
+//! [`upstream`] opens the upstream WebSocket → [`relay`] moves frames until both sides close.
+//! [`gateway`] ties them together behind [`Gateway::start`]; [`config`] is the TOML schema;
+//! [`admin`] serves health and metrics.
+
+pub mod admin;
+pub mod config;
+pub mod gateway;
+pub mod handshake;
+pub mod listener;
+pub mod proxy;
+pub mod relay;
+pub mod routes;
+pub mod upstream;
+
+pub use config::Config;
+pub use gateway::Gateway;

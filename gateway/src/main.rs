@@ -1,0 +1,96 @@
+//! The `wasmgate` command: argument parsing only; the gateway is the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wasmgate::{Config, Gateway};
+
+#[derive(Parser)]
+#[command(name = "wasmgate", version, about = "A WebSocket gateway programmed with WebAssembly plugins")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and exit: 0 when valid, 1 with the reason when not.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let source = config.source.clone();
+    let gateway = Gateway::start(config).await?;
+    println!("wasmgate listening on ws://{}", gateway.listen_addr);
+    wait_for_signals(&gateway, source).await?;
+    tracing::info!("shutting down: closing connections with 1001");
+    gateway.shutdown().await;
+    Ok(())
+}
+
+/// Returns on SIGTERM or Ctrl-C; reloads the configuration on SIGHUP.
+async fn wait_for_signals(gateway: &Gateway, source: Option<PathBuf>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let Some(path) = &source else { continue };
+                match Config::load(path) {
+                    Ok(config) => { gateway.reload(config)?; }
+                    Err(e) => tracing::error!("reload rejected, keeping the running configuration: {e}"),
+                }
+            }
+        }
+    }
+}

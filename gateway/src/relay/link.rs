@@ -1,0 +1,540 @@
+//! One direction of a relayed connection: bytes read from one side, checked frame by frame,
+//! and queued for the other side.
+//!
+//! Frames are streamed, not assembled: a header is checked before any of its frame is sent
+//! on, then payload bytes go out as they arrive. So a 16 MiB message costs no 16 MiB buffer,
+//! and the bytes leave exactly as they came (masks included) — unless a plugin reads
+//! messages on this route, in which case messages are assembled, handed to the plugin chain
+//! and re-framed.
+//!
+//! Nothing here does I/O: `process` turns input bytes into output bytes and events, so it is
+//! tested without sockets.
+
+use super::close::{self, code};
+use super::frame::{apply_mask, write_frame, FrameHeader, OpCode};
+use super::utf8::Utf8Validator;
+
+/// The two ends of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+}
+
+/// A data message kind as plugins see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKind {
+    Text,
+    Binary,
+}
+
+/// What a message hook decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageAction {
+    Forward,
+    Replace(Vec<u8>),
+    Drop,
+    Reply(Vec<u8>),
+    Close(u16, String),
+}
+
+/// The per-message plugin chain, as the relay sees it.
+pub trait MessageHook: Sync {
+    fn on_message(&self, from: Side, kind: DataKind, payload: &[u8]) -> MessageAction;
+}
+
+/// Something the relay must act on; `process` stops at each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A valid close frame arrived (and was queued for the other side when delivering).
+    Closed { code: u16 },
+    /// The sender broke the protocol; fail its connection with this code.
+    Failed { code: u16, reason: &'static str },
+    /// A message hook asked to close both sides.
+    HookClose { code: u16, reason: String },
+}
+
+/// Settings that differ per direction.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkRules {
+    /// Client frames must be masked, server frames must not be.
+    pub expect_masked: bool,
+    /// Check text as UTF-8 (done for the untrusted client side).
+    pub validate_utf8: bool,
+    /// permessage-deflate was negotiated end to end: RSV1 may be set on a message's first frame.
+    pub allow_rsv1: bool,
+    pub max_message_size: u64,
+}
+
+pub struct Link {
+    pub from: Side,
+    rules: LinkRules,
+    /// Bytes of the current frame's payload still to come.
+    remaining: u64,
+    mask: Option<[u8; 4]>,
+    payload_offset: usize,
+    frame_fin: bool,
+    /// Inside a fragmented message: continuation frames expected.
+    in_message: bool,
+    message_kind: DataKind,
+    message_len: u64,
+    /// RSV1 on the first frame: the payload is compressed and cannot be read as text.
+    message_compressed: bool,
+    utf8: Utf8Validator,
+    /// The assembled message, when a hook reads messages.
+    message: Vec<u8>,
+    /// Whether frames are sent on; false once the other side is gone or closed by us.
+    delivering: bool,
+    /// Stop delivering at the next frame boundary (the stream must not be cut mid-frame).
+    stop_at_boundary: bool,
+    /// A plugin reads messages: they are assembled and re-framed, never streamed.
+    reads_messages: bool,
+    /// Bytes waiting to be written to the other side, and how many are written already.
+    pub out: Vec<u8>,
+    pub out_written: usize,
+    /// The gateway's own frames for the other side, queued until `out` is at a frame boundary.
+    pub pending: Vec<u8>,
+    /// A keepalive ping was sent to this link's source and no pong has come yet.
+    pub awaiting_pong: bool,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+const KEEPALIVE_PAYLOAD: &[u8] = b"wasmgate-keepalive";
+
+impl Link {
+    pub fn new(from: Side, rules: LinkRules, reads_messages: bool) -> Link {
+        Link {
+            from,
+            rules,
+            stop_at_boundary: false,
+            reads_messages,
+            remaining: 0,
+            mask: None,
+            payload_offset: 0,
+            frame_fin: false,
+            in_message: false,
+            message_kind: DataKind::Binary,
+            message_len: 0,
+            message_compressed: false,
+            utf8: Utf8Validator::default(),
+            message: Vec::new(),
+            delivering: true,
+            out: Vec::new(),
+            out_written: 0,
+            pending: Vec::new(),
+            awaiting_pong: false,
+            messages: 0,
+            bytes: 0,
+        }
+    }
+
+    /// True while the output stands between a frame's header and its last payload byte:
+    /// nothing may be inserted there.
+    pub fn mid_frame(&self) -> bool {
+        self.delivering && !self.reads_messages && self.remaining > 0
+    }
+
+    pub fn delivering(&self) -> bool {
+        self.delivering
+    }
+
+    /// Stops sending frames on, at once or at the end of the frame being streamed.
+    pub fn stop_delivering(&mut self) {
+        if self.mid_frame() {
+            self.stop_at_boundary = true;
+        } else {
+            self.delivering = false;
+        }
+    }
+
+    pub fn has_output(&self) -> bool {
+        self.out_written < self.out.len()
+    }
+
+    /// Moves queued gateway frames into `out` if the stream is at a frame boundary.
+    pub fn flush_pending(&mut self) {
+        if !self.pending.is_empty() && !self.mid_frame() {
+            self.out.extend_from_slice(&self.pending);
+            self.pending.clear();
+        }
+    }
+
+    /// Queues a frame the gateway itself sends to this link's destination.
+    pub fn queue_frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mask = self.dest_mask();
+        write_frame(&mut self.pending, opcode, true, payload, mask);
+        self.flush_pending();
+    }
+
+    /// Queues a keepalive ping for this link's *source*, via `toward_source` (the other link).
+    pub fn ping_source(&mut self, toward_source: &mut Link) {
+        self.awaiting_pong = true;
+        toward_source.queue_frame(OpCode::Ping, KEEPALIVE_PAYLOAD);
+    }
+
+    /// Frames toward the upstream are masked (we are its client); frames to the client are not.
+    fn dest_mask(&self) -> Option<[u8; 4]> {
+        (self.from == Side::Client).then(rand::random)
+    }
+
+    /// Processes `input` from the start. Returns how many bytes were consumed and the event
+    /// that stopped processing, if any. Unconsumed bytes (a partial header or control frame)
+    /// must be offered again with more data behind them.
+    pub fn process(
+        &mut self,
+        input: &mut [u8],
+        hook: Option<&dyn MessageHook>,
+        toward_source: &mut Link,
+    ) -> (usize, Option<LinkEvent>) {
+        let mut pos = 0;
+        while pos < input.len() {
+            if self.remaining > 0 {
+                let take = (self.remaining as usize).min(input.len() - pos);
+                let last = take as u64 == self.remaining && self.frame_fin;
+                let chunk = &mut input[pos..pos + take];
+                if let Some(event) = self.payload_chunk(chunk, last, hook, toward_source) {
+                    return (pos + take, Some(event));
+                }
+                pos += take;
+                continue;
+            }
+            let header = match FrameHeader::parse(&input[pos..], self.rules.allow_rsv1) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(side = ?self.from, error = %e, "bad frame header");
+                    return (pos, Some(self.fail(code::PROTOCOL_ERROR, "bad frame header")));
+                }
+            };
+            if header.mask.is_some() != self.rules.expect_masked {
+                return (pos, Some(self.fail(code::PROTOCOL_ERROR, "wrong masking")));
+            }
+            if header.opcode.is_control() {
+                let total = header.header_len + header.payload_len as usize;
+                if input.len() - pos < total {
+                    break;
+                }
+                let frame = &mut input[pos..pos + total];
+                let event = self.control_frame(header, frame, toward_source);
+                pos += total;
+                if event.is_some() {
+                    return (pos, event);
+                }
+                continue;
+            }
+            if let Err(event) = self.data_header(&header) {
+                return (pos, Some(event));
+            }
+            if self.delivering && hook.is_none() {
+                self.out.extend_from_slice(&input[pos..pos + header.header_len]);
+            }
+            pos += header.header_len;
+            if header.payload_len == 0 {
+                if let Some(event) = self.payload_chunk(&mut [], header.fin, hook, toward_source) {
+                    return (pos, Some(event));
+                }
+            }
+        }
+        (pos, None)
+    }
+
+    /// Checks a data frame's header against the message in progress.
+    fn data_header(&mut self, h: &FrameHeader) -> Result<(), LinkEvent> {
+        match (h.opcode, self.in_message) {
+            (OpCode::Continuation, false) => {
+                return Err(self.fail(code::PROTOCOL_ERROR, "continuation without a message"))
+            }
+            (OpCode::Continuation, true) => {
+                if h.rsv1 {
+                    return Err(self.fail(code::PROTOCOL_ERROR, "RSV1 on a continuation frame"));
+                }
+            }
+            (_, true) => return Err(self.fail(code::PROTOCOL_ERROR, "new message inside a fragmented one")),
+            (op, false) => {
+                self.in_message = true;
+                self.message_kind = if op == OpCode::Text { DataKind::Text } else { DataKind::Binary };
+                self.message_len = 0;
+                self.message_compressed = h.rsv1;
+                self.utf8.reset();
+            }
+        }
+        self.message_len += h.payload_len;
+        if self.message_len > self.rules.max_message_size {
+            return Err(self.fail(code::TOO_BIG, "message too big"));
+        }
+        self.remaining = h.payload_len;
+        self.mask = h.mask;
+        self.payload_offset = 0;
+        self.frame_fin = h.fin;
+        self.bytes += h.payload_len;
+        Ok(())
+    }
+
+    /// Handles payload bytes of the current data frame; `last` marks the message's end.
+    fn payload_chunk(
+        &mut self,
+        chunk: &mut [u8],
+        last: bool,
+        hook: Option<&dyn MessageHook>,
+        toward_source: &mut Link,
+    ) -> Option<LinkEvent> {
+        let check_text = self.rules.validate_utf8
+            && self.message_kind == DataKind::Text
+            && !self.message_compressed;
+        if check_text || hook.is_some() {
+            if let Some(key) = self.mask {
+                apply_mask(chunk, key, self.payload_offset);
+            }
+            if check_text && !self.utf8.feed(chunk, last) {
+                return Some(self.fail(code::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
+            }
+            if hook.is_some() {
+                self.message.extend_from_slice(chunk);
+            } else if let Some(key) = self.mask {
+                // Restore the sender's masking: the bytes go on exactly as they came.
+                apply_mask(chunk, key, self.payload_offset);
+            }
+        }
+        if self.delivering && hook.is_none() {
+            self.out.extend_from_slice(chunk);
+        }
+        self.payload_offset += chunk.len();
+        self.remaining -= chunk.len() as u64;
+        if self.remaining == 0 && self.frame_fin {
+            self.in_message = false;
+            self.messages += 1;
+            if let Some(hook) = hook {
+                return self.run_hook(hook, toward_source);
+            }
+        }
+        if self.remaining == 0 {
+            if self.stop_at_boundary {
+                self.delivering = false;
+            }
+            self.flush_pending();
+        }
+        None
+    }
+
+    /// Hands a complete message to the plugin chain and carries out its decision.
+    fn run_hook(&mut self, hook: &dyn MessageHook, toward_source: &mut Link) -> Option<LinkEvent> {
+        let payload = std::mem::take(&mut self.message);
+        let opcode = if self.message_kind == DataKind::Text { OpCode::Text } else { OpCode::Binary };
+        let action = if self.delivering {
+            hook.on_message(self.from, self.message_kind, &payload)
+        } else {
+            MessageAction::Drop
+        };
+        let event = match action {
+            MessageAction::Forward => {
+                self.emit(opcode, &payload);
+                None
+            }
+            MessageAction::Replace(new) => {
+                self.emit(opcode, &new);
+                None
+            }
+            MessageAction::Drop => None,
+            MessageAction::Reply(reply) => {
+                toward_source.queue_frame(opcode, &reply);
+                None
+            }
+            MessageAction::Close(code, reason) => Some(LinkEvent::HookClose { code, reason }),
+        };
+        // Keep the buffer's capacity for the next message only if it is small.
+        self.message = payload;
+        self.message.clear();
+        if self.message.capacity() > 64 << 10 {
+            self.message = Vec::new();
+        }
+        self.flush_pending();
+        event
+    }
+
+    /// Writes a whole data message toward the destination as one frame.
+    fn emit(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mask = self.dest_mask();
+        write_frame(&mut self.out, opcode, true, payload, mask);
+    }
+
+    fn control_frame(
+        &mut self,
+        h: FrameHeader,
+        frame: &mut [u8],
+        toward_source: &mut Link,
+    ) -> Option<LinkEvent> {
+        let (head, payload) = frame.split_at_mut(h.header_len);
+        if let Some(key) = h.mask {
+            apply_mask(payload, key, 0);
+        }
+        match h.opcode {
+            OpCode::Close => {
+                let code = match close::validate_payload(payload) {
+                    Ok(code) => code,
+                    Err(code) => return Some(self.fail(code, "invalid close frame")),
+                };
+                if self.delivering {
+                    self.forward_control(h, head, payload);
+                }
+                Some(LinkEvent::Closed { code })
+            }
+            OpCode::Ping => {
+                if self.delivering {
+                    self.forward_control(h, head, payload);
+                } else {
+                    // Nobody behind us to answer: answer ourselves.
+                    toward_source.queue_frame(OpCode::Pong, payload);
+                }
+                None
+            }
+            OpCode::Pong => {
+                // Our keepalive's answer stops here; any other pong goes on.
+                if self.awaiting_pong && payload == KEEPALIVE_PAYLOAD {
+                    self.awaiting_pong = false;
+                } else if self.delivering {
+                    self.forward_control(h, head, payload);
+                }
+                None
+            }
+            _ => unreachable!("data opcodes are not control frames"),
+        }
+    }
+
+    /// Sends a control frame on as it came (restoring its mask).
+    fn forward_control(&mut self, h: FrameHeader, head: &[u8], payload: &mut [u8]) {
+        if let Some(key) = h.mask {
+            apply_mask(payload, key, 0);
+        }
+        self.out.extend_from_slice(head);
+        self.out.extend_from_slice(payload);
+    }
+
+    fn fail(&self, code: u16, reason: &'static str) -> LinkEvent {
+        LinkEvent::Failed { code, reason }
+    }
+
+    /// Drops written output; returns true when everything queued has been written.
+    pub fn written(&mut self, n: usize) -> bool {
+        self.out_written += n;
+        if self.out_written >= self.out.len() {
+            self.out.clear();
+            self.out_written = 0;
+            if self.out.capacity() > super::READ_CHUNK * 2 {
+                self.out = Vec::new();
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Releases buffers an idle connection does not need.
+    pub fn shrink_when_idle(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = Vec::new();
+        }
+        if self.message.is_empty() && self.message.capacity() > 0 && !self.in_message {
+            self.message = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> LinkRules {
+        LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: false, max_message_size: 1000 }
+    }
+
+    fn masked(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_frame(&mut v, opcode, fin, payload, Some([1, 2, 3, 4]));
+        v
+    }
+
+    fn run(link: &mut Link, other: &mut Link, mut bytes: Vec<u8>) -> (usize, Option<LinkEvent>) {
+        link.process(&mut bytes, None, other)
+    }
+
+    #[test]
+    fn frames_pass_byte_for_byte_even_when_split() {
+        let mut wire = masked(OpCode::Text, false, "héllo ".as_bytes());
+        wire.extend(masked(OpCode::Ping, true, b"p"));
+        wire.extend(masked(OpCode::Continuation, true, "wörld".as_bytes()));
+        for cut in 0..wire.len() {
+            let mut link = Link::new(Side::Client, rules(), false);
+            let mut other = Link::new(Side::Upstream, rules(), false);
+            let mut first = wire[..cut].to_vec();
+            let (used, ev) = link.process(&mut first, None, &mut other);
+            assert_eq!(ev, None);
+            let mut rest = wire[used..].to_vec();
+            let (used2, ev) = link.process(&mut rest, None, &mut other);
+            assert_eq!((used2, ev), (wire.len() - used, None), "cut {cut}");
+            assert_eq!(link.out, wire, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn protocol_errors_have_the_right_codes() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (masked(OpCode::Continuation, true, b"x"), 1002),
+            (masked(OpCode::Text, true, &[0xFF]), 1007),
+            (masked(OpCode::Binary, true, &[0; 1001]), 1009),
+            (masked(OpCode::Close, true, &[0x03]), 1002),
+            ({
+                let mut v = Vec::new();
+                write_frame(&mut v, OpCode::Text, true, b"unmasked", None);
+                v
+            }, 1002),
+        ];
+        for (wire, expected) in cases {
+            let mut link = Link::new(Side::Client, rules(), false);
+            let mut other = Link::new(Side::Upstream, rules(), false);
+            let (_, ev) = run(&mut link, &mut other, wire);
+            assert!(matches!(ev, Some(LinkEvent::Failed { code, .. }) if code == expected), "{ev:?}");
+        }
+    }
+
+    #[test]
+    fn keepalive_pong_is_swallowed() {
+        let mut link = Link::new(Side::Client, rules(), false);
+        let mut other = Link::new(Side::Upstream, rules(), false);
+        link.ping_source(&mut other);
+        assert!(!other.out.is_empty(), "ping queued toward the client");
+        let (_, ev) = run(&mut link, &mut other, masked(OpCode::Pong, true, KEEPALIVE_PAYLOAD));
+        assert_eq!(ev, None);
+        assert!(!link.awaiting_pong);
+        assert!(link.out.is_empty());
+    }
+
+    struct Upper;
+    impl MessageHook for Upper {
+        fn on_message(&self, _: Side, _: DataKind, payload: &[u8]) -> MessageAction {
+            MessageAction::Replace(payload.to_ascii_uppercase())
+        }
+    }
+
+    #[test]
+    fn hooks_see_whole_unmasked_messages() {
+        let mut link = Link::new(Side::Upstream, LinkRules { expect_masked: false, ..rules() }, true);
+        let mut other = Link::new(Side::Client, rules(), false);
+        let mut wire = Vec::new();
+        write_frame(&mut wire, OpCode::Text, false, b"ab", None);
+        write_frame(&mut wire, OpCode::Continuation, true, b"cd", None);
+        let (used, ev) = link.process(&mut wire, Some(&Upper), &mut other);
+        assert_eq!((used, ev), (wire.len(), None));
+        let mut expected = Vec::new();
+        write_frame(&mut expected, OpCode::Text, true, b"ABCD", None);
+        assert_eq!(link.out, expected);
+    }
+}

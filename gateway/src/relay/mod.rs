@@ -1,0 +1,522 @@
+//! The relay: moves frames both ways between a client and its upstream until both have
+//! closed.
+//!
+//! One task, one loop, no locks: the loop waits for socket readiness (or a timer, or
+//! shutdown), does non-blocking reads and writes, and lets each [`Link`] (one direction)
+//! turn the bytes it read into bytes to write. A side is read only when everything read from
+//! it before has been written to the other side, so a slow reader slows its writer instead of
+//! growing memory. Buffers come from a per-thread pool and go back to it as soon as they are
+//! empty, so an idle connection holds no buffer at all.
+//!
+//! Closing follows RFC 6455 through the gateway: a close frame from one side is forwarded to
+//! the other, whose reply comes back the same way. When a side breaks the protocol or
+//! vanishes, the gateway closes that side with the matching code and the other side with
+//! 1001 ("going away") or 1011, then waits a bounded time for the replies.
+
+pub mod close;
+pub mod frame;
+pub mod link;
+mod pool;
+pub mod utf8;
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use close::code;
+use frame::OpCode;
+pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
+
+/// How much one read takes at most.
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
+
+/// Relay settings shared by every connection of a gateway.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub max_message_size: u64,
+    /// Ping a side that has been silent this long.
+    pub ping_interval: Option<Duration>,
+    /// A pinged side silent for this long is dead.
+    pub pong_timeout: Duration,
+    /// Close when no data message went either way for this long.
+    pub idle_timeout: Option<Duration>,
+    /// How long to wait for close replies once closing started.
+    pub close_timeout: Duration,
+}
+
+/// One end of the relay: its socket and bytes already read from it during the handshake.
+pub struct Endpoint {
+    pub stream: TcpStream,
+    pub already_read: Vec<u8>,
+}
+
+/// How the connection ended, for logs, metrics and the plugins' `on-close`.
+#[derive(Debug, Clone)]
+pub struct RelayOutcome {
+    /// The first close code seen on the wire (from either side or sent by the gateway),
+    /// 1006 when the connection ended without one.
+    pub code: u16,
+    pub messages_from_client: u64,
+    pub messages_from_upstream: u64,
+    pub bytes_from_client: u64,
+    pub bytes_from_upstream: u64,
+}
+
+/// What the relay knows about one side's closing.
+#[derive(Default)]
+struct SideState {
+    /// Nothing more is read from this side: it sent a close frame, or broke the protocol.
+    reading_done: bool,
+    /// A close frame to this side is queued or written.
+    close_sent: bool,
+    /// Its socket reached EOF or failed; nothing can be read or written any more.
+    gone: bool,
+    /// Bytes read from it but not yet processed (a partial frame header or control frame).
+    unprocessed: Vec<u8>,
+    last_heard: Option<Instant>,
+    ping_sent_at: Option<Instant>,
+}
+
+struct Relay<'a> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    /// Frames from the client toward the upstream.
+    c2u: Link,
+    /// Frames from the upstream toward the client.
+    u2c: Link,
+    client_state: SideState,
+    upstream_state: SideState,
+    hook: Option<&'a dyn MessageHook>,
+    settings: &'a RelaySettings,
+    first_close_code: Option<u16>,
+    /// Set when closing started: after it, everything is dropped.
+    close_deadline: Option<Instant>,
+    last_data: Instant,
+    timer: Pin<Box<Sleep>>,
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+enum Wake {
+    Read(Side),
+    Write(Side),
+    Timer,
+    Shutdown,
+}
+
+/// Relays until both sides have closed, or the close deadline passed.
+pub async fn run(
+    client: Endpoint,
+    upstream: Endpoint,
+    settings: &RelaySettings,
+    rules: (LinkRules, LinkRules),
+    hook: Option<&dyn MessageHook>,
+    shutdown: CancellationToken,
+) -> RelayOutcome {
+    let now = Instant::now();
+    let mut relay = Relay {
+        client: &client.stream,
+        upstream: &upstream.stream,
+        c2u: Link::new(Side::Client, rules.0, hook.is_some()),
+        u2c: Link::new(Side::Upstream, rules.1, hook.is_some()),
+        client_state: SideState { unprocessed: client.already_read, last_heard: Some(now), ..Default::default() },
+        upstream_state: SideState { unprocessed: upstream.already_read, last_heard: Some(now), ..Default::default() },
+        hook,
+        settings,
+        first_close_code: None,
+        close_deadline: None,
+        last_data: now,
+        timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+        shutdown: Some(Box::pin(shutdown.cancelled_owned())),
+    };
+    relay.reset_timer();
+    // Bytes that came with the handshakes are processed before any read.
+    for side in [Side::Client, Side::Upstream] {
+        if !relay.state(side).unprocessed.is_empty() {
+            let input = std::mem::take(&mut relay.state_mut(side).unprocessed);
+            relay.take_input(side, input);
+        }
+    }
+    relay.flush_all();
+    while !relay.finished() {
+        let wake = poll_fn(|cx| relay.poll_wake(cx)).await;
+        match wake {
+            Wake::Read(side) => relay.read(side),
+            Wake::Write(side) => relay.write(side),
+            Wake::Timer => relay.on_timer(),
+            Wake::Shutdown => relay.start_close(
+                Some((code::GOING_AWAY, "gateway shutting down")),
+                Some((code::GOING_AWAY, "gateway shutting down")),
+            ),
+        }
+        relay.flush_all();
+    }
+    relay.finish();
+    RelayOutcome {
+        code: relay.first_close_code.unwrap_or(code::ABNORMAL),
+        messages_from_client: relay.c2u.messages,
+        messages_from_upstream: relay.u2c.messages,
+        bytes_from_client: relay.c2u.bytes,
+        bytes_from_upstream: relay.u2c.bytes,
+    }
+}
+
+impl<'a> Relay<'a> {
+    fn stream(&self, side: Side) -> &'a TcpStream {
+        match side {
+            Side::Client => self.client,
+            Side::Upstream => self.upstream,
+        }
+    }
+
+    fn state(&self, side: Side) -> &SideState {
+        match side {
+            Side::Client => &self.client_state,
+            Side::Upstream => &self.upstream_state,
+        }
+    }
+
+    fn state_mut(&mut self, side: Side) -> &mut SideState {
+        match side {
+            Side::Client => &mut self.client_state,
+            Side::Upstream => &mut self.upstream_state,
+        }
+    }
+
+    /// The link reading from `side`, and the link writing to it.
+    fn links(&mut self, from: Side) -> (&mut Link, &mut Link) {
+        match from {
+            Side::Client => (&mut self.c2u, &mut self.u2c),
+            Side::Upstream => (&mut self.u2c, &mut self.c2u),
+        }
+    }
+
+    /// The link whose output goes to `side`.
+    fn link_to(&mut self, side: Side) -> &mut Link {
+        self.links(side.other()).0
+    }
+
+    fn wants_read(&self, side: Side) -> bool {
+        let state = self.state(side);
+        let link = match side {
+            Side::Client => &self.c2u,
+            Side::Upstream => &self.u2c,
+        };
+        // Backpressure: read more only when what was read before has been written.
+        !state.gone && !state.reading_done && !link.has_output()
+    }
+
+    fn wants_write(&self, side: Side) -> bool {
+        let link = match side {
+            Side::Client => &self.u2c,
+            Side::Upstream => &self.c2u,
+        };
+        !self.state(side).gone && link.has_output()
+    }
+
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        for side in [Side::Client, Side::Upstream] {
+            if self.wants_write(side) && self.stream(side).poll_write_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Write(side));
+            }
+        }
+        for side in [Side::Client, Side::Upstream] {
+            if self.wants_read(side) && self.stream(side).poll_read_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Read(side));
+            }
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Wake::Timer);
+        }
+        if let Some(shutdown) = &mut self.shutdown {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                self.shutdown = None;
+                return Poll::Ready(Wake::Shutdown);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn read(&mut self, side: Side) {
+        let mut buf = pool::take();
+        // Keep bytes left from the last read in front of the new ones.
+        buf.extend_from_slice(&self.state(side).unprocessed);
+        buf.reserve(READ_CHUNK);
+        // Reads into spare capacity: no zeroing of the buffer per read.
+        match self.stream(side).try_read_buf(&mut buf) {
+            Ok(0) => {
+                pool::give(buf);
+                self.side_gone(side);
+            }
+            Ok(_) => {
+                self.state_mut(side).unprocessed.clear();
+                let now = Instant::now();
+                let state = self.state_mut(side);
+                state.last_heard = Some(now);
+                state.ping_sent_at = None;
+                self.take_input(side, buf);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pool::give(buf),
+            Err(e) => {
+                tracing::debug!(?side, error = %e, "read failed");
+                pool::give(buf);
+                self.side_gone(side);
+            }
+        }
+    }
+
+    /// Runs input from `side` through its link, handling each event the link stops at.
+    fn take_input(&mut self, side: Side, mut input: Vec<u8>) {
+        let hook = self.hook;
+        let mut pos = 0;
+        while pos < input.len() {
+            let (link, toward_source) = self.links(side);
+            let before = link.messages;
+            let (used, event) = link.process(&mut input[pos..], hook, toward_source);
+            if link.messages != before {
+                self.last_data = Instant::now();
+            }
+            pos += used;
+            match event {
+                None => break,
+                Some(event) => self.on_event(side, event),
+            }
+            if self.state(side).reading_done {
+                // Nothing may follow a close frame; ignore whatever did.
+                pos = input.len();
+            }
+        }
+        let rest = &input[pos..];
+        let state = self.state_mut(side);
+        state.unprocessed.clear();
+        state.unprocessed.extend_from_slice(rest);
+        if state.unprocessed.capacity() > 256 && state.unprocessed.is_empty() {
+            state.unprocessed = Vec::new();
+        }
+        pool::give(input);
+    }
+
+    fn on_event(&mut self, from: Side, event: LinkEvent) {
+        match event {
+            LinkEvent::Closed { code } => {
+                self.first_close_code.get_or_insert(code);
+                self.state_mut(from).reading_done = true;
+                let forwarded = self.links(from).0.delivering();
+                if forwarded {
+                    self.state_mut(from.other()).close_sent = true;
+                }
+                if !self.state(from).close_sent {
+                    // The other side is gone or was closed by us: answer this close ourselves.
+                    let echo = if code == code::NO_STATUS { code::NORMAL } else { code };
+                    self.send_close(from, echo, "");
+                }
+                self.arm_close_deadline();
+            }
+            LinkEvent::Failed { code, reason } => {
+                tracing::debug!(side = ?from, code, reason, "failing connection");
+                // The stream from this side cannot be parsed any further.
+                self.state_mut(from).reading_done = true;
+                let (to_client, to_upstream) = match from {
+                    Side::Client => ((code, reason), (code::GOING_AWAY, "client protocol error")),
+                    Side::Upstream => ((code::INTERNAL_ERROR, "upstream protocol error"), (code, reason)),
+                };
+                self.start_close(Some(to_client), Some(to_upstream));
+            }
+            LinkEvent::HookClose { code, reason } => {
+                self.start_close(Some((code, &reason)), Some((code, &reason)));
+            }
+        }
+    }
+
+    /// Starts the gateway's own close toward each side given; frames from a side we close
+    /// are no longer delivered to the other.
+    fn start_close(&mut self, to_client: Option<(u16, &str)>, to_upstream: Option<(u16, &str)>) {
+        for (side, close) in [(Side::Client, to_client), (Side::Upstream, to_upstream)] {
+            if let Some((code, reason)) = close {
+                self.links(side).0.stop_delivering();
+                self.send_close(side, code, reason);
+            }
+        }
+        self.arm_close_deadline();
+    }
+
+    /// Queues a close frame to `side` unless one was sent already; a side cut mid-frame
+    /// cannot take one and will just be disconnected.
+    fn send_close(&mut self, side: Side, code: u16, reason: &str) {
+        if self.state(side).close_sent || self.state(side).gone {
+            return;
+        }
+        self.first_close_code.get_or_insert(code);
+        self.state_mut(side).close_sent = true;
+        let feeder = self.state(side.other());
+        let feeder_stopped = feeder.gone || feeder.reading_done;
+        let link = self.link_to(side);
+        if link.mid_frame() && feeder_stopped {
+            // The frame being streamed to this side will never be completed.
+            self.abort(side);
+            return;
+        }
+        link.queue_frame(OpCode::Close, &close::payload(code, reason));
+    }
+
+    /// Ends a side's connection at once, without a close frame.
+    fn abort(&mut self, side: Side) {
+        tracing::debug!(?side, "aborting: a frame to it was cut off");
+        self.state_mut(side).gone = true;
+        let _ = socket2::SockRef::from(self.stream(side)).shutdown(std::net::Shutdown::Both);
+    }
+
+    fn side_gone(&mut self, side: Side) {
+        let state = self.state_mut(side);
+        if state.gone {
+            return;
+        }
+        state.gone = true;
+        if state.reading_done && state.close_sent {
+            return;
+        }
+        tracing::debug!(?side, "peer went away without a close");
+        let (code, reason) = match side {
+            Side::Client => (code::GOING_AWAY, "client went away"),
+            Side::Upstream => (code::INTERNAL_ERROR, "upstream went away"),
+        };
+        let other = side.other();
+        self.links(side).0.stop_delivering();
+        self.send_close(other, code, reason);
+        self.arm_close_deadline();
+    }
+
+    fn write(&mut self, to: Side) {
+        loop {
+            let stream = self.stream(to);
+            let link = self.link_to(to);
+            if !link.has_output() {
+                break;
+            }
+            match stream.try_write(&link.out[link.out_written..]) {
+                Ok(n) => {
+                    if link.written(n) {
+                        link.flush_pending();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(side = ?to, error = %e, "write failed");
+                    let link = self.link_to(to);
+                    link.out.clear();
+                    link.out_written = 0;
+                    self.side_gone(to);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Tries every write that has output right away: most succeed without waiting.
+    fn flush_all(&mut self) {
+        for side in [Side::Client, Side::Upstream] {
+            if self.wants_write(side) {
+                self.write(side);
+            }
+        }
+        if !self.c2u.has_output() && !self.u2c.has_output() {
+            self.c2u.shrink_when_idle();
+            self.u2c.shrink_when_idle();
+        }
+    }
+
+    fn finished(&self) -> bool {
+        let side_done = |s: &SideState| s.gone || (s.reading_done && s.close_sent);
+        let outputs_done = !self.wants_write(Side::Client) && !self.wants_write(Side::Upstream);
+        let deadline_passed = self.close_deadline.is_some_and(|d| Instant::now() >= d);
+        (side_done(&self.client_state) && side_done(&self.upstream_state) && outputs_done)
+            || deadline_passed
+    }
+
+    fn arm_close_deadline(&mut self) {
+        if self.close_deadline.is_none() {
+            self.close_deadline = Some(Instant::now() + self.settings.close_timeout);
+            self.reset_timer();
+        }
+    }
+
+    /// The next moment something is due: a close deadline, a keepalive ping or pong check,
+    /// or the idle timeout. Activity only moves these later, so the timer is reset lazily
+    /// when it fires rather than on every frame.
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut next = self.close_deadline.unwrap_or(far);
+        if self.close_deadline.is_none() {
+            if let Some(interval) = self.settings.ping_interval {
+                for state in [&self.client_state, &self.upstream_state] {
+                    let due = match (state.ping_sent_at, state.last_heard) {
+                        (Some(sent), _) => sent + self.settings.pong_timeout,
+                        (None, Some(heard)) => heard + interval,
+                        (None, None) => far,
+                    };
+                    next = next.min(due);
+                }
+            }
+            if let Some(idle) = self.settings.idle_timeout {
+                next = next.min(self.last_data + idle);
+            }
+        }
+        next
+    }
+
+    fn reset_timer(&mut self) {
+        let next = self.next_deadline();
+        self.timer.as_mut().reset(next);
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.close_deadline.is_none() {
+            if let Some(interval) = self.settings.ping_interval {
+                for side in [Side::Client, Side::Upstream] {
+                    let state = self.state(side);
+                    match (state.ping_sent_at, state.last_heard) {
+                        (Some(sent), _) if now >= sent + self.settings.pong_timeout => {
+                            tracing::debug!(?side, "no answer to keepalive ping: peer is dead");
+                            self.side_gone(side);
+                        }
+                        (None, Some(heard)) if now >= heard + interval => {
+                            self.state_mut(side).ping_sent_at = Some(now);
+                            let (from_side, toward_side) = self.links(side);
+                            from_side.ping_source(toward_side);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(idle) = self.settings.idle_timeout {
+                if now >= self.last_data + idle {
+                    self.start_close(
+                        Some((code::GOING_AWAY, "idle timeout")),
+                        Some((code::GOING_AWAY, "idle timeout")),
+                    );
+                }
+            }
+        }
+        self.reset_timer();
+    }
+
+    /// Ends both TCP connections with a FIN after everything written.
+    fn finish(&mut self) {
+        for side in [Side::Client, Side::Upstream] {
+            if !self.state(side).gone {
+                let _ = shutdown_write(self.stream(side));
+            }
+        }
+    }
+}
+
+/// Half-closes a socket: the peer reads EOF after everything sent.
+fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
+}

@@ -1,0 +1,89 @@
+//! The route table: which upstream and plugin chain serve a request, by host and the longest
+//! matching path prefix.
+
+use crate::config::RouteSection;
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Exact host (lower case, no port), or any host.
+    pub host: Option<String>,
+    /// Path prefix, matched on whole segments: "/api" matches "/api" and "/api/x", not "/apix".
+    pub prefix: String,
+    pub upstream: String,
+    pub plugins: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// Host-specific routes first, then by prefix length, longest first.
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn build(sections: &[RouteSection]) -> RouteTable {
+        let mut routes: Vec<Route> = sections
+            .iter()
+            .map(|r| Route {
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                prefix: r.path.get_ref().clone(),
+                upstream: r.upstream.get_ref().clone(),
+                plugins: r.plugins.iter().map(|p| p.get_ref().clone()).collect(),
+            })
+            .collect();
+        routes.sort_by(|a, b| {
+            b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len()))
+        });
+        RouteTable { routes }
+    }
+
+    pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            r.host.as_deref().is_none_or(|h| h == host) && prefix_matches(&r.prefix, path)
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: Option<&str>, prefix: &str, upstream: &str) -> Route {
+        Route { host: host.map(String::from), prefix: prefix.into(), upstream: upstream.into(), plugins: vec![] }
+    }
+
+    #[test]
+    fn host_then_longest_prefix_wins() {
+        let mut table = RouteTable {
+            routes: vec![
+                route(None, "/", "root"),
+                route(None, "/api", "api"),
+                route(Some("chat.example"), "/", "chat"),
+            ],
+        };
+        table.routes.sort_by(|a, b| {
+            b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len()))
+        });
+        let pick = |host, path| table.find(host, path).map(|r| r.upstream.as_str());
+        assert_eq!(pick("x", "/api/v1"), Some("api"));
+        assert_eq!(pick("x", "/api"), Some("api"));
+        assert_eq!(pick("x", "/apix"), Some("root"));
+        assert_eq!(pick("chat.example", "/api"), Some("chat"));
+    }
+
+    #[test]
+    fn no_match_without_a_root_route() {
+        let table = RouteTable { routes: vec![route(None, "/api", "api")] };
+        assert!(table.find("x", "/other").is_none());
+    }
+}

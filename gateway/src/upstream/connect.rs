@@ -1,0 +1,172 @@
+//! Opening the upstream WebSocket: TCP connect, the client side of the RFC 6455 handshake,
+//! and a clear classification of what went wrong, so the caller knows whether to try the
+//! next server (unreachable, broken handshake, 5xx) or to pass the answer on (4xx).
+
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::ServerAddress;
+use crate::handshake::accept_key;
+
+/// What to ask the upstream for.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamRequest {
+    /// Path and query as the upstream should see them (before the server's path prefix).
+    pub path_and_query: String,
+    /// End-to-end headers to send, already filtered of hop-by-hop ones.
+    pub headers: Vec<(String, String)>,
+}
+
+/// An open upstream WebSocket.
+#[derive(Debug)]
+pub struct UpstreamSocket {
+    pub stream: TcpStream,
+    /// Bytes the upstream sent right after its 101 (frames already on their way).
+    pub already_read: Vec<u8>,
+    /// The upstream's `Sec-WebSocket-Protocol` answer.
+    pub subprotocol: Option<String>,
+    /// The upstream's `Sec-WebSocket-Extensions` answer.
+    pub extensions: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    /// No TCP connection (refused, unreachable, timed out): try another server.
+    Unreachable(String),
+    /// Connected, but the answer was not a valid WebSocket upgrade or was a 5xx.
+    BadHandshake(String),
+    /// The upstream refused with a 4xx: the client should see that answer.
+    Refused { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Unreachable(e) => write!(f, "unreachable: {e}"),
+            ConnectError::BadHandshake(e) => write!(f, "bad handshake: {e}"),
+            ConnectError::Refused { status, .. } => write!(f, "refused with {status}"),
+        }
+    }
+}
+
+/// Largest upstream handshake answer accepted.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// Connects to `server` and performs the WebSocket handshake within `timeout`.
+pub async fn open(
+    server: &ServerAddress,
+    request: &UpstreamRequest,
+    timeout: Duration,
+) -> Result<UpstreamSocket, ConnectError> {
+    tokio::time::timeout(timeout, open_inner(server, request))
+        .await
+        .unwrap_or_else(|_| Err(ConnectError::Unreachable(format!("timed out after {timeout:?}"))))
+}
+
+async fn open_inner(server: &ServerAddress, request: &UpstreamRequest) -> Result<UpstreamSocket, ConnectError> {
+    let mut stream = TcpStream::connect(&server.authority)
+        .await
+        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let mut head = String::with_capacity(512);
+    head.push_str("GET ");
+    head.push_str(&server.path_prefix);
+    head.push_str(&request.path_and_query);
+    head.push_str(" HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n");
+    head.push_str("Sec-WebSocket-Key: ");
+    head.push_str(&key);
+    head.push_str("\r\n");
+    let mut has_host = false;
+    for (name, value) in &request.headers {
+        has_host |= name.eq_ignore_ascii_case("host");
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    if !has_host {
+        head.push_str("Host: ");
+        head.push_str(&server.authority);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(ConnectError::BadHandshake("response headers too large".into()));
+        }
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| ConnectError::BadHandshake(e.to_string()))?;
+        if n == 0 {
+            return Err(ConnectError::BadHandshake("connection closed during the handshake".into()));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_len = match response.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(ConnectError::BadHandshake(format!("unparsable response: {e}"))),
+        };
+        let status = response.code.unwrap_or(0);
+        let find = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(|v| v.trim().to_string())
+        };
+        if status != 101 {
+            if (400..500).contains(&status) {
+                let headers = response
+                    .headers
+                    .iter()
+                    .filter(|h| !is_framing_header(h.name))
+                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect();
+                let body_len: usize = find("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let body = read_body(&mut stream, buf.split_off(head_len), body_len.min(4096)).await;
+                return Err(ConnectError::Refused { status, headers, body });
+            }
+            return Err(ConnectError::BadHandshake(format!("answered {status} instead of 101")));
+        }
+        let upgrade_ok = find("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        let accept_ok = find("sec-websocket-accept").is_some_and(|v| v == accept_key(&key));
+        if !upgrade_ok || !accept_ok {
+            return Err(ConnectError::BadHandshake("101 without a valid WebSocket accept".into()));
+        }
+        let subprotocol = find("sec-websocket-protocol");
+        let extensions = find("sec-websocket-extensions");
+        return Ok(UpstreamSocket { stream, already_read: buf.split_off(head_len), subprotocol, extensions });
+    }
+}
+
+fn is_framing_header(name: &str) -> bool {
+    ["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+async fn read_body(stream: &mut TcpStream, mut body: Vec<u8>, len: usize) -> Vec<u8> {
+    let deadline = Duration::from_millis(500);
+    while body.len() < len {
+        match tokio::time::timeout(deadline, stream.read_buf(&mut body)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    body.truncate(len);
+    body
+}
