@@ -10,6 +10,7 @@
 //!   check close-code propagation from the upstream side.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,6 +23,9 @@ use tokio_tungstenite::tungstenite::Message;
 /// A running echo server.
 pub struct EchoServer {
     pub addr: SocketAddr,
+    /// Close codes this server received from its clients (1006 for a connection that ended
+    /// without a close frame), so tests can check what the gateway sent upstream.
+    pub closes: Arc<Mutex<Vec<u16>>>,
     task: JoinHandle<()>,
 }
 
@@ -31,14 +35,16 @@ impl EchoServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let name = name.to_string();
+        let closes = Arc::new(Mutex::new(Vec::new()));
+        let seen = closes.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(stream, name.clone()));
+                tokio::spawn(serve_connection(stream, name.clone(), seen.clone()));
             }
         });
-        Ok(Self { addr, task })
+        Ok(Self { addr, closes, task })
     }
 }
 
@@ -57,7 +63,7 @@ fn config() -> WebSocketConfig {
         .max_frame_size(Some(64 << 20))
 }
 
-async fn serve_connection(stream: TcpStream, name: String) {
+async fn serve_connection(stream: TcpStream, name: String, closes: Arc<Mutex<Vec<u16>>>) {
     let mut request_headers = String::new();
     let capture = |req: &Request, resp: Response| {
         for (k, v) in req.headers() {
@@ -81,6 +87,7 @@ async fn serve_connection(stream: TcpStream, name: String) {
         Err(_) => return,
     };
     let (mut tx, mut rx) = ws.split();
+    let mut close_code = 1006;
     while let Some(Ok(msg)) = rx.next().await {
         let reply = match msg {
             Message::Text(t) if t.as_str() == "whoami" => Message::text(name.clone()),
@@ -94,7 +101,10 @@ async fn serve_connection(stream: TcpStream, name: String) {
             Message::Text(_) | Message::Binary(_) => msg,
             // tungstenite answers pings and close frames itself.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            Message::Close(_) => break,
+            Message::Close(frame) => {
+                close_code = frame.map_or(1005, |f| u16::from(f.code));
+                break;
+            }
         };
         if tx.send(reply).await.is_err() {
             break;
@@ -102,4 +112,5 @@ async fn serve_connection(stream: TcpStream, name: String) {
     }
     // Flush the close reply tungstenite queued.
     let _ = tx.close().await;
+    closes.lock().unwrap().push(close_code);
 }

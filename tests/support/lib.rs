@@ -1,1 +1,213 @@
+//! What the end-to-end tests share: starting real gateways and backends on ephemeral
+//! loopback ports, WebSocket clients, raw HTTP, and the paths of built plugins and tools.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+pub use wasmgate::{Config, Gateway};
+pub use wasmgate_examples::echo::EchoServer;
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A built plugin from `plugins/` or `tests/plugins/` (built by `tests/run.sh`).
+pub fn plugin_wasm(crate_name: &str) -> PathBuf {
+    let file = format!("{}.wasm", crate_name.replace('-', "_"));
+    let path = repo_root().join("plugins/target/wasm32-wasip2/release").join(&file);
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first (bash tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The Python interpreter of the test venv (websockets, kosoku), made by `tests/run.sh`.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("WASMGATE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(path.exists(), "{} is missing: run bash tests/run.sh to set up the venv", path.display());
+    path
+}
+
+/// Echo backends named `b0`, `b1`, ... on ephemeral ports.
+pub async fn echo_backends(n: usize) -> Vec<EchoServer> {
+    let mut servers = Vec::new();
+    for i in 0..n {
+        servers.push(EchoServer::start("127.0.0.1:0", &format!("b{i}")).await.unwrap());
+    }
+    servers
+}
+
+/// A TOML array of the backends' addresses.
+pub fn server_list(servers: &[EchoServer]) -> String {
+    let items: Vec<String> = servers.iter().map(|s| format!("\"{}\"", s.addr)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// A minimal config: one upstream `echo` with `servers`, one route `/`, plus `extra` TOML
+/// appended to the `[gateway]` table.
+pub fn basic_config(servers: &str, gateway_extra: &str) -> String {
+    format!(
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+{gateway_extra}
+
+[[upstream]]
+name = "echo"
+servers = {servers}
+connect_timeout_ms = 1000
+
+[[route]]
+path = "/"
+upstream = "echo"
+"#
+    )
+}
+
+/// Starts an in-process gateway from config text (relative paths resolve against the repo).
+pub async fn start_gateway(toml: &str) -> Gateway {
+    let config = Config::parse(toml, "test.toml", repo_root()).expect("test config is valid");
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+pub fn ws_url(gateway: &Gateway, path: &str) -> String {
+    format!("ws://{}{}", gateway.listen_addr, path)
+}
+
+/// Connects a tokio-tungstenite client that accepts messages up to 64 MiB.
+pub async fn connect(url: &str) -> Client {
+    let config = WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20));
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_with_config(url, Some(config), false),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect failed");
+    ws
+}
+
+/// Sends a message and returns the next data message, failing after 10 s.
+pub async fn roundtrip(ws: &mut Client, msg: Message) -> Message {
+    ws.send(msg).await.expect("send");
+    next_data(ws).await
+}
+
+/// The next text or binary message (pings and pongs skipped), or a close frame.
+pub async fn next_data(ws: &mut Client) -> Message {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no message within 10 s")
+            .expect("stream ended")
+            .expect("read error");
+        match msg {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Waits for the close frame (skipping data) and returns its code, or 1006 if none came.
+pub async fn close_code(ws: &mut Client) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close within 10 s") {
+            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return 1006,
+        }
+    }
+}
+
+/// Sends raw bytes over a new TCP connection and returns the HTTP status line's code and the
+/// whole response text.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    // One response is enough: stop at the end of its body or headers.
+                    let text = String::from_utf8_lossy(&buf);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text[..head_end]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                            .unwrap_or(0);
+                        if buf.len() >= head_end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// A handshake request with the given extra header lines (each ending in \r\n).
+pub fn upgrade_request(method: &str, extra: &str) -> String {
+    format!(
+        "{method} / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+    )
+}
+
+/// An address nothing listens on (bound, then released).
+pub fn dead_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The release binary of the gateway, built by the same `cargo test --release` run.
+pub fn gateway_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/release/deps/test-xxxx -> target/release/wasmgate
+    let path = exe.parent().unwrap().parent().unwrap().join("wasmgate");
+    assert!(path.exists(), "{} missing: cargo test --workspace builds it", path.display());
+    path
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes; returns whether it held.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set-up and the demo in one command: installs the Wasm target and Python client, builds the
+# plugins and the gateway, then runs the gateway with two example echo backends.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/setup.sh
+exec cargo run --release --quiet -p wasmgate-examples --bin demo

@@ -1,0 +1,64 @@
+//! Third-party judges: the Python `websockets` client, and the Autobahn TestSuite cases run
+//! by `kosoku`, both through the gateway in front of the example echo backend.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use wasmgate_tests::*;
+
+/// Runs a blocking command off the async runtime (the gateway serves on this runtime).
+async fn run(mut command: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || command.output().expect("command runs")).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_client_through_the_gateway() {
+    let backends = echo_backends(2).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "")).await;
+    let mut command = Command::new(python());
+    command.arg(repo_root().join("tests/python/websockets_client.py")).arg(ws_url(&gw, "/"));
+    let out = run(command).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "websockets client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autobahn_testsuite_finds_no_failure() {
+    let backends = echo_backends(1).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "max_message_size = 67108864")).await;
+    let outdir = tempdir("autobahn");
+    let kosoku = python().parent().unwrap().join("kosoku");
+    let mut command = Command::new(kosoku);
+    command.args(["-m", "fuzzingclient", &gw.listen_addr.to_string(), "-o"]).arg(&outdir);
+    let out = run(command).await;
+    // kosoku exits non-zero for UNIMPLEMENTED cases too (permessage-deflate): judge by the report.
+    assert!(outdir.join("index.json").exists(), "kosoku wrote no report: {}", String::from_utf8_lossy(&out.stderr));
+
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(outdir.join("index.json")).unwrap()).unwrap();
+    let cases = index.as_object().unwrap().values().next().unwrap().as_object().unwrap();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failed = Vec::new();
+    for (case, result) in cases {
+        for key in ["behavior", "behaviorClose"] {
+            let verdict = result[key].as_str().unwrap_or("?");
+            if verdict == "FAILED" {
+                failed.push(format!("{case} ({key})"));
+            }
+        }
+        *counts.entry(result["behavior"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+    }
+    println!("Autobahn through wasmgate: {counts:?}");
+    assert_eq!(cases.len(), 517, "all cases ran");
+    assert!(failed.is_empty(), "FAILED cases: {failed:?}");
+    gw.shutdown().await;
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasmgate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

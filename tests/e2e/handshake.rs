@@ -1,0 +1,132 @@
+//! The upgrade: what a client gets for good and bad requests, upstream failures, failover
+//! and what the upstream sees of the client's request.
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use wasmgate_tests::*;
+
+const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+#[tokio::test]
+async fn malformed_handshakes_get_4xx_with_a_reason() {
+    let backends = echo_backends(1).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "")).await;
+    let addr = gw.listen_addr;
+    let cases = [
+        ("missing key", upgrade_request("GET", "Sec-WebSocket-Version: 13\r\n"), 400),
+        ("short key", upgrade_request("GET", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2hvcnQ=\r\n"), 400),
+        ("bad version", upgrade_request("GET", &format!("Sec-WebSocket-Version: 8\r\n{KEY}")), 426),
+        ("not GET", upgrade_request("POST", &format!("Sec-WebSocket-Version: 13\r\n{KEY}")), 405),
+        ("plain HTTP", "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 426),
+        ("garbage", "HELLO THERE\r\n\r\n".to_string(), 400),
+    ];
+    for (what, request, expected) in cases {
+        let (status, text) = raw_http(addr, &request).await;
+        assert_eq!(status, expected, "{what}: {text}");
+    }
+    let (_, text) = raw_http(addr, &upgrade_request("GET", &format!("Sec-WebSocket-Version: 8\r\n{KEY}"))).await;
+    assert!(text.to_ascii_lowercase().contains("sec-websocket-version: 13"), "426 names the version: {text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_route_is_404() {
+    let backends = echo_backends(1).await;
+    let toml = basic_config(&server_list(&backends), "").replace("path = \"/\"", "path = \"/chat\"");
+    let gw = start_gateway(&toml).await;
+    let request = format!(
+        "GET /other HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{KEY}\r\n"
+    );
+    let (status, text) = raw_http(gw.listen_addr, &request).await;
+    assert_eq!(status, 404, "{text}");
+    // The route matches its own path and what lies below it.
+    let mut ws = connect(&ws_url(&gw, "/chat/room1")).await;
+    assert_eq!(roundtrip(&mut ws, Message::text("hi")).await, Message::text("hi"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn dead_upstream_gives_502_not_an_accepted_socket() {
+    let toml = basic_config(&format!("[\"{}\"]", dead_address()), "");
+    let gw = start_gateway(&toml).await;
+    let request = upgrade_request("GET", &format!("Sec-WebSocket-Version: 13\r\n{KEY}"));
+    let (status, text) = raw_http(gw.listen_addr, &request).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("no upstream server"), "{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_failure_fails_over_to_the_next_server() {
+    let backends = echo_backends(1).await;
+    let servers = format!("[\"{}\", \"{}\"]", dead_address(), backends[0].addr);
+    let gw = start_gateway(&basic_config(&servers, "")).await;
+    // Round robin starts at each server in turn: every attempt must still succeed.
+    for _ in 0..6 {
+        let mut ws = connect(&ws_url(&gw, "/")).await;
+        assert_eq!(roundtrip(&mut ws, Message::text("whoami")).await, Message::text("b0"));
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_refusal_is_passed_to_the_client() {
+    // A backend that answers every upgrade with 403.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nno entry\n").await;
+        }
+    });
+    let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
+    let (status, text) = raw_http(gw.listen_addr, &upgrade_request("GET", &format!("Sec-WebSocket-Version: 13\r\n{KEY}"))).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("no entry"), "{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_sees_client_headers_and_forwarding_headers() {
+    let backends = echo_backends(1).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "")).await;
+    let mut request = ws_url(&gw, "/chat?room=1").into_client_request().unwrap();
+    let h = request.headers_mut();
+    h.insert("origin", "http://app.example".parse().unwrap());
+    h.insert("cookie", "session=abc".parse().unwrap());
+    h.insert("authorization", "Bearer t0k3n".parse().unwrap());
+    h.insert("sec-websocket-protocol", "v2.chat, v1.chat".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers().get("sec-websocket-protocol").unwrap(), "v2.chat", "upstream's choice comes back");
+    let Message::Text(seen) = roundtrip(&mut ws, Message::text("headers")).await else { panic!() };
+    for expected in [
+        "origin: http://app.example",
+        "cookie: session=abc",
+        "authorization: Bearer t0k3n",
+        "x-forwarded-for: 127.0.0.1",
+        "forwarded: for=127.0.0.1;proto=http",
+        "path: /chat?room=1",
+    ] {
+        assert!(seen.contains(expected), "upstream should see {expected:?} in:\n{seen}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_handshake_is_cut_off() {
+    let backends = echo_backends(1).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "handshake_timeout_secs = 1")).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.listen_addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // Never finish the headers: the gateway must close the socket on its own.
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    assert!(read.is_ok(), "connection with unfinished headers was not closed");
+    gw.shutdown().await;
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what the demo and the test suite need on a fresh machine and builds the plugins.
+# Safe to run again: every step skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+# Plugins (plugins/ and the test fixtures in tests/plugins/) compile to Wasm components.
+cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+# The gateway and example binaries that process-level tests and the demo run.
+cargo build --release --quiet --workspace --bins
