@@ -1,0 +1,74 @@
+//! Round robin: each connection starts one server further along the pool's list.
+//!
+//! The turn is a counter in the shared kv store, not in the instance's memory, so the
+//! rotation stays exact however many instances of the plugin the gateway runs.
+
+use wasmgate_sdk::{kv, Candidate, Conn, Hooks, NoConfig, Plugin};
+
+pub struct RoundRobin;
+
+impl Plugin for RoundRobin {
+    type Config = NoConfig;
+    const HOOKS: Hooks = Hooks::BALANCER;
+
+    fn new(_: NoConfig) -> Result<Self, String> {
+        Ok(RoundRobin)
+    }
+
+    fn select(&mut self, _: &Conn, pool: &str, candidates: &[Candidate]) -> Vec<u32> {
+        let turn = kv::incr(&format!("turn:{pool}"), 1, None) - 1;
+        rotation(turn, candidates.len())
+    }
+}
+
+/// All `n` indexes, starting at `turn` modulo `n` and wrapping, so failover goes on in turn.
+fn rotation(turn: i64, n: usize) -> Vec<u32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let start = turn.rem_euclid(n as i64) as usize;
+    (start..start + n).map(|i| (i % n) as u32).collect()
+}
+
+wasmgate_sdk::export_plugin!(RoundRobin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: usize) -> Vec<Candidate> {
+        (0..n)
+            .map(|i| Candidate::new(&format!("10.0.0.{i}:80")))
+            .collect()
+    }
+
+    #[test]
+    fn rotation_wraps_and_lists_everyone() {
+        assert_eq!(rotation(0, 3), [0, 1, 2]);
+        assert_eq!(rotation(4, 3), [1, 2, 0]);
+        assert_eq!(rotation(-1, 3), [2, 0, 1]);
+        assert!(rotation(5, 0).is_empty());
+    }
+
+    #[test]
+    fn picks_are_even() {
+        let mut rr = RoundRobin::from_json("").unwrap();
+        let (conn, servers) = (Conn::new(1), pool(4));
+        let mut firsts = [0; 4];
+        for _ in 0..4000 {
+            let ranked = rr.select(&conn, "chat", &servers);
+            assert_eq!(ranked.len(), 4);
+            firsts[ranked[0] as usize] += 1;
+        }
+        assert_eq!(firsts, [1000; 4]);
+    }
+
+    #[test]
+    fn pools_turn_independently() {
+        let mut rr = RoundRobin::from_json("{}").unwrap();
+        let (conn, servers) = (Conn::new(1), pool(2));
+        assert_eq!(rr.select(&conn, "a", &servers)[0], 0);
+        assert_eq!(rr.select(&conn, "a", &servers)[0], 1);
+        assert_eq!(rr.select(&conn, "b", &servers)[0], 0);
+    }
+}

@@ -1,0 +1,136 @@
+//! The one trait a plugin implements.
+//!
+//! One value of the plugin type serves every connection an instance sees, so its fields
+//! hold policy state (counters, caches, parsed config). State that belongs to a single
+//! connection goes in [`Conn`] metadata or in [`crate::kv`] keyed by [`Conn::id`].
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::{Action, Candidate, Conn, ConnectionStats, Direction, Hooks, Opcode, Request, Verdict};
+
+/// A wasmgate plugin. Implement the hooks named in [`Plugin::HOOKS`]; the others keep
+/// their defaults and are never called by the host.
+pub trait Plugin: Sized + 'static {
+    /// The plugin's `config` table, deserialized from JSON. Use [`NoConfig`] for none.
+    type Config: DeserializeOwned;
+
+    /// The hooks this plugin implements, e.g. `Hooks::HANDSHAKE.union(Hooks::CLOSE)`.
+    const HOOKS: Hooks;
+
+    /// Builds the plugin from its config; an error rejects this version of the plugin.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// Decides on a client's upgrade request. Default: accept unchanged.
+    fn on_handshake(&mut self, conn: &Conn, req: &Request) -> Verdict {
+        let _ = (conn, req);
+        Verdict::accept()
+    }
+
+    /// Ranks `candidates` of `pool`, best first, as indexes into `candidates`. The host
+    /// tries them in order; an empty list means no server. Default: the order given.
+    fn select(&mut self, conn: &Conn, pool: &str, candidates: &[Candidate]) -> Vec<u32> {
+        let _ = (conn, pool);
+        (0..candidates.len() as u32).collect()
+    }
+
+    /// Sees one data message. Default: forward it unchanged.
+    fn on_message(&mut self, conn: &Conn, dir: Direction, op: Opcode, payload: Vec<u8>) -> Action {
+        let _ = (conn, dir, op, payload);
+        Action::Forward
+    }
+
+    /// The connection closed with `code` (1006 when there was no close frame).
+    fn on_close(&mut self, conn: &Conn, code: u16, stats: &ConnectionStats) {
+        let _ = (conn, code, stats);
+    }
+
+    /// Parses `config` as the host passes it to `init` and builds the plugin. Tests call
+    /// this to build a plugin exactly as the gateway would.
+    fn from_json(config: &str) -> Result<Self, String> {
+        // An absent config table may arrive as nothing at all or as null.
+        let json = match config.trim() {
+            "" | "null" => "{}",
+            json => json,
+        };
+        let config = serde_json::from_str(json).map_err(|e| format!("bad config: {e}"))?;
+        Self::new(config)
+    }
+}
+
+/// The config of a plugin that takes none; any key given is an error, to catch typos.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Named(String);
+
+    #[derive(Deserialize)]
+    struct NameConfig {
+        name: String,
+    }
+
+    impl Plugin for Named {
+        type Config = NameConfig;
+        const HOOKS: Hooks = Hooks::empty();
+
+        fn new(config: NameConfig) -> Result<Self, String> {
+            if config.name.is_empty() {
+                return Err("name must not be empty".into());
+            }
+            Ok(Named(config.name))
+        }
+    }
+
+    struct Nothing;
+
+    impl Plugin for Nothing {
+        type Config = NoConfig;
+        const HOOKS: Hooks = Hooks::empty();
+
+        fn new(_: NoConfig) -> Result<Self, String> {
+            Ok(Nothing)
+        }
+    }
+
+    #[test]
+    fn config_is_parsed_and_checked() {
+        assert_eq!(Named::from_json(r#"{"name":"a"}"#).unwrap().0, "a");
+        assert!(Named::from_json(r#"{}"#)
+            .unwrap_err()
+            .starts_with("bad config: missing field"));
+        assert_eq!(
+            Named::from_json(r#"{"name":""}"#).err().unwrap(),
+            "name must not be empty"
+        );
+    }
+
+    #[test]
+    fn no_config_accepts_absence_and_refuses_keys() {
+        for absent in ["", " ", "null", "{}"] {
+            assert!(Nothing::from_json(absent).is_ok(), "{absent:?}");
+        }
+        assert!(Nothing::from_json(r#"{"typo":1}"#).is_err());
+    }
+
+    #[test]
+    fn defaults_accept_keep_order_and_forward() {
+        let conn = Conn::new(1);
+        let mut p = Nothing;
+        assert_eq!(p.on_handshake(&conn, &Request::new("/")), Verdict::accept());
+        let candidates = vec![Candidate::new("a:1"), Candidate::new("b:1")];
+        assert_eq!(p.select(&conn, "pool", &candidates), vec![0, 1]);
+        let action = p.on_message(
+            &conn,
+            Direction::ClientToUpstream,
+            Opcode::Text,
+            b"x".to_vec(),
+        );
+        assert_eq!(action, Action::Forward);
+    }
+}

@@ -1,0 +1,67 @@
+//! Controls for the in-memory host used by native unit tests (not built for Wasm).
+//!
+//! All of it is per thread, and the test harness runs each test on its own thread, so tests
+//! start from an empty store, a zero clock offset and the same random sequence.
+
+use crate::host::native;
+
+/// Moves [`crate::now_ms`] and [`crate::monotonic_ns`] forward, e.g. to expire kv TTLs.
+pub fn advance_clock(ms: u64) {
+    native::OFFSET_MS.set(native::OFFSET_MS.get() + ms);
+}
+
+/// Restarts [`crate::random_u64`]'s sequence from `seed`.
+pub fn seed_random(seed: u64) {
+    native::RANDOM.set(seed);
+}
+
+/// The sum of everything added to a counter.
+pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    crate::metrics::native::read(name, labels).counter
+}
+
+/// The last value a gauge was set to.
+pub fn gauge(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    crate::metrics::native::read(name, labels).gauge
+}
+
+/// Every observation of a histogram, in order.
+pub fn observations(name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+    crate::metrics::native::read(name, labels).observations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics;
+
+    #[test]
+    fn metrics_are_recorded() {
+        metrics::counter_add("hits", &[("route", "/a")], 2);
+        metrics::counter_add("hits", &[("route", "/a")], 3);
+        metrics::gauge_set("load", &[], 0.5);
+        metrics::histogram_observe("latency", &[], 1.0);
+        metrics::histogram_observe("latency", &[], 2.0);
+        assert_eq!(counter("hits", &[("route", "/a")]), 5);
+        assert_eq!(counter("hits", &[("route", "/b")]), 0);
+        assert_eq!(gauge("load", &[]), Some(0.5));
+        assert_eq!(observations("latency", &[]), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn random_is_repeatable_from_a_seed() {
+        seed_random(7);
+        let first: Vec<u64> = (0..4).map(|_| crate::random_u64()).collect();
+        seed_random(7);
+        let again: Vec<u64> = (0..4).map(|_| crate::random_u64()).collect();
+        assert_eq!(first, again);
+        assert_ne!(first[0], first[1]);
+    }
+
+    #[test]
+    fn clock_advances() {
+        let before = crate::now_ms();
+        advance_clock(60_000);
+        assert!(crate::now_ms() >= before + 60_000);
+    }
+}

@@ -1,0 +1,62 @@
+//! The generated export traits, implemented once for every [`Plugin`].
+//!
+//! `init` builds the plugin value and keeps it in a global for the instance's lifetime;
+//! each hook borrows it. Wasm instances run one call at a time and a host function never
+//! calls back into the guest, so the borrow is never contended.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+use crate::bindings::exports::wasmgate::plugin::{balancer, handshake, lifecycle, messages};
+use crate::bindings::wasmgate::plugin::connection::Connection;
+use crate::{
+    Action, Candidate, Conn, ConnectionStats, Direction, Hooks, Opcode, Plugin, Request, Verdict,
+};
+
+thread_local! {
+    static INSTANCE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
+/// Binds a [`Plugin`] type to the component's exports; used by [`crate::export_plugin!`].
+pub struct Exports<P>(PhantomData<P>);
+
+fn with_plugin<P: Plugin, R>(hook: impl FnOnce(&mut P) -> R) -> R {
+    INSTANCE.with_borrow_mut(|slot| {
+        let plugin = slot
+            .as_mut()
+            .and_then(|p| p.downcast_mut::<P>())
+            .expect("wasmgate called a hook before a successful init");
+        hook(plugin)
+    })
+}
+
+impl<P: Plugin> lifecycle::Guest for Exports<P> {
+    fn init(config: String) -> Result<Hooks, String> {
+        let plugin = P::from_json(&config)?;
+        INSTANCE.set(Some(Box::new(plugin)));
+        Ok(P::HOOKS)
+    }
+
+    fn on_close(conn: &Connection, code: u16, stats: ConnectionStats) {
+        with_plugin(|p: &mut P| p.on_close(Conn::from_host(conn), code, &stats))
+    }
+}
+
+impl<P: Plugin> handshake::Guest for Exports<P> {
+    fn on_handshake(conn: &Connection, req: Request) -> Verdict {
+        with_plugin(|p: &mut P| p.on_handshake(Conn::from_host(conn), &req))
+    }
+}
+
+impl<P: Plugin> balancer::Guest for Exports<P> {
+    fn select(conn: &Connection, pool: String, candidates: Vec<Candidate>) -> Vec<u32> {
+        with_plugin(|p: &mut P| p.select(Conn::from_host(conn), &pool, &candidates))
+    }
+}
+
+impl<P: Plugin> messages::Guest for Exports<P> {
+    fn on_message(conn: &Connection, dir: Direction, op: Opcode, payload: Vec<u8>) -> Action {
+        with_plugin(|p: &mut P| p.on_message(Conn::from_host(conn), dir, op, payload))
+    }
+}
