@@ -137,6 +137,9 @@ pub struct PluginSection {
     /// Instances kept per plugin; they are shared by all connections.
     #[serde(default = "defaults::plugin_instances")]
     pub instances: usize,
+    /// `config` as JSON with `${env:NAME}` and `${file:PATH}` expanded, made by `validate`.
+    #[serde(skip)]
+    pub config_json: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,7 +269,14 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self, at: &Locator) -> Result<(), ConfigError> {
+    fn validate(&mut self, at: &Locator) -> Result<(), ConfigError> {
+        let base_dir = self.base_dir.clone();
+        for p in &mut self.plugins {
+            let mut value = toml::Value::Table(p.config.clone());
+            expand(&mut value, &base_dir, "config")
+                .map_err(|e| at.error(p.name.span(), &format!("plugin `{}`: {e}", p.name.get_ref())))?;
+            p.config_json = serde_json::to_string(&value).expect("TOML values are JSON values");
+        }
         let g = &self.gateway;
         parse_addr(at, &g.listen)?;
         if let Some(admin) = &g.admin {
@@ -319,6 +329,39 @@ impl Config {
             return Err(ConfigError(format!("{}: no [[route]]: nothing would be served", at.origin)));
         }
         Ok(())
+    }
+}
+
+/// Replaces `${env:NAME}` and `${file:PATH}` in every string of a plugin's config, so
+/// secrets stay out of the config file. Plugins themselves cannot read the environment or
+/// files (their WASI context denies both).
+fn expand(value: &mut toml::Value, base_dir: &Path, key: &str) -> Result<(), String> {
+    match value {
+        toml::Value::String(s) => {
+            while let Some(start) = s.find("${") {
+                let end = s[start..].find('}').ok_or_else(|| format!("`{key}`: unclosed ${{"))? + start;
+                let inner = &s[start + 2..end];
+                let replacement = match inner.split_once(':') {
+                    Some(("env", name)) => std::env::var(name)
+                        .map_err(|_| format!("`{key}`: environment variable {name} is not set"))?,
+                    Some(("file", path)) => {
+                        let path = base_dir.join(path);
+                        std::fs::read_to_string(&path)
+                            .map_err(|e| format!("`{key}`: cannot read {}: {e}", path.display()))?
+                            .trim_end()
+                            .to_string()
+                    }
+                    _ => return Err(format!("`{key}`: expected ${{env:NAME}} or ${{file:PATH}}, found ${{{inner}}}")),
+                };
+                s.replace_range(start..=end, &replacement);
+            }
+            Ok(())
+        }
+        toml::Value::Array(items) => items.iter_mut().try_for_each(|v| expand(v, base_dir, key)),
+        toml::Value::Table(table) => {
+            table.iter_mut().try_for_each(|(k, v)| expand(v, base_dir, &format!("{key}.{k}")))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -414,6 +457,19 @@ upstream = "echo"
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.starts_with("gw.toml:11:"), "{err}");
         assert!(err.contains("key `upstream`"), "{err}");
+    }
+
+    #[test]
+    fn plugin_config_expands_env_and_files() {
+        std::env::set_var("WASMGATE_TEST_SECRET", "s3cret");
+        let text = format!(
+            "{GOOD}\n[[plugin]]\nname = \"auth\"\nwasm = \"a.wasm\"\nconfig = {{ secret = \"${{env:WASMGATE_TEST_SECRET}}\", n = 3 }}\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.plugins[0].config_json, r#"{"n":3,"secret":"s3cret"}"#);
+        let missing = text.replace("WASMGATE_TEST_SECRET", "WASMGATE_TEST_UNSET");
+        let err = parse(&missing).unwrap_err().to_string();
+        assert!(err.contains("WASMGATE_TEST_UNSET is not set") && err.contains("config.secret"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod config;
 pub mod gateway;
 pub mod handshake;
 pub mod listener;
+pub mod metrics;
+pub mod plugin;
 pub mod proxy;
 pub mod relay;
 pub mod routes;

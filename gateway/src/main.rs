@@ -66,17 +66,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let source = config.source.clone();
     let gateway = Gateway::start(config).await?;
     println!("wasmgate listening on ws://{}", gateway.listen_addr);
-    wait_for_signals(&gateway, source).await?;
+    wait_for_signals(&gateway).await?;
     tracing::info!("shutting down: closing connections with 1001");
     gateway.shutdown().await;
     Ok(())
 }
 
-/// Returns on SIGTERM or Ctrl-C; reloads the configuration on SIGHUP.
-async fn wait_for_signals(gateway: &Gateway, source: Option<PathBuf>) -> anyhow::Result<()> {
+/// Returns on SIGTERM or Ctrl-C; reloads the configuration file on SIGHUP.
+async fn wait_for_signals(gateway: &Gateway) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -85,10 +84,9 @@ async fn wait_for_signals(gateway: &Gateway, source: Option<PathBuf>) -> anyhow:
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
             _ = hup.recv() => {
-                let Some(path) = &source else { continue };
-                match Config::load(path) {
-                    Ok(config) => { gateway.reload(config)?; }
-                    Err(e) => tracing::error!("reload rejected, keeping the running configuration: {e}"),
+                // Failures are logged by the reload itself; the running configuration stays.
+                if let Err(e) = gateway.reload_from_source().await {
+                    tracing::error!("{e}");
                 }
             }
         }

@@ -1,5 +1,7 @@
-//! One connection's life, in order: validate the upgrade, pick the route, open the upstream
-//! WebSocket (trying servers in ranked order), answer 101, relay, close.
+//! One connection's life, in order: validate the upgrade, pick the route, run the route's
+//! handshake plugins, rank the pool's servers (balancer plugin or round robin), open the
+//! upstream WebSocket, answer 101, relay (through message plugins if any read messages),
+//! tell close plugins how it ended.
 //!
 //! The upstream is opened *before* the client gets its 101, so a dead upstream shows up as a
 //! 502 the client can see, not as an accepted socket that dies at once.
@@ -16,9 +18,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::gateway::{Routing, Shared};
+use crate::gateway::Shared;
 use crate::handshake::{self, ClientUpgrade, Refusal};
-use crate::relay::{self, Endpoint, LinkRules};
+use crate::metrics::Counter;
+use crate::plugin::{
+    Accept, Action, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
+    Verdict,
+};
+use crate::relay::{self, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
 use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamRequest, UpstreamSocket};
 
 pub async fn handle(
@@ -26,45 +33,66 @@ pub async fn handle(
     client_addr: SocketAddr,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = match upgrade(&mut req, client_addr, &shared).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            shared.metrics.handshakes_refused.inc();
+            refusal.into_response()
+        }
+    };
+    Ok(response)
+}
+
+/// Everything up to the 101; on success the relay task is already waiting for the upgrade.
+async fn upgrade(
+    req: &mut Request<Incoming>,
+    client_addr: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Refusal> {
     let routing = shared.routing.load_full();
-    let upgrade = match handshake::validate(req.method(), req.version(), req.uri(), req.headers()) {
-        Ok(upgrade) => upgrade,
-        Err(refusal) => return Ok(refusal.into_response()),
-    };
-    let Some(route) = routing.routes.find(&upgrade.host, &upgrade.path) else {
-        return Ok(Refusal::new(StatusCode::NOT_FOUND, format!("no route for {}", upgrade.path)).into_response());
-    };
-    let Some(pool) = routing.pools.get(&route.upstream).cloned() else {
-        return Ok(Refusal::new(StatusCode::BAD_GATEWAY, "route names an unknown upstream").into_response());
+    let upgrade = handshake::validate(req.method(), req.version(), req.uri(), req.headers())?;
+    let route = routing
+        .routes
+        .find(&upgrade.host, &upgrade.path)
+        .ok_or_else(|| Refusal::new(StatusCode::NOT_FOUND, format!("no route for {}", upgrade.path)))?;
+    let chain = route.chain.clone();
+    // Plugins see the connection through a host-side context; connections without plugins
+    // skip it.
+    let new_context =
+        || Arc::new(ConnContext::new(shared.next_connection_id(), client_addr.to_string(), route.prefix.clone()));
+    let mut conn = (!chain.is_empty()).then(new_context);
+    let errors = &shared.metrics.plugin_errors;
+    let decision = match &conn {
+        Some(conn) => run_handshake_chain(&chain, conn, &upgrade, client_addr, errors)?,
+        None => Accept::default(),
     };
 
-    let mut path_and_query = upgrade.path.clone();
-    if !upgrade.query.is_empty() {
-        path_and_query.push('?');
-        path_and_query.push_str(&upgrade.query);
+    let pool_name = decision.upstream.as_deref().unwrap_or(&route.upstream);
+    let pool = routing.pools.get(pool_name).cloned().ok_or_else(|| {
+        Refusal::new(StatusCode::BAD_GATEWAY, format!("a plugin chose upstream {pool_name:?}, which is not configured"))
+    })?;
+    let request = upstream_request(&upgrade, client_addr, &decision);
+    if conn.is_none() && pool.balancer.is_some() {
+        conn = Some(new_context());
     }
-    let request = UpstreamRequest {
-        path_and_query,
-        headers: handshake::upstream_headers(&upgrade, client_addr.ip()),
-    };
-    let (socket, active) = match connect_ranked(&pool, &request).await {
-        Ok(pair) => pair,
-        Err(refusal) => return Ok(refusal.into_response()),
-    };
-    // The upstream must pick one of the subprotocols the client offered, or none.
-    if let Some(chosen) = &socket.subprotocol {
+    let order = rank_servers(&pool, conn.as_deref(), errors)?;
+    let (socket, active) = connect_ranked(&pool, &order, &request, &shared.metrics.upstream_connect_failures).await?;
+
+    let subprotocol = decision.subprotocol.clone().or_else(|| socket.subprotocol.clone());
+    if let Some(chosen) = &subprotocol {
+        // The client must get one of the subprotocols it offered, or none.
         if !upgrade.subprotocols.iter().any(|p| p == chosen) {
-            return Ok(Refusal::new(
+            return Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
-                format!("upstream chose subprotocol {chosen:?}, which the client did not offer"),
-            )
-            .into_response());
+                format!("subprotocol {chosen:?} was chosen, but the client did not offer it"),
+            ));
         }
     }
-    let response = handshake::switching_protocols(&upgrade.key, socket.subprotocol.as_deref(), None);
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let shared2 = shared.clone();
-    shared.tasks.spawn(async move {
+    let response = handshake::switching_protocols(&upgrade.key, subprotocol.as_deref(), None);
+    let on_upgrade = hyper::upgrade::on(req);
+    let shared = shared.clone();
+    let tasks = shared.tasks.clone();
+    tasks.spawn(async move {
         let client = match on_upgrade.await {
             Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => Endpoint { stream: parts.io.into_inner(), already_read: parts.read_buf.to_vec() },
@@ -75,19 +103,141 @@ pub async fn handle(
                 return;
             }
         };
-        relay_connection(client, socket, active, &routing, &upgrade, client_addr, &shared2).await;
+        let settings = routing.relay.clone();
+        drop(routing);
+        relay_connection(client, socket, active, &settings, chain, conn, &shared).await;
     });
     Ok(response)
 }
 
-/// Tries the pool's servers in ranked order, at most `max_attempts` of them.
+/// Calls each handshake plugin of the chain in order. A reject ends the chain; accepts
+/// accumulate (a later plugin's choice of upstream, path or subprotocol wins).
+fn run_handshake_chain(
+    chain: &[Arc<PluginSlot>],
+    conn: &ConnContext,
+    upgrade: &ClientUpgrade,
+    client_addr: SocketAddr,
+    errors: &Counter,
+) -> Result<Accept, Refusal> {
+    let mut decision = Accept::default();
+    let mut request = None;
+    for slot in chain {
+        let plugin = slot.current();
+        if !plugin.hooks().handshake {
+            continue;
+        }
+        let request = request.get_or_insert_with(|| plugin_request(upgrade, client_addr));
+        match plugin.on_handshake(conn, request) {
+            Ok(Verdict::Accept(accept)) => merge(&mut decision, accept),
+            Ok(Verdict::Reject(reject)) => {
+                let status = StatusCode::from_u16(reject.status).unwrap_or(StatusCode::FORBIDDEN);
+                let mut refusal = Refusal::new(status, reject.reason);
+                refusal.headers = reject.headers.into_iter().map(|h| (h.name, h.value)).collect();
+                return Err(refusal);
+            }
+            Err(e) => {
+                errors.inc();
+                tracing::warn!(plugin = plugin.name(), error = %e, "handshake hook failed");
+                if plugin.on_error() != Some(OnError::Allow) {
+                    return Err(Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("plugin {} failed: {}", plugin.name(), e.kind()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(decision)
+}
+
+fn merge(decision: &mut Accept, accept: Accept) {
+    decision.upstream = accept.upstream.or(decision.upstream.take());
+    decision.rewrite_path = accept.rewrite_path.or(decision.rewrite_path.take());
+    decision.subprotocol = accept.subprotocol.or(decision.subprotocol.take());
+    decision.compression = accept.compression.or(decision.compression.take());
+    decision.add_headers.extend(accept.add_headers);
+    decision.remove_headers.extend(accept.remove_headers);
+}
+
+/// The request as plugins see it.
+fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr) -> HandshakeRequest {
+    HandshakeRequest {
+        method: "GET".into(),
+        path: upgrade.path.clone(),
+        query: upgrade.query.clone(),
+        host: upgrade.host.clone(),
+        headers: upgrade
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some(Header { name: n.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
+            .collect(),
+        client_addr: client_addr.to_string(),
+        subprotocols: upgrade.subprotocols.clone(),
+    }
+}
+
+/// Path and headers for the upstream, with the plugins' edits applied.
+fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, decision: &Accept) -> UpstreamRequest {
+    let mut path_and_query = decision.rewrite_path.clone().unwrap_or_else(|| upgrade.path.clone());
+    if !upgrade.query.is_empty() {
+        path_and_query.push('?');
+        path_and_query.push_str(&upgrade.query);
+    }
+    let mut headers = handshake::upstream_headers(upgrade, client_addr.ip());
+    if !decision.remove_headers.is_empty() || !decision.add_headers.is_empty() {
+        headers.retain(|(name, _)| {
+            let drop = |n: &String| n.eq_ignore_ascii_case(name);
+            !decision.remove_headers.iter().any(drop) && !decision.add_headers.iter().any(|h| drop(&h.name))
+        });
+        headers.extend(decision.add_headers.iter().map(|h| (h.name.clone(), h.value.clone())));
+    }
+    UpstreamRequest { path_and_query, headers }
+}
+
+/// The order to try servers in: the balancer plugin's ranking, or round robin. A failing
+/// balancer falls back to round robin unless its `on_error` is "deny".
+fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Result<Vec<usize>, Refusal> {
+    let Some(((_, slot), conn)) = pool.balancer.as_ref().zip(conn) else {
+        return Ok(pool.round_robin_order());
+    };
+    let plugin = slot.current();
+    if !plugin.hooks().balancer {
+        return Ok(pool.round_robin_order());
+    }
+    let candidates: Vec<_> = pool.servers.iter().map(|s| s.candidate()).collect();
+    match plugin.select(conn, &pool.name, &candidates) {
+        Ok(ranked) => {
+            let mut order = Vec::with_capacity(ranked.len());
+            for i in ranked.into_iter().map(|i| i as usize) {
+                if i < candidates.len() && !order.contains(&i) {
+                    order.push(i);
+                }
+            }
+            if order.is_empty() {
+                return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, format!("balancer {} chose no server", plugin.name())));
+            }
+            Ok(order)
+        }
+        Err(e) => {
+            errors.inc();
+            tracing::warn!(plugin = plugin.name(), error = %e, "balancer failed");
+            if plugin.on_error() == Some(OnError::Deny) {
+                return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, format!("balancer {} failed", plugin.name())));
+            }
+            Ok(pool.round_robin_order())
+        }
+    }
+}
+
+/// Tries servers in `order`, at most `max_attempts` of them.
 async fn connect_ranked(
     pool: &Pool,
+    order: &[usize],
     request: &UpstreamRequest,
+    failures: &Counter,
 ) -> Result<(UpstreamSocket, ActiveConnection), Refusal> {
-    let order = pool.round_robin_order();
     let mut last_error = String::from("no servers");
-    for index in order.into_iter().take(pool.max_attempts as usize) {
+    for &index in order.iter().take(pool.max_attempts as usize) {
         let server = &pool.servers[index];
         let started = Instant::now();
         match upstream::open(&server.address, request, pool.connect_timeout).await {
@@ -106,6 +256,7 @@ async fn connect_ranked(
             }
             Err(e) => {
                 server.record_failure();
+                failures.inc();
                 tracing::warn!(pool = %pool.name, server = %server.address.authority, error = %e, "upstream connect failed");
                 last_error = format!("{}: {e}", server.address.authority);
             }
@@ -118,20 +269,108 @@ async fn relay_connection(
     client: Endpoint,
     upstream: UpstreamSocket,
     active: ActiveConnection,
-    routing: &Routing,
-    _upgrade: &ClientUpgrade,
-    client_addr: SocketAddr,
+    settings: &relay::RelaySettings,
+    chain: Vec<Arc<PluginSlot>>,
+    conn: Option<Arc<ConnContext>>,
     shared: &Shared,
 ) {
-    let id = shared.next_connection_id();
+    let started = Instant::now();
+    let metrics = &shared.metrics;
+    metrics.connections_active.inc();
+    metrics.connections_total.inc();
     let upstream = Endpoint { stream: upstream.stream, already_read: upstream.already_read };
-    let max = routing.relay.max_message_size;
+    let max = settings.max_message_size;
     let rules = (
         LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: false, max_message_size: max },
         LinkRules { expect_masked: false, validate_utf8: false, allow_rsv1: false, max_message_size: max },
     );
-    tracing::debug!(id, %client_addr, server = %active.0.address.authority, "relaying");
-    let outcome = relay::run(client, upstream, &routing.relay, rules, None, shared.shutdown.clone()).await;
-    tracing::debug!(id, code = outcome.code, "connection closed");
+    // Only routes whose plugins read messages pay for assembling them and calling Wasm.
+    let reads_messages = chain.iter().any(|slot| slot.current().hooks().messages);
+    let hook = match (&conn, reads_messages) {
+        (Some(conn), true) => {
+            Some(ChainHook { conn: conn.clone(), chain: chain.clone(), errors: metrics.plugin_errors.clone() })
+        }
+        _ => None,
+    };
+    let outcome = relay::run(
+        client,
+        upstream,
+        settings,
+        rules,
+        hook.as_ref().map(|h| h as &dyn MessageHook),
+        shared.shutdown.clone(),
+    )
+    .await;
+    metrics.connections_active.dec();
+    metrics.messages_from_client.add(outcome.messages_from_client);
+    metrics.messages_from_upstream.add(outcome.messages_from_upstream);
+    metrics.bytes_from_client.add(outcome.bytes_from_client);
+    metrics.bytes_from_upstream.add(outcome.bytes_from_upstream);
     drop(active);
+    if let Some(conn) = &conn {
+        notify_close(&chain, conn, &outcome, started);
+    }
+}
+
+fn notify_close(chain: &[Arc<PluginSlot>], conn: &ConnContext, outcome: &RelayOutcome, started: Instant) {
+    let stats = ConnStats {
+        messages_from_client: outcome.messages_from_client,
+        messages_from_upstream: outcome.messages_from_upstream,
+        bytes_from_client: outcome.bytes_from_client,
+        bytes_from_upstream: outcome.bytes_from_upstream,
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    for slot in chain {
+        let plugin = slot.current();
+        if plugin.hooks().close {
+            plugin.on_close(conn, outcome.code, stats);
+        }
+    }
+}
+
+/// The route's plugin chain as the relay's message hook. Each plugin sees the payload as the
+/// plugins before it left it; drop, reply and close end the chain.
+struct ChainHook {
+    conn: Arc<ConnContext>,
+    chain: Vec<Arc<PluginSlot>>,
+    errors: Counter,
+}
+
+impl MessageHook for ChainHook {
+    fn on_message(&self, from: Side, kind: DataKind, payload: &[u8]) -> MessageAction {
+        let dir = match from {
+            Side::Client => Direction::ClientToUpstream,
+            Side::Upstream => Direction::UpstreamToClient,
+        };
+        let op = match kind {
+            DataKind::Text => Opcode::Text,
+            DataKind::Binary => Opcode::Binary,
+        };
+        let mut replaced: Option<Vec<u8>> = None;
+        for slot in &self.chain {
+            let plugin = slot.current();
+            if !plugin.hooks().messages {
+                continue;
+            }
+            let current = replaced.as_deref().unwrap_or(payload);
+            match plugin.on_message(&self.conn, dir, op, current) {
+                Ok(Action::Forward) => {}
+                Ok(Action::Replace(new)) => replaced = Some(new),
+                Ok(Action::Drop) => return MessageAction::Drop,
+                Ok(Action::Reply(reply)) => return MessageAction::Reply(reply),
+                Ok(Action::Close(frame)) => return MessageAction::Close(frame.code, frame.reason),
+                Err(e) => {
+                    self.errors.inc();
+                    tracing::warn!(plugin = plugin.name(), error = %e, "message hook failed");
+                    if plugin.on_error() == Some(OnError::Deny) {
+                        return MessageAction::Close(relay::close::code::INTERNAL_ERROR, "plugin failed".into());
+                    }
+                }
+            }
+        }
+        match replaced {
+            Some(new) => MessageAction::Replace(new),
+            None => MessageAction::Forward,
+        }
+    }
 }

@@ -1,39 +1,51 @@
 //! The route table: which upstream and plugin chain serve a request, by host and the longest
 //! matching path prefix.
 
-use crate::config::RouteSection;
+use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+use crate::config::RouteSection;
+use crate::plugin::PluginSlot;
+
+#[derive(Clone)]
 pub struct Route {
     /// Exact host (lower case, no port), or any host.
     pub host: Option<String>,
     /// Path prefix, matched on whole segments: "/api" matches "/api" and "/api/x", not "/apix".
     pub prefix: String,
     pub upstream: String,
+    /// Plugin chain, in call order: names (for messages) and the slots that serve them.
     pub plugins: Vec<String>,
+    pub chain: Vec<Arc<PluginSlot>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RouteTable {
     /// Host-specific routes first, then by prefix length, longest first.
     routes: Vec<Route>,
 }
 
 impl RouteTable {
-    pub fn build(sections: &[RouteSection]) -> RouteTable {
-        let mut routes: Vec<Route> = sections
-            .iter()
-            .map(|r| Route {
+    /// Builds the table; `plugin` resolves a plugin name to its slot.
+    pub fn build(
+        sections: &[RouteSection],
+        plugin: impl Fn(&str) -> Result<Arc<PluginSlot>, String>,
+    ) -> Result<RouteTable, String> {
+        let mut routes = Vec::with_capacity(sections.len());
+        for r in sections {
+            let plugins: Vec<String> = r.plugins.iter().map(|p| p.get_ref().clone()).collect();
+            let chain = plugins.iter().map(|name| plugin(name)).collect::<Result<_, _>>()?;
+            routes.push(Route {
                 host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 prefix: r.path.get_ref().clone(),
                 upstream: r.upstream.get_ref().clone(),
-                plugins: r.plugins.iter().map(|p| p.get_ref().clone()).collect(),
-            })
-            .collect();
+                plugins,
+                chain,
+            });
+        }
         routes.sort_by(|a, b| {
             b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len()))
         });
-        RouteTable { routes }
+        Ok(RouteTable { routes })
     }
 
     pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
@@ -59,7 +71,13 @@ mod tests {
     use super::*;
 
     fn route(host: Option<&str>, prefix: &str, upstream: &str) -> Route {
-        Route { host: host.map(String::from), prefix: prefix.into(), upstream: upstream.into(), plugins: vec![] }
+        Route {
+            host: host.map(String::from),
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            plugins: vec![],
+            chain: vec![],
+        }
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Server {
     pub address: ServerAddress,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
+    /// The address and labels as balancer plugins get them, shared rather than copied per call.
+    plugin_address: Arc<str>,
+    plugin_labels: Arc<[(String, String)]>,
     pub active: AtomicU32,
     pub total: AtomicU64,
     /// Exponentially weighted moving average of connect + handshake time, µs.
@@ -64,6 +67,8 @@ pub struct Server {
 impl Server {
     pub fn new(address: ServerAddress, weight: u32, labels: BTreeMap<String, String>) -> Server {
         Server {
+            plugin_address: Arc::from(address.authority.as_str()),
+            plugin_labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             address,
             weight,
             labels,
@@ -81,6 +86,19 @@ impl Server {
         // Weight 1/8 on the new sample; the first sample sets the average.
         let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
         self.ewma_connect_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// This server as a balancer plugin sees it, with its live statistics.
+    pub fn candidate(&self) -> crate::plugin::Candidate {
+        crate::plugin::Candidate {
+            address: self.plugin_address.clone(),
+            weight: self.weight,
+            labels: self.plugin_labels.clone(),
+            active: self.active.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+            ewma_connect_us: self.ewma_connect_us.load(Ordering::Relaxed),
+            recent_failures: self.recent_failures.load(Ordering::Relaxed),
+        }
     }
 
     pub fn record_failure(&self) {
@@ -106,12 +124,11 @@ impl Drop for ActiveConnection {
 }
 
 /// A named group of servers.
-#[derive(Debug)]
 pub struct Pool {
     pub name: String,
     pub servers: Vec<Arc<Server>>,
-    /// Name of the balancer plugin; round robin when none.
-    pub balancer: Option<String>,
+    /// The balancer plugin (name and slot); round robin when none.
+    pub balancer: Option<(String, Arc<crate::plugin::PluginSlot>)>,
     pub connect_timeout: Duration,
     pub max_attempts: u32,
     next: AtomicUsize,
@@ -122,6 +139,7 @@ impl Pool {
     pub fn build(
         section: &crate::config::UpstreamSection,
         previous: Option<&Pool>,
+        balancer: Option<Arc<crate::plugin::PluginSlot>>,
     ) -> Pool {
         let old: HashMap<&ServerAddress, &Arc<Server>> = previous
             .map(|p| p.servers.iter().map(|s| (&s.address, s)).collect())
@@ -148,7 +166,7 @@ impl Pool {
         Pool {
             name: section.name.get_ref().clone(),
             servers,
-            balancer: section.balancer.as_ref().map(|b| b.get_ref().clone()),
+            balancer: section.balancer.as_ref().map(|b| b.get_ref().clone()).zip(balancer),
             connect_timeout: Duration::from_millis(section.connect_timeout_ms),
             max_attempts: section.max_attempts,
             next: AtomicUsize::new(previous.map_or(0, |p| p.next.load(Ordering::Relaxed))),

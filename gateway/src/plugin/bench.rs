@@ -1,0 +1,137 @@
+//! What hook calls cost, printed as a table. Ignored by default; run with
+//!   cargo test --release -p wasmgate --lib plugin::bench -- --ignored --nocapture
+//! after building the plugins (see tests/plugin_runtime.rs).
+//!
+//! "raw" is the bare typed-function call on one instance (argument lowering, the Wasm call,
+//! result lifting), which this module cannot make cheaper; the hook methods add to it
+//! taking and returning a pooled instance, the deadline, lending the connection, counting
+//! and checking the answer.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::host::HostState;
+use super::*;
+use crate::metrics::Registry;
+
+fn wasm(crate_name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../plugins/target/wasm32-wasip2/release/{crate_name}.wasm"))
+}
+
+/// Mean time per run of `f` over `n` runs, after `n / 10` warm-up runs.
+fn per_call(n: u32, mut f: impl FnMut()) -> Duration {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let start = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    start.elapsed() / n
+}
+
+/// `n` candidates with one label each, or none.
+fn candidates(n: usize, label: bool) -> Vec<Candidate> {
+    let labels: Arc<[(String, String)]> = match label {
+        true => Arc::new([("zone".to_string(), "a".to_string())]),
+        false => Arc::new([]),
+    };
+    (0..n)
+        .map(|i| Candidate {
+            address: format!("10.0.{}.{}:9000", i / 256, i % 256).into(),
+            weight: 1,
+            labels: labels.clone(),
+            active: (i * 7 % 13) as u32,
+            total: i as u64,
+            ewma_connect_us: 250,
+            recent_failures: 0,
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+fn plugin_call_costs() {
+    let rt = PluginRuntime::new(RuntimeOptions::default(), Arc::new(Registry::new())).unwrap();
+    let conn = ConnContext::new(1, "10.0.0.1:40000", "/");
+    let mut rows: Vec<(&str, Duration)> = Vec::new();
+
+    let noop = rt.load(&PluginSpec::new("noop", wasm("noop_messages"))).unwrap();
+    let mut instance = noop.pool.take().unwrap();
+    instance.store.set_epoch_deadline(u64::MAX / 2);
+    let raw = per_call(200_000, || {
+        let guard = HostState::enter(&mut instance.store, &conn);
+        let r = instance.exports.on_message(guard.store, Direction::ClientToUpstream, Opcode::Text, b"hello");
+        assert!(matches!(r, Some(Ok(Action::Forward))));
+    });
+    noop.pool.put(instance);
+    rows.push(("on-message no-op, raw typed call (16 B)", raw));
+    rows.push((
+        "on-message no-op, Plugin::on_message (16 B)",
+        per_call(200_000, || {
+            let r = noop.on_message(&conn, Direction::ClientToUpstream, Opcode::Text, b"hello");
+            assert_eq!(r, Ok(Action::Forward));
+        }),
+    ));
+    let kib = vec![b'x'; 4096];
+    rows.push((
+        "on-message no-op, Plugin::on_message (4 KiB)",
+        per_call(100_000, || {
+            noop.on_message(&conn, Direction::ClientToUpstream, Opcode::Binary, &kib).unwrap();
+        }),
+    ));
+
+    let least = rt.load(&PluginSpec::new("least", wasm("least_conn"))).unwrap();
+    for (name, n, label) in [
+        ("select, least_conn, 10 candidates", 10, true),
+        ("select, least_conn, 100 candidates", 100, true),
+        ("select, least_conn, 100 candidates, no labels", 100, false),
+    ] {
+        let cands = candidates(n, label);
+        rows.push((name, per_call(20_000, || assert_eq!(least.select(&conn, "p", &cands).unwrap().len(), n))));
+    }
+    let mut instance = least.pool.take().unwrap();
+    instance.store.set_epoch_deadline(u64::MAX / 2);
+    let cands = candidates(100, true);
+    rows.push((
+        "select, least_conn, 100 candidates, raw typed call",
+        per_call(20_000, || {
+            let guard = HostState::enter(&mut instance.store, &conn);
+            assert!(matches!(instance.exports.select(guard.store, "p", &cands), Some(Ok(_))));
+        }),
+    ));
+
+    rows.push((
+        "instantiate + init (noop_messages)",
+        per_call(500, || {
+            noop.pool.make().unwrap();
+        }),
+    ));
+
+    let registry = PluginRegistry::new(rt.clone());
+    let spec = |prefix: &str| PluginSpec {
+        config_json: format!(r#"{{"prefix":"{prefix}"}}"#),
+        ..PluginSpec::new("tag", wasm("echo_tag"))
+    };
+    let start = Instant::now();
+    assert!(registry.reconcile(&[spec("a")]).is_ok());
+    rows.push(("reconcile: first load, compile (echo_tag)", start.elapsed()));
+    let mut turn = 0;
+    rows.push((
+        "reconcile: config change (echo_tag)",
+        per_call(20, || {
+            turn += 1;
+            assert!(registry.reconcile(&[spec(&turn.to_string())]).is_ok());
+        }),
+    ));
+    rows.push((
+        "reconcile: unchanged (echo_tag)",
+        per_call(20, || assert!(registry.reconcile(&[spec(&turn.to_string())]).is_ok())),
+    ));
+
+    println!("\n{:<55} {:>12}", "what", "per call");
+    for (what, d) in rows {
+        println!("{what:<55} {:>12?}", d);
+    }
+}

@@ -1,0 +1,215 @@
+//! The plugin runtime: one wasmtime engine per gateway with its linker, compile cache, shared
+//! kv store and the thread that drives epoch deadlines; and loading a plugin from a spec.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::Imports;
+use super::cache::{sha256_hex, CompileCache};
+use super::exports::ExportIndices;
+use super::hooks::Plugin;
+use super::host::{HostState, PluginEnv};
+use super::kv::Kv;
+use super::types::OnError;
+use super::wasi;
+use crate::metrics::Registry;
+
+/// How often the engine's epoch advances; deadlines are counted in these ticks.
+pub(super) const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Engine-wide limits. The pooling allocator reserves address space (not memory) for
+/// `max_instances` instances up front.
+#[derive(Clone, Debug)]
+pub struct RuntimeOptions {
+    /// Where compiled plugins are cached; `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Instances alive at once, all plugins together (idle, busy, and being replaced).
+    pub max_instances: u32,
+    /// Ceiling for any plugin's `memory_limit`.
+    pub max_memory_size: usize,
+    /// Elements per table; interpreted languages' components have large function tables.
+    pub max_table_elements: usize,
+    /// Total size of the shared kv store.
+    pub kv_max_bytes: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            cache_dir: None,
+            max_instances: 1000,
+            max_memory_size: 1 << 30,
+            max_table_elements: 100_000,
+            kv_max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// One plugin as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginSpec {
+    pub name: String,
+    pub wasm_path: PathBuf,
+    /// Handed to `init`.
+    pub config_json: String,
+    /// `None`: per-hook default (handshake deny, balancer fallback, messages forward).
+    pub on_error: Option<OnError>,
+    /// Deadline of each handshake, select and close call.
+    pub handshake_timeout: Duration,
+    /// Deadline of each on-message call.
+    pub message_timeout: Duration,
+    /// Linear memory cap per instance, in bytes.
+    pub memory_limit: usize,
+    /// Idle instances kept; more are made when all are busy, and dropped when returned.
+    pub max_instances: usize,
+}
+
+impl PluginSpec {
+    /// A spec with the defaults `config.rs` uses.
+    pub fn new(name: impl Into<String>, wasm_path: impl Into<PathBuf>) -> PluginSpec {
+        PluginSpec {
+            name: name.into(),
+            wasm_path: wasm_path.into(),
+            config_json: "{}".to_string(),
+            on_error: None,
+            handshake_timeout: Duration::from_millis(20),
+            message_timeout: Duration::from_millis(5),
+            memory_limit: 64 << 20,
+            max_instances: 4,
+        }
+    }
+}
+
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: CompileCache,
+    kv: Arc<Kv>,
+    metrics: Arc<Registry>,
+    opts: RuntimeOptions,
+    started: Instant,
+    ticking: Ticking,
+}
+
+impl PluginRuntime {
+    pub fn new(opts: RuntimeOptions, metrics: Arc<Registry>) -> anyhow::Result<Arc<PluginRuntime>> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(opts.max_instances)
+            // A Rust component has a few core instances; a Python one a dozen or more.
+            .total_core_instances(opts.max_instances.saturating_mul(8))
+            .max_core_instances_per_component(64)
+            .total_memories(opts.max_instances.saturating_mul(2))
+            .max_memories_per_component(8)
+            .total_tables(opts.max_instances.saturating_mul(4))
+            .max_tables_per_component(16)
+            .max_memory_size(opts.max_memory_size)
+            .table_elements(opts.max_table_elements);
+        let mut config = Config::new();
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .epoch_interruption(true)
+            // Hooks are plain synchronous calls; skipping the component-model-async
+            // bookkeeping makes each call cheaper.
+            .concurrency_support(false);
+        let engine = Engine::new(&config).map_err(wasm_error)?;
+
+        let mut linker = Linker::new(&engine);
+        wasi::add_to_linker(&mut linker).map_err(wasm_error)?;
+        Imports::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(wasm_error)?;
+
+        let cache = CompileCache::new(&engine, opts.cache_dir.clone())?;
+        let kv = Kv::new(opts.kv_max_bytes, Duration::from_secs(1))?;
+        let ticking = Ticking::start(engine.clone())?;
+        Ok(Arc::new(PluginRuntime {
+            engine,
+            linker,
+            cache,
+            kv,
+            metrics,
+            opts,
+            started: Instant::now(),
+            ticking,
+        }))
+    }
+
+    /// Compiles (or loads from the cache), links, and makes one ready instance by calling
+    /// `init`. Blocking, and seconds for a large component: call from `spawn_blocking`.
+    pub fn load(&self, spec: &PluginSpec) -> anyhow::Result<Arc<Plugin>> {
+        let bytes = std::fs::read(&spec.wasm_path)
+            .with_context(|| format!("plugin `{}`: cannot read {}", spec.name, spec.wasm_path.display()))?;
+        let hash = sha256_hex(&bytes);
+        let component = self.compile(spec, &bytes, &hash)?;
+        self.load_compiled(spec, component, hash)
+    }
+
+    /// The compiled component for `bytes`, whose hex SHA-256 is `hash`.
+    pub(super) fn compile(&self, spec: &PluginSpec, bytes: &[u8], hash: &str) -> anyhow::Result<Component> {
+        self.cache
+            .load(&self.engine, bytes, hash)
+            .with_context(|| format!("{}: not a valid WebAssembly component", describe(spec)))
+    }
+
+    /// Links `component` and makes the plugin's first instance.
+    pub(super) fn load_compiled(&self, spec: &PluginSpec, component: Component, hash: String) -> anyhow::Result<Arc<Plugin>> {
+        let what = || describe(spec);
+        if spec.memory_limit > self.opts.max_memory_size {
+            anyhow::bail!(
+                "{}: memory limit {} MiB is above the runtime's maximum of {} MiB",
+                what(),
+                spec.memory_limit >> 20,
+                self.opts.max_memory_size >> 20
+            );
+        }
+        let exports = ExportIndices::find(&component).with_context(what)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wasm_error)
+            .with_context(|| format!("{}: imports something the gateway does not provide", what()))?;
+        let env = PluginEnv::new(&spec.name, self.kv.clone(), self.metrics.clone(), self.started, self.ticking.clone());
+        Plugin::new(spec.clone(), hash, pre, exports, Arc::new(env), &self.metrics).with_context(what)
+    }
+}
+
+fn describe(spec: &PluginSpec) -> String {
+    format!("plugin `{}` ({})", spec.name, spec.wasm_path.display())
+}
+
+/// Keeps the thread that advances the epoch running while the runtime or any plugin loaded
+/// from it is alive: without it no deadline would ever pass.
+#[derive(Clone)]
+pub(super) struct Ticking {
+    _alive: Arc<()>,
+}
+
+impl Ticking {
+    fn start(engine: Engine) -> std::io::Result<Ticking> {
+        let alive = Arc::new(());
+        let weak: Weak<()> = Arc::downgrade(&alive);
+        std::thread::Builder::new()
+            .name("wasmgate-epoch".into())
+            .spawn(move || {
+                while weak.strong_count() > 0 {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Ticking { _alive: alive })
+    }
+}
+
+/// Epoch ticks for a deadline of `d`: one more than `d` covers, so a call is never cut short
+/// by a tick that was about to happen when it started.
+pub(super) fn deadline_ticks(d: Duration) -> u64 {
+    (d.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1) + 1
+}
+
+/// wasmtime's error type into anyhow's, keeping the chain of causes.
+pub(super) fn wasm_error(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::Error::from_boxed(e.into_boxed_dyn_error())
+}

@@ -1,0 +1,136 @@
+//! Finding a plugin's hook exports and calling them with the gateway's types.
+//!
+//! Only `lifecycle` is required; `handshake`, `balancer` and `messages` are looked up and
+//! used when present, so components of any of the WIT worlds load. Each export is
+//! type-checked once per instance against the signatures below; calls then go through
+//! unchecked typed functions, as wasmtime's generated bindings do.
+
+use wasmtime::component::{Component, ComponentExportIndex, Func, Instance, Resource, TypedFunc};
+use wasmtime::Store;
+
+use super::bindings::connection::Connection;
+use super::host::{HostState, CONN_REP};
+use super::types::{Action, Candidate, ConnStats, Direction, HandshakeRequest, HookFlags, Opcode, Verdict};
+
+const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.1.0";
+const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.1.0";
+const BALANCER: &str = "wasmgate:plugin/balancer@0.1.0";
+const MESSAGES: &str = "wasmgate:plugin/messages@0.1.0";
+
+type Conn = Resource<Connection>;
+type InitFn<'a> = TypedFunc<(&'a str,), (Result<HookFlags, String>,)>;
+type OnCloseFn = TypedFunc<(Conn, u16, ConnStats), ()>;
+type OnHandshakeFn<'a> = TypedFunc<(Conn, &'a HandshakeRequest), (Verdict,)>;
+type SelectFn<'a> = TypedFunc<(Conn, &'a str, &'a [Candidate]), (Vec<u32>,)>;
+type OnMessageFn<'a> = TypedFunc<(Conn, Direction, Opcode, &'a [u8]), (Action,)>;
+/// Type-checks a function against one of the signatures above.
+type TypeCheck = fn(Func, &mut Store<HostState>) -> wasmtime::Result<()>;
+
+/// Where a component's hook functions are, found once per plugin version.
+#[derive(Clone)]
+pub(super) struct ExportIndices {
+    init: ComponentExportIndex,
+    on_close: ComponentExportIndex,
+    on_handshake: Option<ComponentExportIndex>,
+    select: Option<ComponentExportIndex>,
+    on_message: Option<ComponentExportIndex>,
+}
+
+impl ExportIndices {
+    pub fn find(component: &Component) -> anyhow::Result<ExportIndices> {
+        let func = |interface: &str, name: &str| {
+            let instance = component.get_export_index(None, interface)?;
+            component.get_export_index(Some(&instance), name)
+        };
+        let required = |name: &str| {
+            func(LIFECYCLE, name).ok_or_else(|| anyhow::anyhow!("the component does not export `{LIFECYCLE}` with `{name}`"))
+        };
+        Ok(ExportIndices {
+            init: required("init")?,
+            on_close: required("on-close")?,
+            on_handshake: func(HANDSHAKE, "on-handshake"),
+            select: func(BALANCER, "select"),
+            on_message: func(MESSAGES, "on-message"),
+        })
+    }
+
+    pub fn has_handshake(&self) -> bool {
+        self.on_handshake.is_some()
+    }
+
+    pub fn has_balancer(&self) -> bool {
+        self.select.is_some()
+    }
+
+    pub fn has_messages(&self) -> bool {
+        self.on_message.is_some()
+    }
+}
+
+/// One instance's hook functions, type-checked.
+pub(super) struct Exports {
+    init: Func,
+    on_close: Func,
+    on_handshake: Option<Func>,
+    select: Option<Func>,
+    on_message: Option<Func>,
+}
+
+impl Exports {
+    pub fn load(idx: &ExportIndices, store: &mut Store<HostState>, instance: &Instance) -> wasmtime::Result<Exports> {
+        let mut get = |i: &ComponentExportIndex, check: TypeCheck| -> wasmtime::Result<Func> {
+            let f = instance
+                .get_func(&mut *store, i)
+                .ok_or_else(|| wasmtime::format_err!("an export is missing from its instance"))?;
+            check(f, store)?;
+            Ok(f)
+        };
+        Ok(Exports {
+            init: get(&idx.init, |f, s| f.typed(s).map(|_: InitFn<'_>| ()))?,
+            on_close: get(&idx.on_close, |f, s| f.typed(s).map(|_: OnCloseFn| ()))?,
+            on_handshake: idx.on_handshake.as_ref().map(|i| {
+                get(i, |f, s| f.typed(s).map(|_: OnHandshakeFn<'_>| ()))
+            }).transpose()?,
+            select: idx.select.as_ref().map(|i| {
+                get(i, |f, s| f.typed(s).map(|_: SelectFn<'_>| ()))
+            }).transpose()?,
+            on_message: idx.on_message.as_ref().map(|i| {
+                get(i, |f, s| f.typed(s).map(|_: OnMessageFn<'_>| ()))
+            }).transpose()?,
+        })
+    }
+
+    // SAFETY (every `new_unchecked` below): `load` type-checked the same function against
+    // the same signature; lifetimes do not change a component type.
+
+    pub fn init(&self, store: &mut Store<HostState>, config: &str) -> wasmtime::Result<Result<HookFlags, String>> {
+        let f = unsafe { InitFn::new_unchecked(self.init) };
+        Ok(f.call(store, (config,))?.0)
+    }
+
+    pub fn on_close(&self, store: &mut Store<HostState>, code: u16, stats: ConnStats) -> wasmtime::Result<()> {
+        let f = unsafe { OnCloseFn::new_unchecked(self.on_close) };
+        f.call(store, (conn(), code, stats))
+    }
+
+    /// `None` when the component does not export the hook.
+    pub fn on_handshake(&self, store: &mut Store<HostState>, req: &HandshakeRequest) -> Option<wasmtime::Result<Verdict>> {
+        let f = unsafe { OnHandshakeFn::new_unchecked(self.on_handshake?) };
+        Some(f.call(store, (conn(), req)).map(|r| r.0))
+    }
+
+    pub fn select(&self, store: &mut Store<HostState>, pool: &str, candidates: &[Candidate]) -> Option<wasmtime::Result<Vec<u32>>> {
+        let f = unsafe { SelectFn::new_unchecked(self.select?) };
+        Some(f.call(store, (conn(), pool, candidates)).map(|r| r.0))
+    }
+
+    pub fn on_message(&self, store: &mut Store<HostState>, dir: Direction, op: Opcode, payload: &[u8]) -> Option<wasmtime::Result<Action>> {
+        let f = unsafe { OnMessageFn::new_unchecked(self.on_message?) };
+        Some(f.call(store, (conn(), dir, op, payload)).map(|r| r.0))
+    }
+}
+
+/// The borrowed handle every hook receives; see `HostState::conn`.
+fn conn() -> Conn {
+    Resource::new_borrow(CONN_REP)
+}

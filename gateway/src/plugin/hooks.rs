@@ -1,0 +1,299 @@
+//! A loaded plugin version and its hook calls.
+//!
+//! A call runs on the caller's thread: take an instance, lend it the connection, set the
+//! deadline, call, check the answer, give the instance back. Failures are counted per kind
+//! and returned for the caller to apply the plugin's `on_error`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use wasmtime::component::{Component, InstancePre};
+use wasmtime::Store;
+
+use super::engine::{deadline_ticks, PluginSpec};
+use super::exports::{ExportIndices, Exports};
+use super::host::{HostState, PluginEnv};
+use super::pool::{classify, Pool};
+use super::types::{
+    Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags, Hooks, OnError, Opcode,
+    PluginError, Verdict,
+};
+use crate::metrics::{Counter, Registry};
+
+pub struct Plugin {
+    spec: PluginSpec,
+    hash: String,
+    loaded_at: SystemTime,
+    hooks: Hooks,
+    handshake_ticks: u64,
+    message_ticks: u64,
+    pub(super) pool: Pool,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.spec.name)
+            .field("hash", &self.hash)
+            .field("hooks", &self.hooks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of one plugin, in the metrics registry so they survive reloads of the plugin.
+struct Stats {
+    handshake: Counter,
+    select: Counter,
+    message: Counter,
+    close: Counter,
+    trap: Counter,
+    timeout: Counter,
+    memory: Counter,
+    unavailable: Counter,
+    invalid: Counter,
+}
+
+impl Stats {
+    fn new(metrics: &Registry, plugin: &str) -> Stats {
+        let calls = |hook| {
+            metrics.counter(
+                "wasmgate_plugins_calls_total",
+                "Hook calls into plugins.",
+                &[("plugin", plugin), ("hook", hook)],
+            )
+        };
+        let errors = |kind| {
+            metrics.counter(
+                "wasmgate_plugins_errors_total",
+                "Hook calls that failed, by why.",
+                &[("plugin", plugin), ("kind", kind)],
+            )
+        };
+        Stats {
+            handshake: calls("handshake"),
+            select: calls("select"),
+            message: calls("message"),
+            close: calls("close"),
+            trap: errors("trap"),
+            timeout: errors("timeout"),
+            memory: errors("memory"),
+            unavailable: errors("unavailable"),
+            invalid: errors("invalid"),
+        }
+    }
+
+    fn count_error(&self, e: &PluginError) {
+        match e {
+            PluginError::Trap(_) => self.trap.inc(),
+            PluginError::Timeout(_) => self.timeout.inc(),
+            PluginError::MemoryLimit(_) => self.memory.inc(),
+            PluginError::Unavailable(_) => self.unavailable.inc(),
+            PluginError::InvalidResult(_) => self.invalid.inc(),
+            PluginError::NotImplemented(_) => {}
+        }
+    }
+}
+
+/// A plugin as the admin API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub wasm_path: PathBuf,
+    /// Hex SHA-256 of the wasm file.
+    pub hash: String,
+    /// When this version was loaded, ms since the Unix epoch.
+    pub loaded_at_ms: u64,
+    pub hooks: Hooks,
+    /// Since the gateway started, over all versions of the plugin.
+    pub calls: u64,
+    pub errors: u64,
+    pub traps: u64,
+    pub timeouts: u64,
+    pub memory_limit_hits: u64,
+    /// Ready instances waiting for a call.
+    pub idle_instances: usize,
+}
+
+impl Plugin {
+    pub(super) fn new(
+        spec: PluginSpec,
+        hash: String,
+        pre: InstancePre<HostState>,
+        indices: ExportIndices,
+        env: Arc<PluginEnv>,
+        metrics: &Registry,
+    ) -> anyhow::Result<Arc<Plugin>> {
+        let pool = Pool::new(pre, indices, env, spec.config_json.clone(), spec.memory_limit, spec.max_instances.max(1));
+        let (first, flags) = pool.make().map_err(anyhow::Error::msg)?;
+        let hooks = effective_hooks(&spec.name, pool.indices(), flags);
+        pool.put(first);
+        Ok(Arc::new(Plugin {
+            handshake_ticks: deadline_ticks(spec.handshake_timeout),
+            message_ticks: deadline_ticks(spec.message_timeout),
+            stats: Stats::new(metrics, &spec.name),
+            spec,
+            hash,
+            loaded_at: SystemTime::now(),
+            hooks,
+            pool,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Hex SHA-256 of the wasm file this version was loaded from.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn spec(&self) -> &PluginSpec {
+        &self.spec
+    }
+
+    pub(super) fn component(&self) -> &Component {
+        self.pool.component()
+    }
+
+    /// The hooks worth calling: exported by the component and declared by `init`. A hook
+    /// outside these is answered without entering Wasm (see each method).
+    pub fn hooks(&self) -> Hooks {
+        self.hooks
+    }
+
+    pub fn on_error(&self) -> Option<OnError> {
+        self.spec.on_error
+    }
+
+    /// Without the hook: `Accept` with no changes.
+    pub fn on_handshake(&self, conn: &ConnContext, req: &HandshakeRequest) -> Result<Verdict, PluginError> {
+        if !self.hooks.handshake {
+            return Ok(Verdict::Accept(Accept::default()));
+        }
+        self.stats.handshake.inc();
+        let verdict = self.call(conn, self.handshake_ticks, self.spec.handshake_timeout, |store, exports| {
+            exports.on_handshake(store, req)
+        })?;
+        self.checked(verdict.check().map(|()| verdict))
+    }
+
+    /// Indexes into `candidates`, best first. Without the hook: `NotImplemented`, so the
+    /// caller uses its own balancing.
+    pub fn select(&self, conn: &ConnContext, pool: &str, candidates: &[Candidate]) -> Result<Vec<u32>, PluginError> {
+        if !self.hooks.balancer {
+            return Err(PluginError::NotImplemented("select"));
+        }
+        self.stats.select.inc();
+        let order = self.call(conn, self.handshake_ticks, self.spec.handshake_timeout, |store, exports| {
+            exports.select(store, pool, candidates)
+        })?;
+        let checked = match order.iter().find(|&&i| i as usize >= candidates.len()) {
+            Some(i) => Err(format!("select returned index {i} for {} candidates", candidates.len())),
+            None => Ok(order),
+        };
+        self.checked(checked)
+    }
+
+    /// Without the hook: `Forward`.
+    pub fn on_message(&self, conn: &ConnContext, dir: Direction, op: Opcode, payload: &[u8]) -> Result<Action, PluginError> {
+        if !self.hooks.messages {
+            return Ok(Action::Forward);
+        }
+        self.stats.message.inc();
+        let action = self.call(conn, self.message_ticks, self.spec.message_timeout, |store, exports| {
+            exports.on_message(store, dir, op, payload)
+        })?;
+        self.checked(action.check(op).map(|()| action))
+    }
+
+    /// Failures are counted and logged; there is nothing left to decide.
+    pub fn on_close(&self, conn: &ConnContext, code: u16, stats: ConnStats) {
+        if !self.hooks.close {
+            return;
+        }
+        self.stats.close.inc();
+        let done = self.call(conn, self.handshake_ticks, self.spec.handshake_timeout, |store, exports| {
+            Some(exports.on_close(store, code, stats))
+        });
+        if let Err(e) = done {
+            tracing::warn!(target: "wasmgate::plugin", plugin = self.name(), conn = conn.id, "on-close {e}");
+        }
+    }
+
+    pub fn info(&self) -> PluginInfo {
+        let s = &self.stats;
+        let errors = [&s.trap, &s.timeout, &s.memory, &s.unavailable, &s.invalid];
+        PluginInfo {
+            name: self.spec.name.clone(),
+            wasm_path: self.spec.wasm_path.clone(),
+            hash: self.hash.clone(),
+            loaded_at_ms: self.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            hooks: self.hooks,
+            calls: [&s.handshake, &s.select, &s.message, &s.close].iter().map(|c| c.get()).sum(),
+            errors: errors.iter().map(|c| c.get()).sum(),
+            traps: s.trap.get(),
+            timeouts: s.timeout.get(),
+            memory_limit_hits: s.memory.get(),
+            idle_instances: self.pool.idle(),
+        }
+    }
+
+    /// Runs one export on a pooled instance with `conn` lent to it and a deadline of
+    /// `ticks`. `f` answers `None` when the export is missing, which `hooks` rules out.
+    fn call<R>(
+        &self,
+        conn: &ConnContext,
+        ticks: u64,
+        timeout: Duration,
+        f: impl FnOnce(&mut Store<HostState>, &Exports) -> Option<wasmtime::Result<R>>,
+    ) -> Result<R, PluginError> {
+        let mut instance = self.pool.take().inspect_err(|e| self.stats.count_error(e))?;
+        instance.store.set_epoch_deadline(ticks);
+        let result = {
+            let guard = HostState::enter(&mut instance.store, conn);
+            f(guard.store, &instance.exports).expect("hooks() only lists exported hooks")
+        };
+        match result {
+            Ok(r) => {
+                self.pool.put(instance);
+                Ok(r)
+            }
+            Err(e) => {
+                let err = classify(e, &instance.store.data().limits, timeout);
+                self.stats.count_error(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Counts an answer that breaks the contract. The instance went back to the pool: its
+    /// state is fine, only its answer is not.
+    fn checked<T>(&self, answer: Result<T, String>) -> Result<T, PluginError> {
+        answer.map_err(|m| {
+            let e = PluginError::InvalidResult(m);
+            self.stats.count_error(&e);
+            e
+        })
+    }
+}
+
+/// Declared hooks whose interface the component does not export are ignored, with a warning.
+fn effective_hooks(name: &str, idx: &ExportIndices, flags: HookFlags) -> Hooks {
+    let declared = |flag| flags & flag == flag;
+    let usable = |flag, exported: bool, interface: &str| {
+        if declared(flag) && !exported {
+            tracing::warn!(target: "wasmgate::plugin", plugin = name, "init declares the {interface} hook but the component does not export it");
+        }
+        declared(flag) && exported
+    };
+    Hooks {
+        handshake: usable(HookFlags::HANDSHAKE, idx.has_handshake(), "handshake"),
+        balancer: usable(HookFlags::BALANCER, idx.has_balancer(), "balancer"),
+        messages: usable(HookFlags::MESSAGES, idx.has_messages(), "messages"),
+        close: declared(HookFlags::CLOSE),
+    }
+}

@@ -1,0 +1,286 @@
+//! What a plugin instance's store holds, and the host functions plugins import: `host`
+//! (log, clocks, randomness), the `connection` resource, `kv` and `metrics`.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{connection, host, kv, metrics};
+use super::engine::Ticking;
+use super::kv::Kv;
+use super::types::{ConnContext, META_LIMIT_BYTES};
+use super::wasi;
+use crate::metrics::{MetricError, Registry, DEFAULT_BUCKETS};
+
+/// The representation the host gives every `connection` handle: there is only ever one
+/// connection per call, found in `HostState::conn`.
+pub(super) const CONN_REP: u32 = 0;
+
+/// Plugin-defined metrics are named with this prefix and labelled with the plugin's name.
+const METRIC_PREFIX: &str = "wasmgate_plugin_";
+
+/// Refused kv writes are logged at most this often per plugin.
+const KV_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What all instances of one plugin version share.
+pub(super) struct PluginEnv {
+    pub name: Arc<str>,
+    pub kv: Arc<Kv>,
+    pub metrics: Arc<Registry>,
+    /// Origin of `monotonic-ns`.
+    pub started: Instant,
+    /// Milliseconds after `started` of the last refused-kv-write warning, plus one.
+    kv_warned_at: AtomicU64,
+    _ticking: Ticking,
+}
+
+impl PluginEnv {
+    pub fn new(name: &str, kv: Arc<Kv>, metrics: Arc<Registry>, started: Instant, ticking: Ticking) -> PluginEnv {
+        PluginEnv {
+            name: name.into(),
+            kv,
+            metrics,
+            started,
+            kv_warned_at: AtomicU64::new(0),
+            _ticking: ticking,
+        }
+    }
+
+    fn warn_kv(&self, key: &str, err: &super::kv::KvError) {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.kv_warned_at.load(Ordering::Relaxed);
+        let due = last == 0 || now - last >= KV_WARN_EVERY.as_millis() as u64;
+        if due && self.kv_warned_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::error!(target: "wasmgate::plugin", plugin = &*self.name, key, "kv write refused: {err}");
+        }
+    }
+}
+
+/// Store data of one plugin instance.
+pub(super) struct HostState {
+    pub env: Arc<PluginEnv>,
+    pub limits: Limits,
+    conn: CurrentConn,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+/// The connection of the call in progress.
+///
+/// A pointer rather than a reference or an `Arc` because the store outlives every call and
+/// hooks take `&ConnContext`. `ConnGuard` sets it for exactly one call and clears it even when
+/// the call unwinds; host functions only run inside that call, so the pointee is alive
+/// whenever it is read.
+struct CurrentConn(Option<NonNull<ConnContext>>);
+
+// SAFETY: the pointer is only dereferenced during the call that set it, on the thread making
+// that call, and `ConnContext` is `Sync`.
+unsafe impl Send for CurrentConn {}
+
+impl HostState {
+    pub fn new(env: Arc<PluginEnv>, memory_limit: usize) -> HostState {
+        HostState {
+            wasi: wasi::deny_all_ctx(&env.name),
+            env,
+            limits: Limits { memory: memory_limit, memory_exceeded: false },
+            conn: CurrentConn(None),
+            table: ResourceTable::new(),
+        }
+    }
+
+    /// Makes `conn` the connection that `connection` handles refer to until the guard drops.
+    pub fn enter<'a>(store: &'a mut wasmtime::Store<HostState>, conn: &'a ConnContext) -> ConnGuard<'a> {
+        let state = store.data_mut();
+        state.conn.0 = Some(NonNull::from(conn));
+        // A refusal a guest survived in an earlier call must not explain this call's trap.
+        state.limits.memory_exceeded = false;
+        ConnGuard { store }
+    }
+
+    fn conn(&self, handle: &Resource<connection::Connection>) -> wasmtime::Result<&ConnContext> {
+        match self.conn.0 {
+            // SAFETY: see `CurrentConn`.
+            Some(p) if handle.rep() == CONN_REP => Ok(unsafe { p.as_ref() }),
+            _ => wasmtime::bail!("connection handle used outside the hook call it was given to"),
+        }
+    }
+
+    /// Registers (or finds) a plugin's metric series and hands it to `update`. A refused
+    /// metric is the plugin's bug but not worth failing a hook over: it is logged.
+    fn with_metric<M>(
+        &self,
+        name: &str,
+        labels: Vec<(String, String)>,
+        register: impl FnOnce(&Registry, &str, &[(String, String)]) -> Result<M, MetricError>,
+        update: impl FnOnce(M),
+    ) {
+        let full = format!("{METRIC_PREFIX}{name}");
+        let result = if labels.iter().any(|(k, _)| k == "plugin") {
+            Err(MetricError::InvalidLabel("plugin (reserved for the plugin's name)".into()))
+        } else {
+            let mut all = Vec::with_capacity(labels.len() + 1);
+            all.push(("plugin".to_string(), self.env.name.to_string()));
+            all.extend(labels);
+            register(&self.env.metrics, &full, &all)
+        };
+        match result {
+            Ok(m) => update(m),
+            Err(e) => tracing::warn!(target: "wasmgate::plugin", plugin = &*self.env.name, metric = full, "metric refused: {e}"),
+        }
+    }
+}
+
+/// Holds the store while a call runs with a connection set; clears it on drop.
+pub(super) struct ConnGuard<'a> {
+    pub store: &'a mut wasmtime::Store<HostState>,
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.store.data_mut().conn.0 = None;
+    }
+}
+
+/// Linear memory cap of one instance. A refused growth is remembered so the trap that
+/// usually follows (a Rust guest aborts on allocation failure) is reported as a memory limit.
+pub(super) struct Limits {
+    pub memory: usize,
+    pub memory_exceeded: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            self.memory_exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, _desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // The pooling allocator's `table_elements` already bounds every table.
+        Ok(true)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
+        let plugin = &*self.env.name;
+        match level {
+            host::Level::Trace => tracing::trace!(target: "wasmgate::plugin", plugin, "{message}"),
+            host::Level::Debug => tracing::debug!(target: "wasmgate::plugin", plugin, "{message}"),
+            host::Level::Info => tracing::info!(target: "wasmgate::plugin", plugin, "{message}"),
+            host::Level::Warn => tracing::warn!(target: "wasmgate::plugin", plugin, "{message}"),
+            host::Level::Error => tracing::error!(target: "wasmgate::plugin", plugin, "{message}"),
+        }
+        Ok(())
+    }
+
+    fn now_ms(&mut self) -> wasmtime::Result<u64> {
+        Ok(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+    }
+
+    fn monotonic_ns(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.env.started.elapsed().as_nanos() as u64)
+    }
+
+    fn random_u64(&mut self) -> wasmtime::Result<u64> {
+        Ok(rand::random())
+    }
+}
+
+impl connection::Host for HostState {}
+
+impl connection::HostConnection for HostState {
+    fn id(&mut self, c: Resource<connection::Connection>) -> wasmtime::Result<u64> {
+        Ok(self.conn(&c)?.id)
+    }
+
+    fn client_addr(&mut self, c: Resource<connection::Connection>) -> wasmtime::Result<String> {
+        Ok(self.conn(&c)?.client_addr.clone())
+    }
+
+    fn route(&mut self, c: Resource<connection::Connection>) -> wasmtime::Result<String> {
+        Ok(self.conn(&c)?.route.clone())
+    }
+
+    fn get_meta(&mut self, c: Resource<connection::Connection>, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.conn(&c)?.meta(&key))
+    }
+
+    fn set_meta(&mut self, c: Resource<connection::Connection>, key: String, value: String) -> wasmtime::Result<()> {
+        self.conn(&c)?
+            .set_meta(&key, &value)
+            .map_err(|_| wasmtime::format_err!("connection metadata would pass its limit of {META_LIMIT_BYTES} bytes"))
+    }
+
+    fn drop(&mut self, _: Resource<connection::Connection>) -> wasmtime::Result<()> {
+        // The host only lends borrows; an owned handle never exists.
+        Ok(())
+    }
+}
+
+impl kv::Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        Ok(self.env.kv.get(&self.env.name, &key))
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> wasmtime::Result<()> {
+        if let Err(e) = self.env.kv.set(&self.env.name, &key, &value, ttl_ms.map(Duration::from_millis)) {
+            self.env.warn_kv(&key, &e);
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.env.kv.delete(&self.env.name, &key);
+        Ok(())
+    }
+
+    fn incr(&mut self, key: String, delta: i64, ttl_ms: Option<u64>) -> wasmtime::Result<i64> {
+        match self.env.kv.incr(&self.env.name, &key, delta, ttl_ms.map(Duration::from_millis)) {
+            Ok(v) => Ok(v),
+            Err(e @ super::kv::KvError::Full(_)) => {
+                // Not the plugin's fault: answer as if stored, as `set` does.
+                self.env.warn_kv(&key, &e);
+                Ok(delta)
+            }
+            Err(e) => wasmtime::bail!("kv.incr `{key}`: {e}"),
+        }
+    }
+}
+
+const PLUGIN_METRIC_HELP: &str = "Defined by a plugin.";
+
+impl metrics::Host for HostState {
+    fn counter_add(&mut self, name: String, labels: Vec<(String, String)>, value: u64) -> wasmtime::Result<()> {
+        self.with_metric(&name, labels, |r, n, l| r.try_counter(n, PLUGIN_METRIC_HELP, l), |c| c.add(value));
+        Ok(())
+    }
+
+    fn gauge_set(&mut self, name: String, labels: Vec<(String, String)>, value: f64) -> wasmtime::Result<()> {
+        self.with_metric(&name, labels, |r, n, l| r.try_gauge(n, PLUGIN_METRIC_HELP, l), |g| g.set(value));
+        Ok(())
+    }
+
+    fn histogram_observe(&mut self, name: String, labels: Vec<(String, String)>, value: f64) -> wasmtime::Result<()> {
+        self.with_metric(
+            &name,
+            labels,
+            |r, n, l| r.try_histogram(n, PLUGIN_METRIC_HELP, l, DEFAULT_BUCKETS),
+            |h| h.observe(value),
+        );
+        Ok(())
+    }
+}

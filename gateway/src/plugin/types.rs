@@ -1,0 +1,434 @@
+//! The gateway's types for hook arguments and results.
+//!
+//! They mirror the records and variants of `wasmgate:plugin/types` and derive the canonical
+//! ABI traits themselves, so they are handed to and read from Wasm directly, with no
+//! conversion step: wasmtime checks at load time that each one matches the WIT type.
+//! `Candidate` holds `Arc`s so the gateway can build a candidate list per `select` without
+//! copying strings.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use wasmtime::component::{ComponentType, Lift, Lower};
+
+/// Host-side state of one connection; plugins see it through the `connection` resource.
+/// It is the only per-connection cost of plugins: instances are shared.
+pub struct ConnContext {
+    pub id: u64,
+    pub client_addr: String,
+    pub route: String,
+    meta: Mutex<Meta>,
+}
+
+#[derive(Default)]
+struct Meta {
+    // `HashMap::new` does not allocate, so connections whose plugins set no metadata pay
+    // nothing beyond the struct.
+    map: HashMap<String, String>,
+    bytes: usize,
+}
+
+/// Most metadata (keys plus values, in bytes) one connection may hold.
+pub const META_LIMIT_BYTES: usize = 16 * 1024;
+
+/// `set_meta` would pass [`META_LIMIT_BYTES`].
+#[derive(Debug)]
+pub struct MetaFull;
+
+impl ConnContext {
+    pub fn new(id: u64, client_addr: impl Into<String>, route: impl Into<String>) -> ConnContext {
+        ConnContext {
+            id,
+            client_addr: client_addr.into(),
+            route: route.into(),
+            meta: Mutex::new(Meta::default()),
+        }
+    }
+
+    pub fn meta(&self, key: &str) -> Option<String> {
+        self.meta.lock().unwrap().map.get(key).cloned()
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), MetaFull> {
+        let mut meta = self.meta.lock().unwrap();
+        let old = meta.map.get(key).map_or(0, |v| key.len() + v.len());
+        let bytes = meta.bytes - old + key.len() + value.len();
+        if bytes > META_LIMIT_BYTES {
+            return Err(MetaFull);
+        }
+        meta.bytes = bytes;
+        match meta.map.get_mut(key) {
+            Some(v) => value.clone_into(v),
+            None => {
+                meta.map.insert(key.to_string(), value.to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The hooks a loaded plugin implements: exported by the component and declared by `init`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Hooks {
+    pub handshake: bool,
+    pub balancer: bool,
+    pub messages: bool,
+    pub close: bool,
+}
+
+// The WIT `hooks` flags as `init` returns them.
+wasmtime::component::flags! {
+    HookFlags {
+        #[component(name = "handshake")]
+        const HANDSHAKE;
+        #[component(name = "balancer")]
+        const BALANCER;
+        #[component(name = "messages")]
+        const MESSAGES;
+        #[component(name = "close")]
+        const CLOSE;
+    }
+}
+
+/// What a failing call means for the connection when the plugin has no `on_error` setting:
+/// handshake denies, the balancer falls back, messages are forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum OnError {
+    Deny,
+    Allow,
+}
+
+/// One HTTP header; names are lower-case.
+#[derive(ComponentType, Lower, Lift, Clone, Debug, PartialEq, Eq)]
+#[component(record)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+/// The client's upgrade request (WIT `request`).
+#[derive(ComponentType, Lower, Clone, Debug, Default, PartialEq, Eq)]
+#[component(record)]
+pub struct HandshakeRequest {
+    pub method: String,
+    /// Without the query string.
+    pub path: String,
+    /// Without the leading '?', "" when absent.
+    pub query: String,
+    pub host: String,
+    pub headers: Vec<Header>,
+    #[component(name = "client-addr")]
+    pub client_addr: String,
+    pub subprotocols: Vec<String>,
+}
+
+#[derive(ComponentType, Lift, Clone, Copy, Debug, PartialEq, Eq)]
+#[component(enum)]
+#[repr(u8)]
+pub enum CompressionMode {
+    #[component(name = "off")]
+    Off,
+    #[component(name = "passthrough")]
+    Passthrough,
+    #[component(name = "terminate")]
+    Terminate,
+}
+
+#[derive(ComponentType, Lift, Clone, Copy, Debug, PartialEq, Eq)]
+#[component(record)]
+pub struct Compression {
+    pub mode: CompressionMode,
+    /// 8..=15, checked.
+    #[component(name = "max-window-bits")]
+    pub max_window_bits: u8,
+    #[component(name = "no-context-takeover")]
+    pub no_context_takeover: bool,
+}
+
+/// Let the connection proceed; `Accept::default()` changes nothing.
+#[derive(ComponentType, Lift, Clone, Debug, Default, PartialEq, Eq)]
+#[component(record)]
+pub struct Accept {
+    pub upstream: Option<String>,
+    /// Checked: header names are tokens, values hold no CR, LF or NUL.
+    #[component(name = "add-headers")]
+    pub add_headers: Vec<Header>,
+    #[component(name = "remove-headers")]
+    pub remove_headers: Vec<String>,
+    /// Checked: starts with '/', no whitespace or control characters.
+    #[component(name = "rewrite-path")]
+    pub rewrite_path: Option<String>,
+    /// Checked: a token.
+    pub subprotocol: Option<String>,
+    pub compression: Option<Compression>,
+}
+
+/// Refuse the upgrade.
+#[derive(ComponentType, Lift, Clone, Debug, PartialEq, Eq)]
+#[component(record)]
+pub struct Reject {
+    /// Checked: 400..=599.
+    pub status: u16,
+    pub reason: String,
+    /// Checked like `Accept::add_headers`.
+    pub headers: Vec<Header>,
+}
+
+#[derive(ComponentType, Lift, Clone, Debug, PartialEq, Eq)]
+#[component(variant)]
+pub enum Verdict {
+    #[component(name = "accept")]
+    Accept(Accept),
+    #[component(name = "reject")]
+    Reject(Reject),
+}
+
+/// One server a balancer may choose.
+#[derive(ComponentType, Lower, Clone, Debug, PartialEq, Eq)]
+#[component(record)]
+pub struct Candidate {
+    pub address: Arc<str>,
+    pub weight: u32,
+    pub labels: Arc<[(String, String)]>,
+    pub active: u32,
+    pub total: u64,
+    #[component(name = "ewma-connect-us")]
+    pub ewma_connect_us: u32,
+    #[component(name = "recent-failures")]
+    pub recent_failures: u32,
+}
+
+#[derive(ComponentType, Lower, Clone, Copy, Debug, PartialEq, Eq)]
+#[component(enum)]
+#[repr(u8)]
+pub enum Direction {
+    #[component(name = "client-to-upstream")]
+    ClientToUpstream,
+    #[component(name = "upstream-to-client")]
+    UpstreamToClient,
+}
+
+#[derive(ComponentType, Lower, Clone, Copy, Debug, PartialEq, Eq)]
+#[component(enum)]
+#[repr(u8)]
+pub enum Opcode {
+    #[component(name = "text")]
+    Text,
+    #[component(name = "binary")]
+    Binary,
+}
+
+#[derive(ComponentType, Lift, Clone, Debug, PartialEq, Eq)]
+#[component(record)]
+pub struct CloseFrame {
+    /// Checked: valid on the wire (1000..=1003, 1007..=1014, 3000..=4999).
+    pub code: u16,
+    /// Checked: at most 123 bytes, so the close frame fits a control frame.
+    pub reason: String,
+}
+
+/// What to do with one message. Replacement and reply payloads of a text message are
+/// checked to be UTF-8.
+#[derive(ComponentType, Lift, Clone, Debug, PartialEq, Eq)]
+#[component(variant)]
+pub enum Action {
+    #[component(name = "forward")]
+    Forward,
+    #[component(name = "replace")]
+    Replace(Vec<u8>),
+    #[component(name = "drop")]
+    Drop,
+    #[component(name = "reply")]
+    Reply(Vec<u8>),
+    #[component(name = "close")]
+    Close(CloseFrame),
+}
+
+/// Totals for a connection, handed to `on-close`.
+#[derive(ComponentType, Lower, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[component(record)]
+pub struct ConnStats {
+    #[component(name = "messages-from-client")]
+    pub messages_from_client: u64,
+    #[component(name = "messages-from-upstream")]
+    pub messages_from_upstream: u64,
+    #[component(name = "bytes-from-client")]
+    pub bytes_from_client: u64,
+    #[component(name = "bytes-from-upstream")]
+    pub bytes_from_upstream: u64,
+    #[component(name = "duration-ms")]
+    pub duration_ms: u64,
+}
+
+/// Why a hook call produced no usable answer. The caller applies the plugin's `on_error`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PluginError {
+    /// The guest trapped: a panic, `unreachable`, or a host function refusing a request.
+    Trap(String),
+    /// The call ran past its deadline and was interrupted.
+    Timeout(Duration),
+    /// The instance tried to grow its memory past this many bytes.
+    MemoryLimit(usize),
+    /// No instance was ready and making one failed (instantiation or its `init`).
+    Unavailable(String),
+    /// The answer breaks the contract (e.g. a reject status of 200, a header with CRLF).
+    InvalidResult(String),
+    /// The plugin has no such hook; only `select` reports this, the others have a neutral
+    /// answer.
+    NotImplemented(&'static str),
+}
+
+impl PluginError {
+    /// A short name for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Trap(_) => "trap",
+            PluginError::Timeout(_) => "timeout",
+            PluginError::MemoryLimit(_) => "memory",
+            PluginError::Unavailable(_) => "unavailable",
+            PluginError::InvalidResult(_) => "invalid",
+            PluginError::NotImplemented(_) => "not_implemented",
+        }
+    }
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginError::Trap(m) => write!(f, "trapped: {m}"),
+            PluginError::Timeout(d) => write!(f, "timed out after {d:?}"),
+            PluginError::MemoryLimit(b) => {
+                write!(f, "exceeded its memory limit of {} MiB", b / (1024 * 1024))
+            }
+            PluginError::Unavailable(m) => write!(f, "no instance available: {m}"),
+            PluginError::InvalidResult(m) => write!(f, "invalid result: {m}"),
+            PluginError::NotImplemented(hook) => write!(f, "does not implement {hook}"),
+        }
+    }
+}
+
+impl std::error::Error for PluginError {}
+
+impl Verdict {
+    /// Checks what the gateway would otherwise write into HTTP messages unescaped.
+    pub(super) fn check(&self) -> Result<(), String> {
+        match self {
+            Verdict::Accept(a) => {
+                check_headers(&a.add_headers)?;
+                if let Some(name) = a.remove_headers.iter().find(|n| !is_token(n)) {
+                    return Err(format!("remove-headers: invalid header name {name:?}"));
+                }
+                if let Some(p) = &a.rewrite_path {
+                    let bad = |c: char| c.is_whitespace() || c.is_control();
+                    if !p.starts_with('/') || p.contains(bad) {
+                        return Err(format!("rewrite-path {p:?} is not an absolute path"));
+                    }
+                }
+                if let Some(s) = a.subprotocol.as_deref().filter(|s| !is_token(s)) {
+                    return Err(format!("subprotocol {s:?} is not a token"));
+                }
+                match a.compression {
+                    Some(c) if !(8..=15).contains(&c.max_window_bits) => Err(format!(
+                        "compression max-window-bits {} is not in 8..=15",
+                        c.max_window_bits
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Verdict::Reject(r) => {
+                if !(400..=599).contains(&r.status) {
+                    return Err(format!("reject status {} is not in 400..=599", r.status));
+                }
+                check_headers(&r.headers)
+            }
+        }
+    }
+}
+
+impl Action {
+    pub(super) fn check(&self, op: Opcode) -> Result<(), String> {
+        match self {
+            Action::Replace(p) | Action::Reply(p)
+                if op == Opcode::Text && std::str::from_utf8(p).is_err() =>
+            {
+                Err("text payload is not valid UTF-8".to_string())
+            }
+            Action::Close(c) => {
+                let valid = matches!(c.code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+                if !valid {
+                    Err(format!("close code {} is not valid on the wire", c.code))
+                } else if c.reason.len() > 123 {
+                    Err("close reason is longer than 123 bytes".to_string())
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn check_headers(headers: &[Header]) -> Result<(), String> {
+    for h in headers {
+        if !is_token(&h.name) {
+            return Err(format!("invalid header name {:?}", h.name));
+        }
+        if h.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(format!("header {} has CR, LF or NUL in its value", h.name));
+        }
+    }
+    Ok(())
+}
+
+/// An RFC 9110 token.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_is_bounded_per_connection() {
+        let c = ConnContext::new(1, "1.2.3.4:5", "/");
+        c.set_meta("user", "alice").unwrap();
+        c.set_meta("user", "bob").unwrap();
+        assert_eq!(c.meta("user").as_deref(), Some("bob"));
+        let big = "x".repeat(META_LIMIT_BYTES);
+        assert!(c.set_meta("big", &big).is_err());
+        // Replacing a value frees its old size.
+        c.set_meta("user", &"y".repeat(META_LIMIT_BYTES - 4)).unwrap();
+        c.set_meta("user", "z").unwrap();
+        c.set_meta("k", &"y".repeat(1000)).unwrap();
+    }
+
+    #[test]
+    fn verdicts_that_would_corrupt_http_are_refused() {
+        let header = |name: &str, value: &str| Header { name: name.into(), value: value.into() };
+        let accept = |a: Accept| Verdict::Accept(a).check();
+        assert!(accept(Accept::default()).is_ok());
+        assert!(accept(Accept { add_headers: vec![header("x-ok", "v")], ..Default::default() }).is_ok());
+        assert!(accept(Accept { add_headers: vec![header("x", "a\r\nb")], ..Default::default() }).is_err());
+        assert!(accept(Accept { add_headers: vec![header("x y", "v")], ..Default::default() }).is_err());
+        assert!(accept(Accept { rewrite_path: Some("no-slash".into()), ..Default::default() }).is_err());
+        assert!(accept(Accept { subprotocol: Some("a b".into()), ..Default::default() }).is_err());
+        let reject = |status| Verdict::Reject(Reject { status, reason: String::new(), headers: vec![] });
+        assert!(reject(403).check().is_ok());
+        assert!(reject(200).check().is_err());
+    }
+
+    #[test]
+    fn actions_are_checked_against_the_wire_rules() {
+        let close = |code| Action::Close(CloseFrame { code, reason: String::new() });
+        assert!(close(4000).check(Opcode::Binary).is_ok());
+        assert!(close(1005).check(Opcode::Binary).is_err());
+        assert!(Action::Replace(vec![0xff]).check(Opcode::Text).is_err());
+        assert!(Action::Replace(vec![0xff]).check(Opcode::Binary).is_ok());
+    }
+}
