@@ -1,0 +1,190 @@
+//! `wasmgate-bench`: measures wasmgate, nginx, HAProxy and a direct connection side by side in
+//! one run and prints one Markdown table.
+//!
+//! ```text
+//! cargo build --release -p wasmgate -p wasmgate-examples -p wasmgate-bench
+//! cargo run --release -p wasmgate-bench -- [--quick] [--only direct,wasmgate,nginx,haproxy]
+//!     [--scenario echo,connect,rss] [--out FILE]
+//! ```
+//! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, and
+//! `/usr/sbin/nginx` and `/usr/sbin/haproxy` (installing them with apt-get when missing).
+//!
+//! This file holds the command line and the run order; see the modules for the rest.
+
+mod load;
+mod machine;
+mod procs;
+mod proxies;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Parser;
+
+use load::{Scenario, Timing};
+use proxies::{Binaries, Running, Target};
+use table::Results;
+
+#[derive(Parser)]
+#[command(name = "wasmgate-bench", about = "Benchmark wasmgate against nginx, HAProxy and a direct connection")]
+struct Args {
+    /// Measure 2 s per scenario instead of 5 s.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds measured per timed scenario; overrides --quick.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Paths to measure, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,wasmgate,nginx,haproxy")]
+    only: Vec<Target>,
+    /// Scenarios, comma separated: echo (all four echo-SIZE-CONNS), echo-64-50, echo-64-1000,
+    /// echo-16k-50, echo-16k-1000, connect, rss. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    scenario: Vec<String>,
+    /// Also write the table to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // The run future owns every child process, so leaving it (done, failed or interrupted)
+    // stops them all.
+    match runtime.block_on(until_signal(run(args))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn until_signal(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = terminate.recv() => bail!("terminated"),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let scenarios = select_scenarios(&args.scenario)?;
+    let mut targets = args.only.clone();
+    targets.sort_by_key(|t| *t as u8);
+    targets.dedup();
+    let seconds = args.duration.unwrap_or(if args.quick { 2.0 } else { 5.0 });
+    if !(0.1..=60.0).contains(&seconds) {
+        bail!("--duration must be between 0.1 and 60 seconds");
+    }
+    let timing = Timing { warmup: Duration::from_millis(500), duration: Duration::from_secs_f64(seconds) };
+
+    proxies::ensure_installed(&targets)?;
+    let nofile = procs::raise_nofile_limit()?;
+    let bins = Binaries::locate()?;
+    let dir = procs::TempDir::new()?;
+    let header = header(&bins, &targets, timing, nofile);
+    let load_at_start = machine::load_1min();
+
+    let mut results = Results::new(&targets);
+    // Scenario-major order spreads drifting background load (a shared 2-core machine) over
+    // all targets instead of penalising whichever ran during a busy spell.
+    for scenario in &scenarios {
+        for &target in &targets {
+            eprint!("{target:>8} {:<14} ", scenario.name());
+            let outcome = measure(*scenario, target, &bins, &dir.0, timing).await;
+            match &outcome {
+                Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            results.record(&scenario.name(), scenario.metrics(), target, &outcome);
+        }
+    }
+    if targets.contains(&Target::Direct) && scenarios.contains(&Scenario::IdleRss) {
+        results.note("direct RSS is that of the two echo backends together; proxied RSS is the proxy's alone.".into());
+    }
+    if scenarios.iter().any(|s| *s != Scenario::IdleRss) {
+        results.note(
+            "CPU µs per msg or conn: user plus system time of the proxy's processes (direct: both backends) \
+             over the measured window, divided by the work done there."
+                .into(),
+        );
+    }
+    results.note(format!("load average at the end: {}", machine::load_average()));
+    if load_at_start >= 1.0 {
+        results.note(format!(
+            "the machine was busy before the run (1-minute load {load_at_start}): rates and latencies \
+             suffer; CPU per msg or conn holds up better."
+        ));
+    }
+
+    let table = results.render(&header);
+    println!("{table}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &table)?;
+    }
+    Ok(())
+}
+
+/// One scenario on one target, with fresh backends and proxy so no scenario inherits another's
+/// memory or connections.
+async fn measure(
+    scenario: Scenario,
+    target: Target,
+    bins: &Binaries,
+    dir: &std::path::Path,
+    timing: Timing,
+) -> anyhow::Result<load::Outcome> {
+    let running = Running::start(target, bins, dir)?;
+    scenario.run(&running.entry, &running, timing).await
+}
+
+fn select_scenarios(names: &[String]) -> anyhow::Result<Vec<Scenario>> {
+    if names.is_empty() {
+        return Ok(Scenario::ALL.to_vec());
+    }
+    let mut chosen = Vec::new();
+    for name in names {
+        let before = chosen.len();
+        chosen.extend(
+            Scenario::ALL
+                .into_iter()
+                .filter(|s| s.name() == *name || (name == "echo" && matches!(s, Scenario::Echo { .. }))),
+        );
+        if chosen.len() == before {
+            let known: Vec<String> = Scenario::ALL.iter().map(Scenario::name).collect();
+            bail!("unknown scenario {name}; known: echo, {}", known.join(", "));
+        }
+    }
+    Ok(Scenario::ALL.into_iter().filter(|s| chosen.contains(s)).collect())
+}
+
+fn header(bins: &Binaries, targets: &[Target], timing: Timing, nofile: u64) -> String {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut paths = Vec::new();
+    let versions = bins.versions(targets);
+    if !versions.is_empty() {
+        paths.push(format!(
+            "Proxies: {}; each in front of two echo-backend processes, round robin.",
+            versions.join("; ")
+        ));
+    }
+    if targets.contains(&Target::Direct) {
+        paths.push("Direct: the client alternates between the two backends.".to_string());
+    }
+    format!(
+        "## wasmgate benchmark\n\n{}\n\n{}\n\n\
+         Timed scenarios: {:.1} s warm-up, then {:.1} s measured; fresh backends and proxy for \
+         every cell. Load generator: tokio-tungstenite, {workers} runtime threads, on the same \
+         cores as the proxy and backends; open-file limit {nofile}.\n",
+        machine::describe(),
+        paths.join(" "),
+        timing.warmup.as_secs_f64(),
+        timing.duration.as_secs_f64(),
+    )
+}

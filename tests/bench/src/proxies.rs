@@ -1,0 +1,279 @@
+//! The paths under test: two echo backends, and in front of them nothing (direct), wasmgate,
+//! nginx or HAProxy, each configured for round robin over both backends with generated
+//! config files.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::load::Probe;
+use crate::procs::{free_addr, Proc};
+
+const NGINX: &str = "/usr/sbin/nginx";
+const HAPROXY: &str = "/usr/sbin/haproxy";
+const STARTUP_LIMIT: Duration = Duration::from_secs(15);
+
+/// Declaration order is column order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Target {
+    Direct,
+    Wasmgate,
+    Nginx,
+    Haproxy,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Target::Direct => "direct",
+            Target::Wasmgate => "wasmgate",
+            Target::Nginx => "nginx",
+            Target::Haproxy => "haproxy",
+        })
+    }
+}
+
+/// Where the workspace's binaries are: next to this one (target/release).
+pub struct Binaries {
+    echo_backend: PathBuf,
+    wasmgate: PathBuf,
+}
+
+impl Binaries {
+    pub fn locate() -> anyhow::Result<Binaries> {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().context("executable has no directory")?;
+        let bins = Binaries { echo_backend: dir.join("echo-backend"), wasmgate: dir.join("wasmgate") };
+        if !bins.echo_backend.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p wasmgate-examples`",
+                bins.echo_backend.display()
+            );
+        }
+        Ok(bins)
+    }
+
+    /// One line naming the version of each selected proxy, for the table header.
+    pub fn versions(&self, targets: &[Target]) -> Vec<String> {
+        targets
+            .iter()
+            .filter_map(|t| match t {
+                Target::Direct => None,
+                Target::Wasmgate => {
+                    Some(format!("{} (round robin)", first_line(Command::new(&self.wasmgate).arg("--version"))))
+                }
+                Target::Nginx => Some(format!("{} (2 workers)", first_line(Command::new(NGINX).arg("-v")))),
+                Target::Haproxy => Some(format!("{} (nbthread 2)", first_line(Command::new(HAPROXY).arg("-v")))),
+            })
+            .collect()
+    }
+}
+
+/// The first line a command prints on stdout or stderr (nginx -v uses stderr).
+fn first_line(cmd: &mut Command) -> String {
+    match cmd.output() {
+        Ok(out) => {
+            let text = [out.stdout, out.stderr].concat();
+            // The first words are name and version; HAProxy adds a date and a URL.
+            let line = String::from_utf8_lossy(&text).lines().next().unwrap_or("?").to_string();
+            line.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        }
+        Err(e) => format!("{}: {e}", cmd.get_program().to_string_lossy()),
+    }
+}
+
+/// Installs nginx and HAProxy from Debian's packages when a selected one is missing.
+pub fn ensure_installed(targets: &[Target]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = [(Target::Nginx, NGINX, "nginx-light"), (Target::Haproxy, HAPROXY, "haproxy")]
+        .into_iter()
+        .filter(|(t, bin, _)| targets.contains(t) && !Path::new(bin).exists())
+        .map(|(_, _, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
+        if !status.success() {
+            bail!("apt-get {} failed: {status}", args.join(" "));
+        }
+        Ok(())
+    };
+    run(&["update"])?;
+    run(&[&["install", "-y"], missing.as_slice()].concat())
+}
+
+/// Two backends and, unless direct, one proxy in front of them.
+pub struct Running {
+    // Declared first so it is dropped (stopped) before the backends it talks to.
+    proxy: Option<Proc>,
+    backends: Vec<Proc>,
+    /// What the load generator connects to, round robin: the proxy, or both backends.
+    pub entry: Vec<SocketAddr>,
+}
+
+impl Running {
+    /// Starts fresh backends and the target's proxy, with configs and logs in `dir`.
+    pub fn start(target: Target, bins: &Binaries, dir: &Path) -> anyhow::Result<Running> {
+        let mut backends = Vec::new();
+        let mut servers = Vec::new();
+        for name in ["backend1", "backend2"] {
+            let addr = free_addr()?;
+            let mut cmd = Command::new(&bins.echo_backend);
+            cmd.args(["--listen", &addr.to_string(), "--name", name]);
+            let mut proc = Proc::spawn(name, cmd, dir)?;
+            proc.wait_listening(addr, STARTUP_LIMIT)?;
+            backends.push(proc);
+            servers.push(addr);
+        }
+        if target == Target::Direct {
+            return Ok(Running { proxy: None, backends, entry: servers });
+        }
+        let listen = free_addr()?;
+        let cmd = match target {
+            Target::Direct => unreachable!("handled above"),
+            Target::Wasmgate => {
+                if !bins.wasmgate.exists() {
+                    bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
+                }
+                let config = write(dir, "wasmgate.toml", &wasmgate_config(listen, &servers))?;
+                let mut cmd = Command::new(&bins.wasmgate);
+                // Per-connection info logs would be extra work the other proxies (access_log
+                // off) do not do.
+                cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "warn");
+                cmd
+            }
+            Target::Nginx => {
+                let config = write(dir, "nginx.conf", &nginx_config(listen, &servers, dir))?;
+                let mut cmd = Command::new(NGINX);
+                // -e: the startup error log, before the config's error_log applies.
+                cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(config);
+                cmd
+            }
+            Target::Haproxy => {
+                let config = write(dir, "haproxy.cfg", &haproxy_config(listen, &servers))?;
+                let mut cmd = Command::new(HAPROXY);
+                cmd.arg("-db").arg("-f").arg(config);
+                cmd
+            }
+        };
+        let mut proxy = Proc::spawn(&target.to_string(), cmd, dir)?;
+        proxy.wait_listening(listen, STARTUP_LIMIT)?;
+        Ok(Running { proxy: Some(proxy), backends, entry: vec![listen] })
+    }
+}
+
+/// The proxy, or for the direct path the two backends together.
+impl Probe for Running {
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        match &self.proxy {
+            Some(proxy) => proxy.rss_kib(),
+            None => self.backends.iter().map(Proc::rss_kib).sum(),
+        }
+    }
+
+    fn cpu_secs(&self) -> anyhow::Result<f64> {
+        match &self.proxy {
+            Some(proxy) => proxy.cpu_secs(),
+            None => self.backends.iter().map(Proc::cpu_secs).sum(),
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn wasmgate_config(listen: SocketAddr, servers: &[SocketAddr]) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        r#"[gateway]
+listen = "{listen}"
+
+[[upstream]]
+name = "echo"
+servers = [{}]
+
+[[route]]
+path = "/"
+upstream = "echo"
+"#,
+        servers.join(", ")
+    )
+}
+
+/// Two workers; each may end up holding all 9,000 idle connections of the RSS scenario, two
+/// sockets each, within the machine's hard limit of 20,000 open files.
+fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path) -> String {
+    let dir = dir.display();
+    let servers: String = servers.iter().map(|s| format!("        server {s};\n")).collect();
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+
+events {{
+    worker_connections 19500;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {dir}/nginx-body;
+    proxy_temp_path {dir}/nginx-proxy;
+
+    upstream echo {{
+{servers}    }}
+
+    server {{
+        listen {listen} backlog=4096;
+        location / {{
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+/// HAProxy sizes its file limit from maxconn (two sockets per proxied connection plus a
+/// margin), so maxconn stays under half the hard limit of 20,000.
+fn haproxy_config(listen: SocketAddr, servers: &[SocketAddr]) -> String {
+    let servers: String = servers.iter().enumerate().map(|(i, s)| format!("    server s{} {s}\n", i + 1)).collect();
+    format!(
+        r#"global
+    nbthread 2
+    maxconn 9800
+
+defaults
+    mode http
+    maxconn 9800
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+
+frontend ws
+    bind {listen}
+    default_backend echo
+
+backend echo
+    balance roundrobin
+{servers}"#
+    )
+}

@@ -1,0 +1,132 @@
+//! The results table: one row per metric, one column per target, each cell the absolute
+//! value and its ratio to nginx's.
+
+use crate::load::{Metric, Outcome, Unit};
+use crate::proxies::Target;
+
+enum Cell {
+    Empty,
+    /// A value; `flagged` when some connections failed while measuring it.
+    Value {
+        value: f64,
+        flagged: bool,
+    },
+    Error,
+}
+
+struct Row {
+    metric: Metric,
+    cells: Vec<Cell>,
+}
+
+pub struct Results {
+    targets: Vec<Target>,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Results {
+    pub fn new(targets: &[Target]) -> Results {
+        Results { targets: targets.to_vec(), rows: Vec::new(), notes: Vec::new() }
+    }
+
+    pub fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    /// Files what `scenario` gave for `target`: a value per metric, or an error for all of them.
+    pub fn record(&mut self, scenario: &str, metrics: Vec<Metric>, target: Target, outcome: &anyhow::Result<Outcome>) {
+        let column = self.targets.iter().position(|t| *t == target).expect("target has a column");
+        let flagged = match outcome {
+            Ok(Outcome { trouble: Some(trouble), .. }) => {
+                self.notes.push(format!("* {target}, {scenario}: {trouble}"));
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                self.notes.push(format!("{target}, {scenario}: error: {e:#}"));
+                false
+            }
+        };
+        for (i, metric) in metrics.into_iter().enumerate() {
+            let row = match self.rows.iter().position(|r| r.metric.label == metric.label) {
+                Some(row) => row,
+                None => {
+                    let cells = self.targets.iter().map(|_| Cell::Empty).collect();
+                    self.rows.push(Row { metric, cells });
+                    self.rows.len() - 1
+                }
+            };
+            self.rows[row].cells[column] = match outcome {
+                Ok(o) => Cell::Value { value: o.values[i], flagged },
+                Err(_) => Cell::Error,
+            };
+        }
+    }
+
+    /// The Markdown table, preceded by `header` and followed by the notes.
+    pub fn render(&self, header: &str) -> String {
+        let nginx = self.targets.iter().position(|t| *t == Target::Nginx);
+        let mut out = format!("{header}\n| scenario |");
+        for t in &self.targets {
+            out.push_str(&format!(" {t} |"));
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---:|".repeat(self.targets.len()));
+        out.push('\n');
+        for row in &self.rows {
+            out.push_str(&format!("| {} |", row.metric.label));
+            let base = nginx.and_then(|n| match row.cells[n] {
+                Cell::Value { value, .. } if value > 0.0 => Some(value),
+                _ => None,
+            });
+            for cell in &row.cells {
+                out.push_str(&format!(" {} |", format_cell(cell, row.metric.unit, base)));
+            }
+            out.push('\n');
+        }
+        if nginx.is_some() {
+            out.push_str("\nRatios are value ÷ nginx: above 1 is better for rates, worse for latency and memory.\n");
+        }
+        for note in &self.notes {
+            out.push_str(&format!("\n- {note}"));
+        }
+        out.push('\n');
+        out
+    }
+}
+
+fn format_cell(cell: &Cell, unit: Unit, base: Option<f64>) -> String {
+    match cell {
+        Cell::Empty => "—".into(),
+        Cell::Error => "error".into(),
+        Cell::Value { value, flagged } => {
+            let number = match unit {
+                // Small CPU costs per message need the decimal to be told apart.
+                Unit::Micros if *value < 100.0 => format!("{value:.1}"),
+                Unit::Rate | Unit::Micros => thousands(*value),
+                Unit::KiB => format!("{value:.1}"),
+            };
+            let ratio = base.map(|b| format!(" ({:.2}×)", value / b)).unwrap_or_default();
+            let flag = if *flagged { " *" } else { "" };
+            format!("{number}{ratio}{flag}")
+        }
+    }
+}
+
+/// `12345.6` as `12,346`.
+pub fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if value < -0.5 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
