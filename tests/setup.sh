@@ -13,5 +13,6 @@ fi
 
 # Plugins (plugins/ and the test fixtures in tests/plugins/) compile to Wasm components.
 cargo build --release --quiet --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+bash examples/plugins/build.sh   # the example plugins in Python, JavaScript and C
 # The gateway and example binaries that process-level tests and the demo run.
 cargo build --release --quiet --workspace --bins

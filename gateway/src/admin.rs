@@ -3,7 +3,14 @@
 //! - `GET /metrics`: Prometheus text (gateway counters and plugin metrics);
 //! - `GET /plugins`: each plugin with its hash, load time, hooks, calls and errors (JSON);
 //! - `POST /plugins/reload`: re-read the config file and reload changed plugins (JSON report;
-//!   409 when the new config is refused — the running one stays).
+//!   409 when the new config is refused — the running one stays);
+//! - `GET /upstreams`: pools and servers with active/total connections, health, ejection and
+//!   draining state (JSON);
+//! - `POST /upstreams/{pool}/servers/{addr}/drain?rate=N`: no new connections to the server;
+//!   its connections are closed with 1012 at N per second (default: spread over the pool's
+//!   `drain_secs`); `.../undrain` takes it back;
+//! - `POST /upstreams/{pool}/rebalance?rate=N&target=R`: move connections off the most loaded
+//!   servers (N per second, default 10) until max/min load ≤ R (default 1.2).
 
 use std::sync::Arc;
 
@@ -16,7 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::gateway::Shared;
+use crate::gateway::{AdminError, Shared};
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
@@ -45,11 +52,72 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<By
             Ok(report) => json(StatusCode::OK, &report),
             Err(error) => json(StatusCode::CONFLICT, &serde_json::json!({ "error": error })),
         },
-        (_, "/healthz" | "/metrics" | "/plugins" | "/plugins/reload") => {
+        (&Method::GET, "/upstreams") => json(StatusCode::OK, &shared.upstreams_status()),
+        (_, "/healthz" | "/metrics" | "/plugins" | "/plugins/reload" | "/upstreams") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
         }
+        (method, path) if path.starts_with("/upstreams/") => upstream_action(method, path, req.uri().query(), shared),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+/// `/upstreams/{pool}/servers/{addr}/drain|undrain` and `/upstreams/{pool}/rebalance`.
+fn upstream_action(method: &Method, path: &str, query: Option<&str>, shared: &Shared) -> Response<Full<Bytes>> {
+    let segments: Vec<String> = path.trim_start_matches("/upstreams/").split('/').map(percent_decode).collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let param = |name: &str| -> Result<Option<f64>, Response<Full<Bytes>>> {
+        let value = query.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+        value
+            .map(|v| v.parse::<f64>().ok().filter(|n| n.is_finite() && *n > 0.0))
+            .map(|parsed| parsed.ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("{name} must be a number above 0"))))
+            .transpose()
+    };
+    let result = match segments.as_slice() {
+        [pool, "servers", address, "drain"] if method == Method::POST => match param("rate") {
+            Ok(rate) => shared.drain_server(pool, address, rate),
+            Err(response) => return response,
+        },
+        [pool, "servers", address, "undrain"] if method == Method::POST => shared.undrain_server(pool, address),
+        [pool, "rebalance"] if method == Method::POST => match (param("rate"), param("target")) {
+            (Ok(rate), Ok(target)) => shared.rebalance(pool, rate.unwrap_or(10.0), target.unwrap_or(1.2)),
+            (Err(response), _) | (_, Err(response)) => return response,
+        },
+        [_, "servers", _, "drain" | "undrain"] | [_, "rebalance"] => {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
+        }
+        _ => return text(StatusCode::NOT_FOUND, "not found\n".into()),
+    };
+    match result {
+        Ok(body) => json(StatusCode::ACCEPTED, &body),
+        Err(AdminError::NotFound(e)) => error(StatusCode::NOT_FOUND, e),
+        Err(AdminError::Conflict(e)) => error(StatusCode::CONFLICT, e),
+        Err(AdminError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Decodes `%XX` escapes (an address may come as `127.0.0.1%3A9001`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

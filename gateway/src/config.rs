@@ -78,6 +78,16 @@ pub struct GatewaySection {
     /// Watch the config file and plugin files and reload on change.
     #[serde(default)]
     pub watch: bool,
+    /// permessage-deflate when no plugin decides: "off", "passthrough" (negotiated end to
+    /// end, frames untouched) or "terminate" (the gateway inflates and deflates).
+    #[serde(default = "defaults::compression")]
+    pub compression: Spanned<String>,
+    /// The gateway's deflate window in terminate mode, 8..=15; smaller saves memory.
+    #[serde(default = "defaults::compression_window_bits")]
+    pub compression_window_bits: u8,
+    /// Reset compression contexts after every message, so idle connections free them.
+    #[serde(default)]
+    pub compression_no_context_takeover: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +102,37 @@ pub struct UpstreamSection {
     /// How many servers to try before giving the client a 502.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
+    /// Active health checks; none when absent.
+    pub health: Option<Spanned<HealthTable>>,
+    /// Connect failures in a row that eject a server (for 1 s, doubling up to 30 s while it
+    /// keeps failing); 0 = never eject.
+    #[serde(default = "defaults::eject_after")]
+    pub eject_after: u32,
+    /// A drained server's connections are closed (1012) spread over this long, unless the
+    /// drain request gives a rate; 0 = all at once.
+    #[serde(default = "defaults::drain_secs")]
+    pub drain_secs: u64,
+}
+
+/// `health = { interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3, path = "/probe" }`,
+/// or `kind = "tcp"` for a plain TCP connect.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthTable {
+    #[serde(default = "defaults::health_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "defaults::health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Successful probes in a row that make an unhealthy server healthy again.
+    #[serde(default = "defaults::health_rise")]
+    pub rise: u32,
+    /// Failed probes in a row that make a healthy server unhealthy.
+    #[serde(default = "defaults::health_fall")]
+    pub fall: u32,
+    /// "websocket" (default: open a WebSocket to `path`, then close it with 1000) or "tcp".
+    pub kind: Option<Spanned<String>>,
+    /// Path of the WebSocket probe, after the server's path prefix; default "/".
+    pub path: Option<Spanned<String>>,
 }
 
 /// A server is either a plain address string or a table with weight and labels.
@@ -184,6 +225,24 @@ mod defaults {
     pub fn weight() -> u32 {
         1
     }
+    pub fn eject_after() -> u32 {
+        3
+    }
+    pub fn drain_secs() -> u64 {
+        10
+    }
+    pub fn health_interval_ms() -> u64 {
+        1000
+    }
+    pub fn health_timeout_ms() -> u64 {
+        500
+    }
+    pub fn health_rise() -> u32 {
+        2
+    }
+    pub fn health_fall() -> u32 {
+        3
+    }
     pub fn plugin_timeout_ms() -> u64 {
         20
     }
@@ -195,6 +254,12 @@ mod defaults {
     }
     pub fn plugin_instances() -> usize {
         4
+    }
+    pub fn compression() -> toml::Spanned<String> {
+        toml::Spanned::new(0..0, "passthrough".to_string())
+    }
+    pub fn compression_window_bits() -> u8 {
+        15
     }
     pub fn route_path() -> toml::Spanned<String> {
         toml::Spanned::new(0..0, "/".to_string())
@@ -282,6 +347,12 @@ impl Config {
         if let Some(admin) = &g.admin {
             parse_addr(at, admin)?;
         }
+        if !matches!(g.compression.get_ref().as_str(), "off" | "passthrough" | "terminate") {
+            return Err(at.error(g.compression.span(), "compression must be \"off\", \"passthrough\" or \"terminate\""));
+        }
+        if !(8..=15).contains(&g.compression_window_bits) {
+            return Err(ConfigError(format!("{}: compression_window_bits must be 8..=15", at.origin)));
+        }
         let plugin_names = unique_names(at, self.plugins.iter().map(|p| &p.name), "plugin")?;
         let upstream_names = unique_names(at, self.upstreams.iter().map(|u| &u.name), "upstream")?;
         for p in &self.plugins {
@@ -306,6 +377,9 @@ impl Config {
             }
             if u.max_attempts == 0 {
                 return Err(at.error(u.name.span(), "max_attempts must be at least 1"));
+            }
+            if let Some(h) = &u.health {
+                validate_health(at, h)?;
             }
         }
         let mut seen_routes = HashSet::new();
@@ -363,6 +437,34 @@ fn expand(value: &mut toml::Value, base_dir: &Path, key: &str) -> Result<(), Str
         }
         _ => Ok(()),
     }
+}
+
+fn validate_health(at: &Locator, health: &Spanned<HealthTable>) -> Result<(), ConfigError> {
+    let h = health.get_ref();
+    if h.interval_ms < 10 {
+        return Err(at.error(health.span(), "health: interval_ms must be at least 10"));
+    }
+    if h.timeout_ms == 0 {
+        return Err(at.error(health.span(), "health: timeout_ms must be at least 1"));
+    }
+    if h.rise == 0 || h.fall == 0 {
+        return Err(at.error(health.span(), "health: rise and fall must be at least 1"));
+    }
+    let tcp = match &h.kind {
+        None => false,
+        Some(k) if k.get_ref() == "websocket" => false,
+        Some(k) if k.get_ref() == "tcp" => true,
+        Some(k) => return Err(at.error(k.span(), "health: kind must be \"websocket\" or \"tcp\"")),
+    };
+    if let Some(path) = &h.path {
+        if tcp {
+            return Err(at.error(path.span(), "health: a tcp check has no path"));
+        }
+        if !path.get_ref().starts_with('/') {
+            return Err(at.error(path.span(), "health: path must start with '/'"));
+        }
+    }
+    Ok(())
 }
 
 fn parse_addr(at: &Locator, s: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
@@ -470,6 +572,32 @@ upstream = "echo"
         let missing = text.replace("WASMGATE_TEST_SECRET", "WASMGATE_TEST_UNSET");
         let err = parse(&missing).unwrap_err().to_string();
         assert!(err.contains("WASMGATE_TEST_UNSET is not set") && err.contains("config.secret"), "{err}");
+    }
+
+    #[test]
+    fn health_checks_parse_and_validate() {
+        let with = |health: &str| GOOD.replace("[[route]]", &format!("health = {health}\n\n[[route]]"));
+        let c = parse(&with("{ interval_ms = 200, fall = 2, path = \"/probe\" }")).unwrap();
+        let h = c.upstreams[0].health.as_ref().unwrap().get_ref();
+        assert_eq!((h.interval_ms, h.timeout_ms, h.rise, h.fall), (200, 500, 2, 2));
+        assert_eq!(h.path.as_ref().unwrap().get_ref(), "/probe");
+        assert_eq!((c.upstreams[0].eject_after, c.upstreams[0].drain_secs), (3, 10));
+        assert!(parse(&with("{ kind = \"tcp\" }")).is_ok());
+        for (bad, why) in [
+            ("{ kind = \"udp\" }", "kind must be"),
+            ("{ kind = \"tcp\", path = \"/x\" }", "no path"),
+            ("{ path = \"x\" }", "must start with"),
+            ("{ rise = 0 }", "at least 1"),
+            ("{ interval_ms = 1 }", "at least 10"),
+        ] {
+            let text = with(bad);
+            let line = text.lines().position(|l| l.starts_with("health =")).unwrap() + 1;
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("gw.toml:{line}:")), "{err}");
+            assert!(err.contains("key `health`") && err.contains(why), "{err}");
+        }
+        let err = parse(&with("{ intervl_ms = 5 }")).unwrap_err().to_string();
+        assert!(err.contains("intervl_ms"), "{err}");
     }
 
     #[test]

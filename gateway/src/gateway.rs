@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::metrics::{Counter, Gauge, Registry};
 use crate::plugin::{
-    OnError, PluginRegistry, PluginRuntime, PluginSlot, PluginSpec, ReloadReport, RuntimeOptions,
+    Compression, CompressionMode, OnError, PluginRegistry, PluginRuntime, PluginSlot, PluginSpec, ReloadReport, RuntimeOptions,
 };
 use crate::relay::RelaySettings;
 use crate::routes::RouteTable;
@@ -33,6 +33,8 @@ pub struct Routing {
     pub pools: HashMap<String, Arc<Pool>>,
     pub relay: RelaySettings,
     pub handshake_timeout: Duration,
+    /// permessage-deflate when no plugin decides.
+    pub compression: Compression,
 }
 
 impl Routing {
@@ -61,6 +63,15 @@ impl Routing {
                 close_timeout: g.close_timeout(),
             },
             handshake_timeout: g.handshake_timeout(),
+            compression: Compression {
+                mode: match g.compression.get_ref().as_str() {
+                    "off" => CompressionMode::Off,
+                    "terminate" => CompressionMode::Terminate,
+                    _ => CompressionMode::Passthrough,
+                },
+                max_window_bits: g.compression_window_bits,
+                no_context_takeover: g.compression_no_context_takeover,
+            },
         })
     }
 }
@@ -113,6 +124,12 @@ pub struct Shared {
     next_connection_id: AtomicU64,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// Per pool with health checks, the token that stops its check task (a child of
+    /// `shutdown`, cancelled when the pool or its checks go away on reload).
+    pool_tasks: std::sync::Mutex<HashMap<String, CancellationToken>>,
+    /// Servers a reload removed while they still had connections: drained, listed by
+    /// `GET /upstreams` until their last connection closes.
+    retired: std::sync::Mutex<Vec<(String, Arc<crate::upstream::Server>)>>,
 }
 
 impl Shared {
@@ -130,15 +147,19 @@ impl Shared {
             tracing::warn!("the listen address changes only on restart; keeping the old one");
         }
         let report = self.load_plugins(&config).await;
-        let routing = match Routing::build(&config, Some(&self.routing.load()), &self.plugins) {
+        let previous = self.routing.load_full();
+        let routing = match Routing::build(&config, Some(&previous), &self.plugins) {
             Ok(routing) => routing,
             Err(e) => {
                 self.metrics.reload_failures.inc();
                 return Err(format!("reload refused, the running configuration stays: {e}; {}", failures(&report)));
             }
         };
-        self.routing.store(Arc::new(routing));
+        let routing = Arc::new(routing);
+        self.routing.store(routing.clone());
         self.config.store(Arc::new(config));
+        self.retire_removed_servers(&previous, &routing);
+        self.sync_pool_tasks();
         self.metrics.reloads.inc();
         if report.is_ok() {
             tracing::info!("configuration reloaded");
@@ -156,11 +177,159 @@ impl Shared {
         self.reload(config).await
     }
 
+    /// Starts health-check tasks for pools that have checks and none running; stops those of
+    /// pools that are gone or lost their checks. A task reads its pool afresh each round.
+    fn sync_pool_tasks(self: &Arc<Self>) {
+        let routing = self.routing.load();
+        let mut tasks = self.pool_tasks.lock().unwrap();
+        tasks.retain(|name, stop| {
+            let keep = !stop.is_cancelled() && routing.pools.get(name).is_some_and(|p| p.health.is_some());
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for (name, pool) in &routing.pools {
+            if pool.health.is_none() || tasks.contains_key(name) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            tasks.insert(name.clone(), stop.clone());
+            let shared = Arc::downgrade(self);
+            let pool_name = name.clone();
+            let current = move || shared.upgrade()?.routing.load().pools.get(&pool_name).cloned();
+            tokio::spawn(crate::upstream::health::run_checks(name.clone(), current, stop));
+        }
+    }
+
+    /// Drains the servers `previous` had and `current` no longer has (per pool), at their
+    /// pool's `drain_secs` pace.
+    fn retire_removed_servers(&self, previous: &Routing, current: &Routing) {
+        let mut retired = self.retired.lock().unwrap();
+        retired.retain(|(_, server)| server.state.active.load(Ordering::Relaxed) > 0);
+        for (name, pool) in &previous.pools {
+            let kept = current.pools.get(name);
+            for server in &pool.servers {
+                if kept.is_some_and(|p| p.servers.iter().any(|s| s.address == server.address)) {
+                    continue;
+                }
+                let pace = crate::upstream::DrainPace { rate: None, spread: pool.drain_spread };
+                let closing = self.start_drain(name, server.clone(), pace, "removed");
+                tracing::info!(pool = %name, server = %server.address.authority, ?closing, "server removed; draining");
+                if server.state.active.load(Ordering::Relaxed) > 0 {
+                    retired.push((name.clone(), server.clone()));
+                }
+            }
+        }
+    }
+
+    /// Starts draining `server` (see [`crate::upstream::drain`]); `cause` labels the metric.
+    /// Returns how many connections it will close, or None when it drains already.
+    fn start_drain(
+        &self,
+        pool: &str,
+        server: Arc<crate::upstream::Server>,
+        pace: crate::upstream::DrainPace,
+        cause: &str,
+    ) -> Option<usize> {
+        let moved = self.drained_counter(pool, cause);
+        crate::upstream::drain::start_drain(server, pace, moved, self.shutdown.child_token())
+    }
+
+    fn drained_counter(&self, pool: &str, cause: &str) -> Counter {
+        self.metrics_registry.counter(
+            "wasmgate_upstream_drained_connections_total",
+            "Connections closed with 1012 to move them off a server (drain, removal, rebalance)",
+            &[("pool", pool), ("cause", cause)],
+        )
+    }
+
+    /// `POST /upstreams/{pool}/servers/{addr}/drain`: stop new connections to the server and
+    /// close its connections with 1012 at `rate` per second (default: spread over the pool's
+    /// `drain_secs`).
+    pub fn drain_server(&self, pool: &str, address: &str, rate: Option<f64>) -> Result<serde_json::Value, AdminError> {
+        let routing = self.routing.load();
+        let pool = routing.pools.get(pool).ok_or_else(|| AdminError::NotFound(format!("no upstream {pool}")))?;
+        let server = pool
+            .find_server(address)
+            .ok_or_else(|| AdminError::NotFound(format!("upstream {} has no server {address}", pool.name)))?;
+        let pace = crate::upstream::DrainPace { rate, spread: pool.drain_spread };
+        let closing = self
+            .start_drain(&pool.name, server.clone(), pace, "drain")
+            .ok_or_else(|| AdminError::Conflict(format!("{address} of {} is draining already", pool.name)))?;
+        tracing::info!(pool = %pool.name, server = %address, closing, ?rate, "draining");
+        Ok(serde_json::json!({
+            "pool": pool.name,
+            "server": server.address.authority,
+            "closing": closing,
+            "rate": rate,
+            "spread_secs": pool.drain_spread.as_secs(),
+        }))
+    }
+
+    /// `POST /upstreams/{pool}/servers/{addr}/undrain`: the server takes new connections again.
+    pub fn undrain_server(&self, pool: &str, address: &str) -> Result<serde_json::Value, AdminError> {
+        let routing = self.routing.load();
+        let pool = routing.pools.get(pool).ok_or_else(|| AdminError::NotFound(format!("no upstream {pool}")))?;
+        let server = pool
+            .find_server(address)
+            .ok_or_else(|| AdminError::NotFound(format!("upstream {} has no server {address}", pool.name)))?;
+        server.state.connections.undrain();
+        Ok(serde_json::json!({ "pool": pool.name, "server": server.address.authority, "draining": false }))
+    }
+
+    /// `POST /upstreams/{pool}/rebalance`: after servers were added, move connections off the
+    /// most loaded servers, `rate` per second, until max/min load ≤ `target`. Runs in the
+    /// background; each move counts in `wasmgate_upstream_drained_connections_total`.
+    pub fn rebalance(&self, pool: &str, rate: f64, target: f64) -> Result<serde_json::Value, AdminError> {
+        if !(rate > 0.0 && rate.is_finite()) || !(target >= 1.0 && target.is_finite()) {
+            return Err(AdminError::BadRequest("rate must be above 0 and target at least 1".into()));
+        }
+        let routing = self.routing.load();
+        let pool = routing.pools.get(pool).ok_or_else(|| AdminError::NotFound(format!("no upstream {pool}")))?.clone();
+        let open: u64 = pool.servers.iter().map(|s| s.state.connections.open() as u64).sum();
+        let moved = self.drained_counter(&pool.name, "rebalance");
+        let name = pool.name.clone();
+        let stop = self.shutdown.child_token();
+        tokio::spawn(async move {
+            let pool_name = pool.name.clone();
+            let report = crate::upstream::drain::rebalance(pool, rate, target, open, moved, stop).await;
+            tracing::info!(pool = %pool_name, moved = report.moved, ratio = report.final_ratio, "rebalance finished");
+        });
+        Ok(serde_json::json!({ "pool": name, "rate": rate, "target": target, "open_connections": open }))
+    }
+
+    /// `GET /upstreams`: every pool with its servers' load, health and draining state, and
+    /// removed servers that still have connections.
+    pub fn upstreams_status(&self) -> serde_json::Value {
+        let routing = self.routing.load();
+        let mut pools: Vec<_> = routing.pools.values().map(|p| p.status()).collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        let now = crate::upstream::health::now_ms();
+        let removed: Vec<_> = self
+            .retired
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| s.state.active.load(Ordering::Relaxed) > 0)
+            .map(|(pool, s)| serde_json::json!({ "pool": pool, "server": s.status(now) }))
+            .collect();
+        serde_json::json!({ "pools": pools, "removed": removed })
+    }
+
     async fn load_plugins(&self, config: &Config) -> ReloadReport {
         let specs = plugin_specs(config);
         let plugins = self.plugins.clone();
         tokio::task::spawn_blocking(move || plugins.reconcile(&specs)).await.expect("reconcile does not panic")
     }
+}
+
+/// Why an admin action on upstreams was refused.
+#[derive(Debug)]
+pub enum AdminError {
+    NotFound(String),
+    Conflict(String),
+    BadRequest(String),
 }
 
 fn failures(report: &ReloadReport) -> String {
@@ -248,7 +417,10 @@ impl Gateway {
             tasks: TaskTracker::new(),
             next_connection_id: AtomicU64::new(1),
             reloading: tokio::sync::Mutex::new(()),
+            pool_tasks: std::sync::Mutex::new(HashMap::new()),
+            retired: std::sync::Mutex::new(Vec::new()),
         });
+        shared.sync_pool_tasks();
         tokio::spawn(crate::listener::accept_loop(listener, shared.clone()));
         if let Some(admin) = admin_listener {
             tokio::spawn(crate::admin::serve(admin, shared.clone()));

@@ -8,6 +8,7 @@
 //! [`admin`] serves health and metrics.
 
 pub mod admin;
+pub mod compression;
 pub mod config;
 pub mod gateway;
 pub mod handshake;

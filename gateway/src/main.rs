@@ -28,7 +28,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Logs go to stderr: stdout carries the one "listening on" line scripts read.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -133,7 +133,11 @@ impl Histogram {
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.0
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn sum(&self) -> f64 {
@@ -481,7 +485,8 @@ mod tests {
         let r = Registry::new();
         let c = r.counter("conns_total", "Connections.", &[("route", "/a")]);
         c.add(3);
-        r.counter("conns_total", "ignored", &[("route", "/b\"x")]).inc();
+        r.counter("conns_total", "ignored", &[("route", "/b\"x")])
+            .inc();
         r.gauge("open", "Open now.", NO_LABELS).set(2.5);
         let h = r.histogram("lat_seconds", "Latency.", &[("x", "y")], &[0.1, 1.0]);
         h.observe(0.05);
@@ -518,14 +523,32 @@ open 2.5
     #[test]
     fn try_methods_report_errors_and_enforce_the_limit() {
         let r = Registry::with_series_limit(2);
-        assert!(matches!(r.try_counter("bad name", "", NO_LABELS), Err(MetricError::InvalidName(_))));
-        assert!(matches!(r.try_counter("x", "", &[("1a", "v")]), Err(MetricError::InvalidLabel(_))));
-        assert!(matches!(r.try_counter("x", "", &[("a", "v"), ("a", "w")]), Err(MetricError::InvalidLabel(_))));
-        assert!(matches!(r.try_histogram("h", "", &[("le", "1")], DEFAULT_BUCKETS), Err(MetricError::InvalidLabel(_))));
+        assert!(matches!(
+            r.try_counter("bad name", "", NO_LABELS),
+            Err(MetricError::InvalidName(_))
+        ));
+        assert!(matches!(
+            r.try_counter("x", "", &[("1a", "v")]),
+            Err(MetricError::InvalidLabel(_))
+        ));
+        assert!(matches!(
+            r.try_counter("x", "", &[("a", "v"), ("a", "w")]),
+            Err(MetricError::InvalidLabel(_))
+        ));
+        assert!(matches!(
+            r.try_histogram("h", "", &[("le", "1")], DEFAULT_BUCKETS),
+            Err(MetricError::InvalidLabel(_))
+        ));
         r.try_counter("x", "", &[("a", "1")]).unwrap();
-        assert!(matches!(r.try_gauge("x", "", NO_LABELS), Err(MetricError::KindConflict { .. })));
+        assert!(matches!(
+            r.try_gauge("x", "", NO_LABELS),
+            Err(MetricError::KindConflict { .. })
+        ));
         r.try_gauge("g", "", NO_LABELS).unwrap();
-        assert_eq!(r.try_counter("x", "", &[("a", "2")]).unwrap_err(), MetricError::TooManySeries(2));
+        assert_eq!(
+            r.try_counter("x", "", &[("a", "2")]).unwrap_err(),
+            MetricError::TooManySeries(2)
+        );
         // Existing series are still handed out at the limit.
         r.try_counter("x", "", &[("a", "1")]).unwrap();
     }

@@ -21,11 +21,12 @@ use tokio::net::TcpStream;
 use crate::gateway::Shared;
 use crate::handshake::{self, ClientUpgrade, Refusal};
 use crate::metrics::Counter;
+use crate::compression::negotiate::{self, DeflatePolicy};
 use crate::plugin::{
-    Accept, Action, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
+    Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
     Verdict,
 };
-use crate::relay::{self, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
+use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
 use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamRequest, UpstreamSocket};
 
 pub async fn handle(
@@ -71,7 +72,23 @@ async fn upgrade(
     let pool = routing.pools.get(pool_name).cloned().ok_or_else(|| {
         Refusal::new(StatusCode::BAD_GATEWAY, format!("a plugin chose upstream {pool_name:?}, which is not configured"))
     })?;
-    let request = upstream_request(&upgrade, client_addr, &decision);
+    let mut request = upstream_request(&upgrade, client_addr, &decision);
+    // Plugins that read messages need plain payloads: passthrough becomes terminate.
+    let reads_messages = chain.iter().any(|slot| slot.current().hooks().messages);
+    let wanted = decision.compression.clone().unwrap_or_else(|| routing.compression.clone());
+    let mode = match wanted.mode {
+        CompressionMode::Passthrough if reads_messages => CompressionMode::Terminate,
+        mode => mode,
+    };
+    let client_offers: Vec<&str> = upgrade
+        .headers
+        .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if mode == CompressionMode::Passthrough && !client_offers.is_empty() {
+        request.headers.push(("sec-websocket-extensions".into(), client_offers.join(", ")));
+    }
     if conn.is_none() && pool.balancer.is_some() {
         conn = Some(new_context());
     }
@@ -88,7 +105,9 @@ async fn upgrade(
             ));
         }
     }
-    let response = handshake::switching_protocols(&upgrade.key, subprotocol.as_deref(), None);
+    let compression = negotiate_compression(mode, &wanted, &client_offers, &socket, routing.relay.max_message_size)?;
+    let response =
+        handshake::switching_protocols(&upgrade.key, subprotocol.as_deref(), compression.header.as_deref());
     let on_upgrade = hyper::upgrade::on(req);
     let shared = shared.clone();
     let tasks = shared.tasks.clone();
@@ -105,7 +124,7 @@ async fn upgrade(
         };
         let settings = routing.relay.clone();
         drop(routing);
-        relay_connection(client, socket, active, &settings, chain, conn, &shared).await;
+        relay_connection(client, socket, active, &settings, chain, conn, compression, &shared).await;
     });
     Ok(response)
 }
@@ -195,22 +214,29 @@ fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, decision: 
 }
 
 /// The order to try servers in: the balancer plugin's ranking, or round robin. A failing
-/// balancer falls back to round robin unless its `on_error` is "deny".
+/// balancer falls back to round robin unless its `on_error` is "deny". Only available servers
+/// (healthy, not ejected, not draining) are offered to the plugin, as `candidates` whose
+/// indexes map back to the pool's list; none available is a 503.
 fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Result<Vec<usize>, Refusal> {
+    let available = pool.available();
+    if available.is_empty() {
+        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, pool.unavailable_reason()));
+    }
     let Some(((_, slot), conn)) = pool.balancer.as_ref().zip(conn) else {
-        return Ok(pool.round_robin_order());
+        return Ok(pool.round_robin_order(&available));
     };
     let plugin = slot.current();
     if !plugin.hooks().balancer {
-        return Ok(pool.round_robin_order());
+        return Ok(pool.round_robin_order(&available));
     }
-    let candidates: Vec<_> = pool.servers.iter().map(|s| s.candidate()).collect();
+    let candidates: Vec<_> = available.iter().map(|&i| pool.servers[i].candidate()).collect();
     match plugin.select(conn, &pool.name, &candidates) {
         Ok(ranked) => {
             let mut order = Vec::with_capacity(ranked.len());
+            let mut seen = vec![false; candidates.len()];
             for i in ranked.into_iter().map(|i| i as usize) {
-                if i < candidates.len() && !order.contains(&i) {
-                    order.push(i);
+                if i < candidates.len() && !std::mem::replace(&mut seen[i], true) {
+                    order.push(available[i]);
                 }
             }
             if order.is_empty() {
@@ -224,12 +250,13 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Re
             if plugin.on_error() == Some(OnError::Deny) {
                 return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, format!("balancer {} failed", plugin.name())));
             }
-            Ok(pool.round_robin_order())
+            Ok(pool.round_robin_order(&available))
         }
     }
 }
 
-/// Tries servers in `order`, at most `max_attempts` of them.
+/// Tries servers in `order`, at most `max_attempts` of them. Failures count towards the
+/// server's passive ejection; a server that started draining meanwhile is passed over.
 async fn connect_ranked(
     pool: &Pool,
     order: &[usize],
@@ -240,10 +267,16 @@ async fn connect_ranked(
     for &index in order.iter().take(pool.max_attempts as usize) {
         let server = &pool.servers[index];
         let started = Instant::now();
+        // Counted as active while it connects, so concurrent balancer calls see it.
+        let active = server.connecting();
         match upstream::open(&server.address, request, pool.connect_timeout).await {
+            Ok(_) if server.is_draining() => {
+                last_error = format!("{}: draining", server.address.authority);
+            }
             Ok(socket) => {
                 server.record_success(started.elapsed());
-                return Ok((socket, server.connection_opened()));
+                active.established();
+                return Ok((socket, active));
             }
             Err(ConnectError::Refused { status, headers, body }) => {
                 // An answer, not a failure: the client should see it.
@@ -255,7 +288,7 @@ async fn connect_ranked(
                 return Err(refusal);
             }
             Err(e) => {
-                server.record_failure();
+                server.record_failure(&pool.name, pool.eject_after);
                 failures.inc();
                 tracing::warn!(pool = %pool.name, server = %server.address.authority, error = %e, "upstream connect failed");
                 last_error = format!("{}: {e}", server.address.authority);
@@ -265,6 +298,70 @@ async fn connect_ranked(
     Err(Refusal::new(StatusCode::BAD_GATEWAY, format!("no upstream server of {} answered ({last_error})", pool.name)))
 }
 
+/// permessage-deflate as agreed for one connection.
+struct NegotiatedCompression {
+    /// The 101's `Sec-WebSocket-Extensions`, if any.
+    header: Option<String>,
+    /// Frames from the client may carry RSV1 (compressed messages).
+    client_rsv1: bool,
+    /// Frames from the upstream may carry RSV1.
+    upstream_rsv1: bool,
+    /// The gateway inflates and deflates on the client link (terminate mode).
+    terminate: Option<ClientCompression>,
+}
+
+/// Agrees permessage-deflate for the client link: `off`; `passthrough` (the client's offer
+/// went upstream, the upstream's answer is checked against it and forwarded); or
+/// `terminate` (the gateway answers the client's offer under `wanted`'s policy and the
+/// upstream link stays uncompressed). An upstream answer the gateway cannot accept is a 502.
+fn negotiate_compression(
+    mode: CompressionMode,
+    wanted: &Compression,
+    client_offers: &[&str],
+    socket: &UpstreamSocket,
+    max_message_size: u64,
+) -> Result<NegotiatedCompression, Refusal> {
+    let plain = NegotiatedCompression { header: None, client_rsv1: false, upstream_rsv1: false, terminate: None };
+    let answer: Vec<&str> = socket.extensions.iter().map(String::as_str).collect();
+    let bad_answer = |e: negotiate::NegotiationError| {
+        Refusal::new(StatusCode::BAD_GATEWAY, format!("the upstream's Sec-WebSocket-Extensions cannot be accepted: {e}"))
+    };
+    match mode {
+        CompressionMode::Passthrough => {
+            match negotiate::validate_passthrough(client_offers.iter().copied(), answer).map_err(bad_answer)? {
+                Some(_) => Ok(NegotiatedCompression {
+                    header: socket.extensions.clone(),
+                    client_rsv1: true,
+                    upstream_rsv1: true,
+                    terminate: None,
+                }),
+                None => Ok(plain),
+            }
+        }
+        CompressionMode::Off | CompressionMode::Terminate => {
+            // Nothing was offered upstream: any extension in its answer is an error.
+            negotiate::validate_passthrough(std::iter::empty::<&str>(), answer).map_err(bad_answer)?;
+            if mode == CompressionMode::Off {
+                return Ok(plain);
+            }
+            let policy = DeflatePolicy::new(wanted.max_window_bits, wanted.no_context_takeover);
+            match negotiate::accept(client_offers.iter().copied(), &policy) {
+                Some(accepted) => Ok(NegotiatedCompression {
+                    header: Some(accepted.header),
+                    client_rsv1: true,
+                    upstream_rsv1: false,
+                    terminate: Some(ClientCompression {
+                        inflater: accepted.config.inflater(max_message_size),
+                        deflater: accepted.config.deflater(),
+                    }),
+                }),
+                None => Ok(plain),
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn relay_connection(
     client: Endpoint,
     upstream: UpstreamSocket,
@@ -272,6 +369,7 @@ async fn relay_connection(
     settings: &relay::RelaySettings,
     chain: Vec<Arc<PluginSlot>>,
     conn: Option<Arc<ConnContext>>,
+    compression: NegotiatedCompression,
     shared: &Shared,
 ) {
     let started = Instant::now();
@@ -281,9 +379,20 @@ async fn relay_connection(
     let upstream = Endpoint { stream: upstream.stream, already_read: upstream.already_read };
     let max = settings.max_message_size;
     let rules = (
-        LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: false, max_message_size: max },
-        LinkRules { expect_masked: false, validate_utf8: false, allow_rsv1: false, max_message_size: max },
+        LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: compression.client_rsv1, max_message_size: max },
+        LinkRules {
+            expect_masked: false,
+            validate_utf8: false,
+            allow_rsv1: compression.upstream_rsv1,
+            max_message_size: max,
+        },
     );
+    // Shutdown closes with 1001, a drain of this server with 1012.
+    let signal = active.close_signal(&shared.shutdown);
+    let stop = relay::Stop {
+        token: signal.token().clone(),
+        frame: Box::new(move || signal.frame()),
+    };
     // Only routes whose plugins read messages pay for assembling them and calling Wasm.
     let reads_messages = chain.iter().any(|slot| slot.current().hooks().messages);
     let hook = match (&conn, reads_messages) {
@@ -298,7 +407,8 @@ async fn relay_connection(
         settings,
         rules,
         hook.as_ref().map(|h| h as &dyn MessageHook),
-        shared.shutdown.clone(),
+        compression.terminate,
+        stop,
     )
     .await;
     metrics.connections_active.dec();

@@ -24,8 +24,8 @@
 //! ```
 //!
 //! The bindings are generated from `wit/plugin.wit`, the same file the host binds to, for
-//! the world `plugin` (every hook exported); `init` returns [`Plugin::HOOKS`] so the host
-//! calls only the hooks the plugin really has.
+//! the world `plugin` (every hook exported); `init` returns [`Plugin::hooks`] (by default
+//! [`Plugin::HOOKS`]) so the host calls only the hooks the plugin really has.
 //!
 //! Everything also builds for the host target so plugin logic can be unit-tested with plain
 //! `cargo test`: off Wasm, [`Conn`], [`kv`], [`metrics`] and the clock and random functions

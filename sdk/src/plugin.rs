@@ -21,6 +21,14 @@ pub trait Plugin: Sized + 'static {
     /// Builds the plugin from its config; an error rejects this version of the plugin.
     fn new(config: Self::Config) -> Result<Self, String>;
 
+    /// The hooks this instance implements, as `init` returns them; asked once, right after
+    /// [`Plugin::new`]. Default: [`Plugin::HOOKS`]. Override it when the config decides, e.g.
+    /// a `messages` hook only when an option needs it (so routes without it relay frames
+    /// with no Wasm call); return a subset of `HOOKS`, which lists every hook the type has.
+    fn hooks(&self) -> Hooks {
+        Self::HOOKS
+    }
+
     /// Decides on a client's upgrade request. Default: accept unchanged.
     fn on_handshake(&mut self, conn: &Conn, req: &Request) -> Verdict {
         let _ = (conn, req);
@@ -122,6 +130,7 @@ mod tests {
     fn defaults_accept_keep_order_and_forward() {
         let conn = Conn::new(1);
         let mut p = Nothing;
+        assert_eq!(p.hooks(), Nothing::HOOKS);
         assert_eq!(p.on_handshake(&conn, &Request::new("/")), Verdict::accept());
         let candidates = vec![Candidate::new("a:1"), Candidate::new("b:1")];
         assert_eq!(p.select(&conn, "pool", &candidates), vec![0, 1]);

@@ -1,8 +1,8 @@
 //! The generated export traits, implemented once for every [`Plugin`].
 //!
-//! `init` builds the plugin value and keeps it in a global for the instance's lifetime;
-//! each hook borrows it. Wasm instances run one call at a time and a host function never
-//! calls back into the guest, so the borrow is never contended.
+//! `init` builds the plugin value, asks it for its hooks, and keeps it in a global for the
+//! instance's lifetime; each hook borrows it. Wasm instances run one call at a time and a
+//! host function never calls back into the guest, so the borrow is never contended.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -34,8 +34,9 @@ fn with_plugin<P: Plugin, R>(hook: impl FnOnce(&mut P) -> R) -> R {
 impl<P: Plugin> lifecycle::Guest for Exports<P> {
     fn init(config: String) -> Result<Hooks, String> {
         let plugin = P::from_json(&config)?;
+        let hooks = plugin.hooks();
         INSTANCE.set(Some(Box::new(plugin)));
-        Ok(P::HOOKS)
+        Ok(hooks)
     }
 
     fn on_close(conn: &Connection, code: u16, stats: ConnectionStats) {

@@ -205,7 +205,8 @@ async fn hot_reload_under_traffic_drops_nothing() {
     std::fs::copy(plugin_wasm("echo-tag"), &wasm).unwrap();
     let make = |version: u32| {
         let plugins = format!(
-            "[[plugin]]\nname = \"tag\"\nwasm = \"{}\"\nconfig = {{ prefix = \"v{version}:\" }}\n",
+            // Generous deadlines: this test is about reloads, not a loaded machine's scheduling.
+            "[[plugin]]\nname = \"tag\"\nwasm = \"{}\"\nconfig = {{ prefix = \"v{version}:\" }}\nmessage_timeout_ms = 1000\n",
             wasm.display()
         );
         config(&server_list(&backends), &[("/", "\"tag\"")], &plugins, "")
@@ -258,6 +259,8 @@ async fn hot_reload_under_traffic_drops_nothing() {
         assert!(versions.contains("v10"), "a live connection reached the last version: {versions:?}");
     }
     println!("hot reload: {total} messages over 200 connections, 10 reloads, none lost");
+    let metrics = gw.metrics_text();
+    assert!(metrics.contains("wasmgate_plugin_call_failures_total 0"), "no hook call failed: {metrics}");
     let mut fresh = connect(&url).await;
     assert_eq!(roundtrip(&mut fresh, Message::text("x")).await, Message::text("v10:x"));
     gw.shutdown().await;
@@ -302,5 +305,24 @@ async fn admin_lists_plugins_and_reloads_from_the_file() {
     assert_eq!(roundtrip(&mut ws, Message::text("y")).await, Message::text("b:y"));
     let metrics = admin_get(&gw, "/metrics").await;
     assert!(metrics.contains("wasmgate_connections_active 1"), "{metrics}");
+    gw.shutdown().await;
+}
+
+/// The demo's embedded configuration loads its plugins and serves both routes.
+#[tokio::test]
+async fn demo_config_serves() {
+    let backends = echo_backends(2).await;
+    let text = std::fs::read_to_string(repo_root().join("examples/demo.toml"))
+        .unwrap()
+        .replace("BACKEND_1", &backends[0].addr.to_string())
+        .replace("BACKEND_2", &backends[1].addr.to_string())
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    let gw = start_gateway(&text).await;
+    let mut echo = connect(&ws_url(&gw, "/echo")).await;
+    let Message::Text(seen) = roundtrip(&mut echo, Message::text("headers")).await else { panic!() };
+    assert!(seen.contains("x-demo: stamped by a Wasm plugin"), "{seen}");
+    let mut tagged = connect(&ws_url(&gw, "/tagged")).await;
+    assert_eq!(roundtrip(&mut tagged, Message::text("hi")).await, Message::text("[via wasm] hi"));
     gw.shutdown().await;
 }

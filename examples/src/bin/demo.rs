@@ -25,10 +25,11 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse(&text, "examples/demo.toml", root)?;
     let gateway = Gateway::start(config).await?;
     println!();
-    println!("wasmgate demo: two echo backends behind the gateway.");
-    println!("  connect:  ws://{}/echo", gateway.listen_addr);
+    println!("wasmgate demo: two echo backends behind the gateway, three Wasm plugins.");
+    println!("  connect:  ws://{}/echo     (send whoami or headers)", gateway.listen_addr);
+    println!("            ws://{}/tagged   (a message plugin prefixes what you send)", gateway.listen_addr);
     if let Some(admin) = gateway.admin_addr {
-        println!("  admin:    http://{admin}/healthz");
+        println!("  admin:    http://{admin}/plugins   http://{admin}/metrics");
     }
     println!("  try:      .venv/bin/python -m websockets ws://{}/echo   (then type whoami)", gateway.listen_addr);
     println!("Ctrl-C stops it.");

@@ -36,7 +36,8 @@ pub(super) struct CompileCache {
 impl CompileCache {
     pub fn new(engine: &Engine, dir: Option<PathBuf>) -> anyhow::Result<CompileCache> {
         if let Some(d) = &dir {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create plugin cache {}", d.display()))?;
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("cannot create plugin cache {}", d.display()))?;
         }
         let mut h = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut h);
@@ -57,7 +58,9 @@ impl CompileCache {
             // by rename, never modified in place. A damaged file fails to deserialize.
             match unsafe { Component::deserialize_file(engine, &path) } {
                 Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(path = %path.display(), "recompiling, cached plugin does not load: {e}"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "recompiling, cached plugin does not load: {e}")
+                }
             }
         }
         let component = Component::new(engine, bytes).map_err(wasm_error)?;
@@ -93,6 +96,10 @@ impl Hasher for Sha256Hasher {
     }
     fn finish(&self) -> u64 {
         let digest = self.0.clone().finalize();
-        u64::from_le_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+        u64::from_le_bytes(
+            digest[..8]
+                .try_into()
+                .expect("a SHA-256 digest has 32 bytes"),
+        )
     }
 }

@@ -113,14 +113,16 @@ impl PluginRuntime {
         config
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .epoch_interruption(true)
-            // Hooks are plain synchronous calls; skipping the component-model-async
-            // bookkeeping makes each call cheaper.
+            // Hooks are plain synchronous calls. Without the component-model-async feature
+            // this is already the default; saying so keeps a feature turned on elsewhere in
+            // the dependency graph from adding its per-call bookkeeping.
             .concurrency_support(false);
         let engine = Engine::new(&config).map_err(wasm_error)?;
 
         let mut linker = Linker::new(&engine);
         wasi::add_to_linker(&mut linker).map_err(wasm_error)?;
-        Imports::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(wasm_error)?;
+        Imports::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(wasm_error)?;
 
         let cache = CompileCache::new(&engine, opts.cache_dir.clone())?;
         let kv = Kv::new(opts.kv_max_bytes, Duration::from_secs(1))?;
@@ -140,22 +142,37 @@ impl PluginRuntime {
     /// Compiles (or loads from the cache), links, and makes one ready instance by calling
     /// `init`. Blocking, and seconds for a large component: call from `spawn_blocking`.
     pub fn load(&self, spec: &PluginSpec) -> anyhow::Result<Arc<Plugin>> {
-        let bytes = std::fs::read(&spec.wasm_path)
-            .with_context(|| format!("plugin `{}`: cannot read {}", spec.name, spec.wasm_path.display()))?;
+        let bytes = std::fs::read(&spec.wasm_path).with_context(|| {
+            format!(
+                "plugin `{}`: cannot read {}",
+                spec.name,
+                spec.wasm_path.display()
+            )
+        })?;
         let hash = sha256_hex(&bytes);
         let component = self.compile(spec, &bytes, &hash)?;
         self.load_compiled(spec, component, hash)
     }
 
     /// The compiled component for `bytes`, whose hex SHA-256 is `hash`.
-    pub(super) fn compile(&self, spec: &PluginSpec, bytes: &[u8], hash: &str) -> anyhow::Result<Component> {
+    pub(super) fn compile(
+        &self,
+        spec: &PluginSpec,
+        bytes: &[u8],
+        hash: &str,
+    ) -> anyhow::Result<Component> {
         self.cache
             .load(&self.engine, bytes, hash)
             .with_context(|| format!("{}: not a valid WebAssembly component", describe(spec)))
     }
 
     /// Links `component` and makes the plugin's first instance.
-    pub(super) fn load_compiled(&self, spec: &PluginSpec, component: Component, hash: String) -> anyhow::Result<Arc<Plugin>> {
+    pub(super) fn load_compiled(
+        &self,
+        spec: &PluginSpec,
+        component: Component,
+        hash: String,
+    ) -> anyhow::Result<Arc<Plugin>> {
         let what = || describe(spec);
         if spec.memory_limit > self.opts.max_memory_size {
             anyhow::bail!(
@@ -170,9 +187,25 @@ impl PluginRuntime {
             .linker
             .instantiate_pre(&component)
             .map_err(wasm_error)
-            .with_context(|| format!("{}: imports something the gateway does not provide", what()))?;
-        let env = PluginEnv::new(&spec.name, self.kv.clone(), self.metrics.clone(), self.started, self.ticking.clone());
-        Plugin::new(spec.clone(), hash, pre, exports, Arc::new(env), &self.metrics).with_context(what)
+            .with_context(|| {
+                format!("{}: imports something the gateway does not provide", what())
+            })?;
+        let env = PluginEnv::new(
+            &spec.name,
+            self.kv.clone(),
+            self.metrics.clone(),
+            self.started,
+            self.ticking.clone(),
+        );
+        Plugin::new(
+            spec.clone(),
+            hash,
+            pre,
+            exports,
+            Arc::new(env),
+            &self.metrics,
+        )
+        .with_context(what)
     }
 }
 

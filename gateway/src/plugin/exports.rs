@@ -10,7 +10,9 @@ use wasmtime::Store;
 
 use super::bindings::connection::Connection;
 use super::host::{HostState, CONN_REP};
-use super::types::{Action, Candidate, ConnStats, Direction, HandshakeRequest, HookFlags, Opcode, Verdict};
+use super::types::{
+    Action, Candidate, ConnStats, Direction, HandshakeRequest, HookFlags, Opcode, Verdict,
+};
 
 const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.1.0";
 const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.1.0";
@@ -43,7 +45,9 @@ impl ExportIndices {
             component.get_export_index(Some(&instance), name)
         };
         let required = |name: &str| {
-            func(LIFECYCLE, name).ok_or_else(|| anyhow::anyhow!("the component does not export `{LIFECYCLE}` with `{name}`"))
+            func(LIFECYCLE, name).ok_or_else(|| {
+                anyhow::anyhow!("the component does not export `{LIFECYCLE}` with `{name}`")
+            })
         };
         Ok(ExportIndices {
             init: required("init")?,
@@ -77,7 +81,11 @@ pub(super) struct Exports {
 }
 
 impl Exports {
-    pub fn load(idx: &ExportIndices, store: &mut Store<HostState>, instance: &Instance) -> wasmtime::Result<Exports> {
+    pub fn load(
+        idx: &ExportIndices,
+        store: &mut Store<HostState>,
+        instance: &Instance,
+    ) -> wasmtime::Result<Exports> {
         let mut get = |i: &ComponentExportIndex, check: TypeCheck| -> wasmtime::Result<Func> {
             let f = instance
                 .get_func(&mut *store, i)
@@ -88,43 +96,73 @@ impl Exports {
         Ok(Exports {
             init: get(&idx.init, |f, s| f.typed(s).map(|_: InitFn<'_>| ()))?,
             on_close: get(&idx.on_close, |f, s| f.typed(s).map(|_: OnCloseFn| ()))?,
-            on_handshake: idx.on_handshake.as_ref().map(|i| {
-                get(i, |f, s| f.typed(s).map(|_: OnHandshakeFn<'_>| ()))
-            }).transpose()?,
-            select: idx.select.as_ref().map(|i| {
-                get(i, |f, s| f.typed(s).map(|_: SelectFn<'_>| ()))
-            }).transpose()?,
-            on_message: idx.on_message.as_ref().map(|i| {
-                get(i, |f, s| f.typed(s).map(|_: OnMessageFn<'_>| ()))
-            }).transpose()?,
+            on_handshake: idx
+                .on_handshake
+                .as_ref()
+                .map(|i| get(i, |f, s| f.typed(s).map(|_: OnHandshakeFn<'_>| ())))
+                .transpose()?,
+            select: idx
+                .select
+                .as_ref()
+                .map(|i| get(i, |f, s| f.typed(s).map(|_: SelectFn<'_>| ())))
+                .transpose()?,
+            on_message: idx
+                .on_message
+                .as_ref()
+                .map(|i| get(i, |f, s| f.typed(s).map(|_: OnMessageFn<'_>| ())))
+                .transpose()?,
         })
     }
 
     // SAFETY (every `new_unchecked` below): `load` type-checked the same function against
     // the same signature; lifetimes do not change a component type.
 
-    pub fn init(&self, store: &mut Store<HostState>, config: &str) -> wasmtime::Result<Result<HookFlags, String>> {
+    pub fn init(
+        &self,
+        store: &mut Store<HostState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<HookFlags, String>> {
         let f = unsafe { InitFn::new_unchecked(self.init) };
         Ok(f.call(store, (config,))?.0)
     }
 
-    pub fn on_close(&self, store: &mut Store<HostState>, code: u16, stats: ConnStats) -> wasmtime::Result<()> {
+    pub fn on_close(
+        &self,
+        store: &mut Store<HostState>,
+        code: u16,
+        stats: ConnStats,
+    ) -> wasmtime::Result<()> {
         let f = unsafe { OnCloseFn::new_unchecked(self.on_close) };
         f.call(store, (conn(), code, stats))
     }
 
     /// `None` when the component does not export the hook.
-    pub fn on_handshake(&self, store: &mut Store<HostState>, req: &HandshakeRequest) -> Option<wasmtime::Result<Verdict>> {
+    pub fn on_handshake(
+        &self,
+        store: &mut Store<HostState>,
+        req: &HandshakeRequest,
+    ) -> Option<wasmtime::Result<Verdict>> {
         let f = unsafe { OnHandshakeFn::new_unchecked(self.on_handshake?) };
         Some(f.call(store, (conn(), req)).map(|r| r.0))
     }
 
-    pub fn select(&self, store: &mut Store<HostState>, pool: &str, candidates: &[Candidate]) -> Option<wasmtime::Result<Vec<u32>>> {
+    pub fn select(
+        &self,
+        store: &mut Store<HostState>,
+        pool: &str,
+        candidates: &[Candidate],
+    ) -> Option<wasmtime::Result<Vec<u32>>> {
         let f = unsafe { SelectFn::new_unchecked(self.select?) };
         Some(f.call(store, (conn(), pool, candidates)).map(|r| r.0))
     }
 
-    pub fn on_message(&self, store: &mut Store<HostState>, dir: Direction, op: Opcode, payload: &[u8]) -> Option<wasmtime::Result<Action>> {
+    pub fn on_message(
+        &self,
+        store: &mut Store<HostState>,
+        dir: Direction,
+        op: Opcode,
+        payload: &[u8],
+    ) -> Option<wasmtime::Result<Action>> {
         let f = unsafe { OnMessageFn::new_unchecked(self.on_message?) };
         Some(f.call(store, (conn(), dir, op, payload)).map(|r| r.0))
     }

@@ -17,8 +17,8 @@ use super::exports::{ExportIndices, Exports};
 use super::host::{HostState, PluginEnv};
 use super::pool::{classify, Pool};
 use super::types::{
-    Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags, Hooks, OnError, Opcode,
-    PluginError, Verdict,
+    Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
+    Hooks, OnError, Opcode, PluginError, Verdict,
 };
 use crate::metrics::{Counter, Registry};
 
@@ -126,7 +126,14 @@ impl Plugin {
         env: Arc<PluginEnv>,
         metrics: &Registry,
     ) -> anyhow::Result<Arc<Plugin>> {
-        let pool = Pool::new(pre, indices, env, spec.config_json.clone(), spec.memory_limit, spec.max_instances.max(1));
+        let pool = Pool::new(
+            pre,
+            indices,
+            env,
+            spec.config_json.clone(),
+            spec.memory_limit,
+            spec.max_instances.max(1),
+        );
         let (first, flags) = pool.make().map_err(anyhow::Error::msg)?;
         let hooks = effective_hooks(&spec.name, pool.indices(), flags);
         pool.put(first);
@@ -170,43 +177,70 @@ impl Plugin {
     }
 
     /// Without the hook: `Accept` with no changes.
-    pub fn on_handshake(&self, conn: &ConnContext, req: &HandshakeRequest) -> Result<Verdict, PluginError> {
+    pub fn on_handshake(
+        &self,
+        conn: &ConnContext,
+        req: &HandshakeRequest,
+    ) -> Result<Verdict, PluginError> {
         if !self.hooks.handshake {
             return Ok(Verdict::Accept(Accept::default()));
         }
         self.stats.handshake.inc();
-        let verdict = self.call(conn, self.handshake_ticks, self.spec.handshake_timeout, |store, exports| {
-            exports.on_handshake(store, req)
-        })?;
+        let verdict = self.call(
+            conn,
+            self.handshake_ticks,
+            self.spec.handshake_timeout,
+            |store, exports| exports.on_handshake(store, req),
+        )?;
         self.checked(verdict.check().map(|()| verdict))
     }
 
     /// Indexes into `candidates`, best first. Without the hook: `NotImplemented`, so the
     /// caller uses its own balancing.
-    pub fn select(&self, conn: &ConnContext, pool: &str, candidates: &[Candidate]) -> Result<Vec<u32>, PluginError> {
+    pub fn select(
+        &self,
+        conn: &ConnContext,
+        pool: &str,
+        candidates: &[Candidate],
+    ) -> Result<Vec<u32>, PluginError> {
         if !self.hooks.balancer {
             return Err(PluginError::NotImplemented("select"));
         }
         self.stats.select.inc();
-        let order = self.call(conn, self.handshake_ticks, self.spec.handshake_timeout, |store, exports| {
-            exports.select(store, pool, candidates)
-        })?;
+        let order = self.call(
+            conn,
+            self.handshake_ticks,
+            self.spec.handshake_timeout,
+            |store, exports| exports.select(store, pool, candidates),
+        )?;
         let checked = match order.iter().find(|&&i| i as usize >= candidates.len()) {
-            Some(i) => Err(format!("select returned index {i} for {} candidates", candidates.len())),
+            Some(i) => Err(format!(
+                "select returned index {i} for {} candidates",
+                candidates.len()
+            )),
             None => Ok(order),
         };
         self.checked(checked)
     }
 
     /// Without the hook: `Forward`.
-    pub fn on_message(&self, conn: &ConnContext, dir: Direction, op: Opcode, payload: &[u8]) -> Result<Action, PluginError> {
+    pub fn on_message(
+        &self,
+        conn: &ConnContext,
+        dir: Direction,
+        op: Opcode,
+        payload: &[u8],
+    ) -> Result<Action, PluginError> {
         if !self.hooks.messages {
             return Ok(Action::Forward);
         }
         self.stats.message.inc();
-        let action = self.call(conn, self.message_ticks, self.spec.message_timeout, |store, exports| {
-            exports.on_message(store, dir, op, payload)
-        })?;
+        let action = self.call(
+            conn,
+            self.message_ticks,
+            self.spec.message_timeout,
+            |store, exports| exports.on_message(store, dir, op, payload),
+        )?;
         self.checked(action.check(op).map(|()| action))
     }
 
@@ -216,9 +250,12 @@ impl Plugin {
             return;
         }
         self.stats.close.inc();
-        let done = self.call(conn, self.handshake_ticks, self.spec.handshake_timeout, |store, exports| {
-            Some(exports.on_close(store, code, stats))
-        });
+        let done = self.call(
+            conn,
+            self.handshake_ticks,
+            self.spec.handshake_timeout,
+            |store, exports| Some(exports.on_close(store, code, stats)),
+        );
         if let Err(e) = done {
             tracing::warn!(target: "wasmgate::plugin", plugin = self.name(), conn = conn.id, "on-close {e}");
         }
@@ -231,9 +268,15 @@ impl Plugin {
             name: self.spec.name.clone(),
             wasm_path: self.spec.wasm_path.clone(),
             hash: self.hash.clone(),
-            loaded_at_ms: self.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            loaded_at_ms: self
+                .loaded_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             hooks: self.hooks,
-            calls: [&s.handshake, &s.select, &s.message, &s.close].iter().map(|c| c.get()).sum(),
+            calls: [&s.handshake, &s.select, &s.message, &s.close]
+                .iter()
+                .map(|c| c.get())
+                .sum(),
             errors: errors.iter().map(|c| c.get()).sum(),
             traps: s.trap.get(),
             timeouts: s.timeout.get(),
@@ -251,7 +294,10 @@ impl Plugin {
         timeout: Duration,
         f: impl FnOnce(&mut Store<HostState>, &Exports) -> Option<wasmtime::Result<R>>,
     ) -> Result<R, PluginError> {
-        let mut instance = self.pool.take().inspect_err(|e| self.stats.count_error(e))?;
+        let mut instance = self
+            .pool
+            .take()
+            .inspect_err(|e| self.stats.count_error(e))?;
         instance.store.set_epoch_deadline(ticks);
         let result = {
             let guard = HostState::enter(&mut instance.store, conn);

@@ -40,7 +40,13 @@ pub(super) struct PluginEnv {
 }
 
 impl PluginEnv {
-    pub fn new(name: &str, kv: Arc<Kv>, metrics: Arc<Registry>, started: Instant, ticking: Ticking) -> PluginEnv {
+    pub fn new(
+        name: &str,
+        kv: Arc<Kv>,
+        metrics: Arc<Registry>,
+        started: Instant,
+        ticking: Ticking,
+    ) -> PluginEnv {
         PluginEnv {
             name: name.into(),
             kv,
@@ -55,7 +61,12 @@ impl PluginEnv {
         let now = self.started.elapsed().as_millis() as u64 + 1;
         let last = self.kv_warned_at.load(Ordering::Relaxed);
         let due = last == 0 || now - last >= KV_WARN_EVERY.as_millis() as u64;
-        if due && self.kv_warned_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if due
+            && self
+                .kv_warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             tracing::error!(target: "wasmgate::plugin", plugin = &*self.name, key, "kv write refused: {err}");
         }
     }
@@ -87,14 +98,20 @@ impl HostState {
         HostState {
             wasi: wasi::deny_all_ctx(&env.name),
             env,
-            limits: Limits { memory: memory_limit, memory_exceeded: false },
+            limits: Limits {
+                memory: memory_limit,
+                memory_exceeded: false,
+            },
             conn: CurrentConn(None),
             table: ResourceTable::new(),
         }
     }
 
     /// Makes `conn` the connection that `connection` handles refer to until the guard drops.
-    pub fn enter<'a>(store: &'a mut wasmtime::Store<HostState>, conn: &'a ConnContext) -> ConnGuard<'a> {
+    pub fn enter<'a>(
+        store: &'a mut wasmtime::Store<HostState>,
+        conn: &'a ConnContext,
+    ) -> ConnGuard<'a> {
         let state = store.data_mut();
         state.conn.0 = Some(NonNull::from(conn));
         // A refusal a guest survived in an earlier call must not explain this call's trap.
@@ -121,7 +138,9 @@ impl HostState {
     ) {
         let full = format!("{METRIC_PREFIX}{name}");
         let result = if labels.iter().any(|(k, _)| k == "plugin") {
-            Err(MetricError::InvalidLabel("plugin (reserved for the plugin's name)".into()))
+            Err(MetricError::InvalidLabel(
+                "plugin (reserved for the plugin's name)".into(),
+            ))
         } else {
             let mut all = Vec::with_capacity(labels.len() + 1);
             all.push(("plugin".to_string(), self.env.name.to_string()));
@@ -130,7 +149,9 @@ impl HostState {
         };
         match result {
             Ok(m) => update(m),
-            Err(e) => tracing::warn!(target: "wasmgate::plugin", plugin = &*self.env.name, metric = full, "metric refused: {e}"),
+            Err(e) => {
+                tracing::warn!(target: "wasmgate::plugin", plugin = &*self.env.name, metric = full, "metric refused: {e}")
+            }
         }
     }
 }
@@ -154,7 +175,12 @@ pub(super) struct Limits {
 }
 
 impl ResourceLimiter for Limits {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory {
             self.memory_exceeded = true;
             return Ok(false);
@@ -162,7 +188,12 @@ impl ResourceLimiter for Limits {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, _desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        _desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         // The pooling allocator's `table_elements` already bounds every table.
         Ok(true)
     }
@@ -170,7 +201,10 @@ impl ResourceLimiter for Limits {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -188,7 +222,9 @@ impl host::Host for HostState {
     }
 
     fn now_ms(&mut self) -> wasmtime::Result<u64> {
-        Ok(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+        Ok(SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64))
     }
 
     fn monotonic_ns(&mut self) -> wasmtime::Result<u64> {
@@ -215,14 +251,25 @@ impl connection::HostConnection for HostState {
         Ok(self.conn(&c)?.route.clone())
     }
 
-    fn get_meta(&mut self, c: Resource<connection::Connection>, key: String) -> wasmtime::Result<Option<String>> {
+    fn get_meta(
+        &mut self,
+        c: Resource<connection::Connection>,
+        key: String,
+    ) -> wasmtime::Result<Option<String>> {
         Ok(self.conn(&c)?.meta(&key))
     }
 
-    fn set_meta(&mut self, c: Resource<connection::Connection>, key: String, value: String) -> wasmtime::Result<()> {
-        self.conn(&c)?
-            .set_meta(&key, &value)
-            .map_err(|_| wasmtime::format_err!("connection metadata would pass its limit of {META_LIMIT_BYTES} bytes"))
+    fn set_meta(
+        &mut self,
+        c: Resource<connection::Connection>,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<()> {
+        self.conn(&c)?.set_meta(&key, &value).map_err(|_| {
+            wasmtime::format_err!(
+                "connection metadata would pass its limit of {META_LIMIT_BYTES} bytes"
+            )
+        })
     }
 
     fn drop(&mut self, _: Resource<connection::Connection>) -> wasmtime::Result<()> {
@@ -237,7 +284,12 @@ impl kv::Host for HostState {
     }
 
     fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> wasmtime::Result<()> {
-        if let Err(e) = self.env.kv.set(&self.env.name, &key, &value, ttl_ms.map(Duration::from_millis)) {
+        if let Err(e) = self.env.kv.set(
+            &self.env.name,
+            &key,
+            &value,
+            ttl_ms.map(Duration::from_millis),
+        ) {
             self.env.warn_kv(&key, &e);
         }
         Ok(())
@@ -249,7 +301,12 @@ impl kv::Host for HostState {
     }
 
     fn incr(&mut self, key: String, delta: i64, ttl_ms: Option<u64>) -> wasmtime::Result<i64> {
-        match self.env.kv.incr(&self.env.name, &key, delta, ttl_ms.map(Duration::from_millis)) {
+        match self.env.kv.incr(
+            &self.env.name,
+            &key,
+            delta,
+            ttl_ms.map(Duration::from_millis),
+        ) {
             Ok(v) => Ok(v),
             Err(e @ super::kv::KvError::Full(_)) => {
                 // Not the plugin's fault: answer as if stored, as `set` does.
@@ -264,17 +321,42 @@ impl kv::Host for HostState {
 const PLUGIN_METRIC_HELP: &str = "Defined by a plugin.";
 
 impl metrics::Host for HostState {
-    fn counter_add(&mut self, name: String, labels: Vec<(String, String)>, value: u64) -> wasmtime::Result<()> {
-        self.with_metric(&name, labels, |r, n, l| r.try_counter(n, PLUGIN_METRIC_HELP, l), |c| c.add(value));
+    fn counter_add(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: u64,
+    ) -> wasmtime::Result<()> {
+        self.with_metric(
+            &name,
+            labels,
+            |r, n, l| r.try_counter(n, PLUGIN_METRIC_HELP, l),
+            |c| c.add(value),
+        );
         Ok(())
     }
 
-    fn gauge_set(&mut self, name: String, labels: Vec<(String, String)>, value: f64) -> wasmtime::Result<()> {
-        self.with_metric(&name, labels, |r, n, l| r.try_gauge(n, PLUGIN_METRIC_HELP, l), |g| g.set(value));
+    fn gauge_set(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: f64,
+    ) -> wasmtime::Result<()> {
+        self.with_metric(
+            &name,
+            labels,
+            |r, n, l| r.try_gauge(n, PLUGIN_METRIC_HELP, l),
+            |g| g.set(value),
+        );
         Ok(())
     }
 
-    fn histogram_observe(&mut self, name: String, labels: Vec<(String, String)>, value: f64) -> wasmtime::Result<()> {
+    fn histogram_observe(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: f64,
+    ) -> wasmtime::Result<()> {
         self.with_metric(
             &name,
             labels,

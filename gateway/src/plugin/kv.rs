@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -82,9 +82,7 @@ impl Kv {
     }
 
     fn shard(&self, ns: &str, key: &str) -> &Mutex<Shard> {
-        let mut h = self.hasher.build_hasher();
-        (ns, key).hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        &self.shards[self.hasher.hash_one((ns, key)) as usize % SHARDS]
     }
 
     pub fn get(&self, ns: &str, key: &str) -> Option<Vec<u8>> {
@@ -98,7 +96,13 @@ impl Kv {
         Some(entry.value.clone())
     }
 
-    pub fn set(&self, ns: &str, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<(), KvError> {
+    pub fn set(
+        &self,
+        ns: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), KvError> {
         let expires = ttl.map(|t| Instant::now() + t);
         let mut shard = self.shard(ns, key).lock().unwrap();
         let map = namespace(&mut shard, ns);
@@ -112,7 +116,13 @@ impl Kv {
             }
             None => {
                 self.reserve(cost(ns, key, value.len()), 0)?;
-                map.insert(key.into(), Entry { value: value.to_vec(), expires });
+                map.insert(
+                    key.into(),
+                    Entry {
+                        value: value.to_vec(),
+                        expires,
+                    },
+                );
             }
         }
         Ok(())
@@ -127,7 +137,13 @@ impl Kv {
 
     /// Adds `delta` to the counter at `key` (absent or expired counts as 0). `ttl` applies
     /// only when the counter is created.
-    pub fn incr(&self, ns: &str, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, KvError> {
+    pub fn incr(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, KvError> {
         let now = Instant::now();
         let mut shard = self.shard(ns, key).lock().unwrap();
         let map = namespace(&mut shard, ns);
@@ -150,14 +166,21 @@ impl Kv {
                 let text = delta.to_string();
                 self.reserve(cost(ns, key, text.len()), 0)?;
                 let expires = ttl.map(|t| now + t);
-                map.insert(key.into(), Entry { value: text.into_bytes(), expires });
+                map.insert(
+                    key.into(),
+                    Entry {
+                        value: text.into_bytes(),
+                        expires,
+                    },
+                );
                 Ok(delta)
             }
         }
     }
 
     /// Bytes held now, as charged against the limit.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
     }
 
@@ -170,7 +193,8 @@ impl Kv {
                 map.retain(|key, e| {
                     let keep = !e.expired(now);
                     if !keep {
-                        self.bytes.fetch_sub(cost(ns, key, e.value.len()), Ordering::Relaxed);
+                        self.bytes
+                            .fetch_sub(cost(ns, key, e.value.len()), Ordering::Relaxed);
                     }
                     keep
                 });
@@ -196,7 +220,8 @@ impl Kv {
 
     fn remove(&self, map: &mut HashMap<Box<str>, Entry>, ns: &str, key: &str) {
         if let Some(e) = map.remove(key) {
-            self.bytes.fetch_sub(cost(ns, key, e.value.len()), Ordering::Relaxed);
+            self.bytes
+                .fetch_sub(cost(ns, key, e.value.len()), Ordering::Relaxed);
         }
     }
 }
@@ -239,16 +264,20 @@ mod tests {
         assert_eq!(kv.get("p", "c").as_deref(), Some(&b"-2"[..]));
         kv.set("p", "s", b"text", None).unwrap();
         assert_eq!(kv.incr("p", "s", 1, None), Err(KvError::NotAnInteger));
-        kv.set("p", "m", i64::MAX.to_string().as_bytes(), None).unwrap();
+        kv.set("p", "m", i64::MAX.to_string().as_bytes(), None)
+            .unwrap();
         assert_eq!(kv.incr("p", "m", 1, None), Err(KvError::Overflow));
     }
 
     #[test]
     fn ttl_expires_on_read_and_on_sweep() {
         let kv = kv(1 << 20);
-        kv.set("p", "a", b"x", Some(Duration::from_millis(1))).unwrap();
-        kv.set("p", "b", b"y", Some(Duration::from_millis(1))).unwrap();
-        kv.incr("p", "c", 1, Some(Duration::from_millis(1))).unwrap();
+        kv.set("p", "a", b"x", Some(Duration::from_millis(1)))
+            .unwrap();
+        kv.set("p", "b", b"y", Some(Duration::from_millis(1)))
+            .unwrap();
+        kv.incr("p", "c", 1, Some(Duration::from_millis(1)))
+            .unwrap();
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(kv.get("p", "a"), None);
         // An expired counter starts again from 0.

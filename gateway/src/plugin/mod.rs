@@ -24,10 +24,10 @@ mod watch;
 
 pub use engine::{PluginRuntime, PluginSpec, RuntimeOptions};
 pub use hooks::{Plugin, PluginInfo};
-pub use kv::{Kv, KvError};
 pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport};
 pub use types::{
-    Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats, Direction,
-    HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, Reject, Verdict, META_LIMIT_BYTES,
+    Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,
+    Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, Reject,
+    Verdict, META_LIMIT_BYTES,
 };
 pub use watch::{watch, WatchGuard};

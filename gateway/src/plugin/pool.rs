@@ -67,7 +67,9 @@ impl Pool {
         if let Some(instance) = self.idle.lock().unwrap().pop() {
             return Ok(instance);
         }
-        self.make().map(|(instance, _)| instance).map_err(PluginError::Unavailable)
+        self.make()
+            .map(|(instance, _)| instance)
+            .map_err(PluginError::Unavailable)
     }
 
     /// Returns an instance after a successful call.
@@ -88,16 +90,24 @@ impl Pool {
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(deadline_ticks(INIT_TIMEOUT));
-        let ready = self.pre.instantiate(&mut store).and_then(|instance| {
-            let exports = Exports::load(&self.indices, &mut store, &instance)?;
-            let hooks = exports.init(&mut store, &self.config_json)?;
-            Ok((exports, hooks))
-        });
-        match ready {
-            Ok((exports, Ok(hooks))) => Ok((Instance { store, exports }, hooks)),
-            Ok((_, Err(refusal))) => Err(format!("init refused the configuration: {refusal}")),
-            Err(e) => Err(format!("instantiation or init failed: {}", classify(e, &store.data().limits, INIT_TIMEOUT))),
-        }
+        let instance = self.pre.instantiate(&mut store).map_err(|e| {
+            format!(
+                "instantiation failed: {}",
+                classify(e, &store.data().limits, INIT_TIMEOUT)
+            )
+        })?;
+        let exports = Exports::load(&self.indices, &mut store, &instance)
+            .map_err(|e| format!("its hooks do not match the wasmgate:plugin WIT: {e:#}"))?;
+        let hooks = exports
+            .init(&mut store, &self.config_json)
+            .map_err(|e| {
+                format!(
+                    "init failed: {}",
+                    classify(e, &store.data().limits, INIT_TIMEOUT)
+                )
+            })?
+            .map_err(|refusal| format!("init refused the configuration: {refusal}"))?;
+        Ok((Instance { store, exports }, hooks))
     }
 }
 

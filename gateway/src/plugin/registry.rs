@@ -52,10 +52,14 @@ pub struct ReloadEntry {
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ReloadOutcome {
     /// New, or changed and replaced.
-    Loaded { hash: String },
+    Loaded {
+        hash: String,
+    },
     Unchanged,
     /// Not loaded; the previous version, if any, keeps serving.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
     /// No longer configured; connections holding its slot keep using it.
     Removed,
 }
@@ -113,7 +117,10 @@ impl PluginRegistry {
             let name = spec.name.clone();
             if !seen.insert(name.clone()) {
                 let error = "configured more than once".to_string();
-                report.push(ReloadEntry { name, outcome: ReloadOutcome::Failed { error } });
+                report.push(ReloadEntry {
+                    name,
+                    outcome: ReloadOutcome::Failed { error },
+                });
                 continue;
             }
             let existing = old.get(&spec.name);
@@ -133,7 +140,10 @@ impl PluginRegistry {
             report.push(ReloadEntry { name, outcome });
         }
         for name in old.keys().filter(|n| !seen.contains(*n)) {
-            report.push(ReloadEntry { name: name.clone(), outcome: ReloadOutcome::Removed });
+            report.push(ReloadEntry {
+                name: name.clone(),
+                outcome: ReloadOutcome::Removed,
+            });
         }
         self.slots.store(Arc::new(slots));
         ReloadReport { plugins: report }
@@ -146,8 +156,13 @@ impl PluginRegistry {
         spec: &PluginSpec,
         existing: Option<&Arc<PluginSlot>>,
     ) -> Result<(ReloadOutcome, Arc<PluginSlot>), String> {
-        let bytes = std::fs::read(&spec.wasm_path)
-            .map_err(|e| format!("plugin `{}`: cannot read {}: {e}", spec.name, spec.wasm_path.display()))?;
+        let bytes = std::fs::read(&spec.wasm_path).map_err(|e| {
+            format!(
+                "plugin `{}`: cannot read {}: {e}",
+                spec.name,
+                spec.wasm_path.display()
+            )
+        })?;
         let hash = sha256_hex(&bytes);
         // Same bytes with other settings: reuse the compiled component.
         let mut compiled = None;
@@ -173,7 +188,9 @@ impl PluginRegistry {
                 slot.current.store(plugin);
                 slot.clone()
             }
-            None => Arc::new(PluginSlot { current: ArcSwap::new(plugin) }),
+            None => Arc::new(PluginSlot {
+                current: ArcSwap::new(plugin),
+            }),
         };
         Ok((ReloadOutcome::Loaded { hash }, slot))
     }
@@ -185,7 +202,12 @@ impl PluginRegistry {
 
     /// Every plugin, sorted by name.
     pub fn list(&self) -> Vec<PluginInfo> {
-        let mut list: Vec<PluginInfo> = self.slots.load().values().map(|s| s.current().info()).collect();
+        let mut list: Vec<PluginInfo> = self
+            .slots
+            .load()
+            .values()
+            .map(|s| s.current().info())
+            .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }

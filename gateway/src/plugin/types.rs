@@ -403,29 +403,64 @@ mod tests {
         let big = "x".repeat(META_LIMIT_BYTES);
         assert!(c.set_meta("big", &big).is_err());
         // Replacing a value frees its old size.
-        c.set_meta("user", &"y".repeat(META_LIMIT_BYTES - 4)).unwrap();
+        c.set_meta("user", &"y".repeat(META_LIMIT_BYTES - 4))
+            .unwrap();
         c.set_meta("user", "z").unwrap();
         c.set_meta("k", &"y".repeat(1000)).unwrap();
     }
 
     #[test]
     fn verdicts_that_would_corrupt_http_are_refused() {
-        let header = |name: &str, value: &str| Header { name: name.into(), value: value.into() };
+        let header = |name: &str, value: &str| Header {
+            name: name.into(),
+            value: value.into(),
+        };
         let accept = |a: Accept| Verdict::Accept(a).check();
         assert!(accept(Accept::default()).is_ok());
-        assert!(accept(Accept { add_headers: vec![header("x-ok", "v")], ..Default::default() }).is_ok());
-        assert!(accept(Accept { add_headers: vec![header("x", "a\r\nb")], ..Default::default() }).is_err());
-        assert!(accept(Accept { add_headers: vec![header("x y", "v")], ..Default::default() }).is_err());
-        assert!(accept(Accept { rewrite_path: Some("no-slash".into()), ..Default::default() }).is_err());
-        assert!(accept(Accept { subprotocol: Some("a b".into()), ..Default::default() }).is_err());
-        let reject = |status| Verdict::Reject(Reject { status, reason: String::new(), headers: vec![] });
+        assert!(accept(Accept {
+            add_headers: vec![header("x-ok", "v")],
+            ..Default::default()
+        })
+        .is_ok());
+        assert!(accept(Accept {
+            add_headers: vec![header("x", "a\r\nb")],
+            ..Default::default()
+        })
+        .is_err());
+        assert!(accept(Accept {
+            add_headers: vec![header("x y", "v")],
+            ..Default::default()
+        })
+        .is_err());
+        assert!(accept(Accept {
+            rewrite_path: Some("no-slash".into()),
+            ..Default::default()
+        })
+        .is_err());
+        assert!(accept(Accept {
+            subprotocol: Some("a b".into()),
+            ..Default::default()
+        })
+        .is_err());
+        let reject = |status| {
+            Verdict::Reject(Reject {
+                status,
+                reason: String::new(),
+                headers: vec![],
+            })
+        };
         assert!(reject(403).check().is_ok());
         assert!(reject(200).check().is_err());
     }
 
     #[test]
     fn actions_are_checked_against_the_wire_rules() {
-        let close = |code| Action::Close(CloseFrame { code, reason: String::new() });
+        let close = |code| {
+            Action::Close(CloseFrame {
+                code,
+                reason: String::new(),
+            })
+        };
         assert!(close(4000).check(Opcode::Binary).is_ok());
         assert!(close(1005).check(Opcode::Binary).is_err());
         assert!(Action::Replace(vec![0xff]).check(Opcode::Text).is_err());

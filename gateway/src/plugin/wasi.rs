@@ -17,8 +17,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
 use wasmtime_wasi::p2::{
-    DynInputStream, DynOutputStream, DynPollable, OutputStream, Pollable, StreamError,
-    StreamResult,
+    DynInputStream, DynOutputStream, DynPollable, OutputStream, Pollable, StreamError, StreamResult,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
 
@@ -30,8 +29,14 @@ const WRITE_PERMIT: usize = 64 * 1024;
 /// A WASI context that grants nothing; stdio goes to the log under `plugin`'s name.
 pub(super) fn deny_all_ctx(plugin: &Arc<str>) -> WasiCtx {
     WasiCtxBuilder::new()
-        .stdout(LogStream { plugin: plugin.clone(), stderr: false })
-        .stderr(LogStream { plugin: plugin.clone(), stderr: true })
+        .stdout(LogStream {
+            plugin: plugin.clone(),
+            stderr: false,
+        })
+        .stderr(LogStream {
+            plugin: plugin.clone(),
+            stderr: true,
+        })
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
@@ -100,7 +105,9 @@ impl streams::HostOutputStream for NoWaitIo<'_> {
     fn blocking_write_and_flush(&mut self, s: Out, bytes: Vec<u8>) -> StreamResult<()> {
         let stream = self.0.get_mut(&s)?;
         if stream.check_write()? < bytes.len() {
-            return Err(StreamError::trap("the output stream is not ready and a hook must not wait"));
+            return Err(StreamError::trap(
+                "the output stream is not ready and a hook must not wait",
+            ));
         }
         stream.write(bytes.into())?;
         stream.flush()
@@ -109,7 +116,9 @@ impl streams::HostOutputStream for NoWaitIo<'_> {
         let stream = self.0.get_mut(&s)?;
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if stream.check_write()? < len {
-            return Err(StreamError::trap("the output stream is not ready and a hook must not wait"));
+            return Err(StreamError::trap(
+                "the output stream is not ready and a hook must not wait",
+            ));
         }
         stream.write_zeroes(len)?;
         stream.flush()
@@ -186,7 +195,10 @@ struct LineLogger {
 
 impl LineLogger {
     fn new(to: LogStream) -> LineLogger {
-        LineLogger { to, line: Vec::new() }
+        LineLogger {
+            to,
+            line: Vec::new(),
+        }
     }
 
     fn push(&mut self, mut bytes: &[u8]) {
@@ -202,6 +214,10 @@ impl LineLogger {
     }
 
     fn emit(&mut self) {
+        if self.line.iter().all(u8::is_ascii_whitespace) {
+            self.line.clear();
+            return;
+        }
         let text = String::from_utf8_lossy(&self.line);
         let plugin = &*self.to.plugin;
         if self.to.stderr {
@@ -245,7 +261,11 @@ impl OutputStream for LineLogger {
 }
 
 impl tokio::io::AsyncWrite for LineLogger {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.get_mut().push(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -13,6 +13,7 @@
 use super::close::{self, code};
 use super::frame::{apply_mask, write_frame, FrameHeader, OpCode};
 use super::utf8::Utf8Validator;
+use crate::compression::{Deflater, Inflater};
 
 /// The two ends of a relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +97,13 @@ pub struct Link {
     delivering: bool,
     /// Stop delivering at the next frame boundary (the stream must not be cut mid-frame).
     stop_at_boundary: bool,
-    /// A plugin reads messages: they are assembled and re-framed, never streamed.
+    /// Messages are assembled and re-framed, never streamed: a plugin reads them, or the
+    /// gateway terminates permessage-deflate on this link.
     reads_messages: bool,
+    /// Inflates compressed messages from the source (permessage-deflate terminated here).
+    inflater: Option<Inflater>,
+    /// Compresses messages toward the destination.
+    deflater: Option<Deflater>,
     /// Bytes waiting to be written to the other side, and how many are written already.
     pub out: Vec<u8>,
     pub out_written: usize,
@@ -118,6 +124,8 @@ impl Link {
             rules,
             stop_at_boundary: false,
             reads_messages,
+            inflater: None,
+            deflater: None,
             remaining: 0,
             mask: None,
             payload_offset: 0,
@@ -136,6 +144,16 @@ impl Link {
             messages: 0,
             bytes: 0,
         }
+    }
+
+    /// Terminates permessage-deflate on this link: `inflater` for compressed messages from
+    /// the source, `deflater` for messages to the destination. Either makes the link
+    /// assemble messages.
+    pub fn with_compression(mut self, inflater: Option<Inflater>, deflater: Option<Deflater>) -> Link {
+        self.reads_messages |= inflater.is_some() || deflater.is_some();
+        self.inflater = inflater;
+        self.deflater = deflater;
+        self
     }
 
     /// True while the output stands between a frame's header and its last payload byte:
@@ -173,6 +191,21 @@ impl Link {
     pub fn queue_frame(&mut self, opcode: OpCode, payload: &[u8]) {
         let mask = self.dest_mask();
         write_frame(&mut self.pending, opcode, true, payload, mask);
+        self.flush_pending();
+    }
+
+    /// Queues a data message the gateway sends to this link's destination (a plugin's
+    /// reply), compressed when the destination negotiated compression.
+    pub fn queue_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mask = self.dest_mask();
+        match &mut self.deflater {
+            Some(deflater) => {
+                let mut compressed = Vec::with_capacity(payload.len() / 2 + 16);
+                deflater.compress(payload, &mut compressed);
+                write_compressed_frame(&mut self.pending, opcode, &compressed, mask);
+            }
+            None => write_frame(&mut self.pending, opcode, true, payload, mask),
+        }
         self.flush_pending();
     }
 
@@ -235,7 +268,7 @@ impl Link {
             if let Err(event) = self.data_header(&header) {
                 return (pos, Some(event));
             }
-            if self.delivering && hook.is_none() {
+            if self.delivering && !self.reads_messages {
                 self.out.extend_from_slice(&input[pos..pos + header.header_len]);
             }
             pos += header.header_len;
@@ -260,6 +293,9 @@ impl Link {
                 }
             }
             (_, true) => return Err(self.fail(code::PROTOCOL_ERROR, "new message inside a fragmented one")),
+            (_, false) if h.rsv1 && self.reads_messages && self.inflater.is_none() => {
+                return Err(self.fail(code::PROTOCOL_ERROR, "compressed message without permessage-deflate"))
+            }
             (op, false) => {
                 self.in_message = true;
                 self.message_kind = if op == OpCode::Text { DataKind::Text } else { DataKind::Binary };
@@ -288,24 +324,25 @@ impl Link {
         hook: Option<&dyn MessageHook>,
         toward_source: &mut Link,
     ) -> Option<LinkEvent> {
+        // Compressed text is checked once inflated, in `finish_message`.
         let check_text = self.rules.validate_utf8
             && self.message_kind == DataKind::Text
             && !self.message_compressed;
-        if check_text || hook.is_some() {
+        if check_text || self.reads_messages {
             if let Some(key) = self.mask {
                 apply_mask(chunk, key, self.payload_offset);
             }
             if check_text && !self.utf8.feed(chunk, last) {
                 return Some(self.fail(code::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
             }
-            if hook.is_some() {
+            if self.reads_messages {
                 self.message.extend_from_slice(chunk);
             } else if let Some(key) = self.mask {
                 // Restore the sender's masking: the bytes go on exactly as they came.
                 apply_mask(chunk, key, self.payload_offset);
             }
         }
-        if self.delivering && hook.is_none() {
+        if self.delivering && !self.reads_messages {
             self.out.extend_from_slice(chunk);
         }
         self.payload_offset += chunk.len();
@@ -313,8 +350,8 @@ impl Link {
         if self.remaining == 0 && self.frame_fin {
             self.in_message = false;
             self.messages += 1;
-            if let Some(hook) = hook {
-                return self.run_hook(hook, toward_source);
+            if self.reads_messages {
+                return self.finish_message(hook, toward_source);
             }
         }
         if self.remaining == 0 {
@@ -326,14 +363,26 @@ impl Link {
         None
     }
 
-    /// Hands a complete message to the plugin chain and carries out its decision.
-    fn run_hook(&mut self, hook: &dyn MessageHook, toward_source: &mut Link) -> Option<LinkEvent> {
-        let payload = std::mem::take(&mut self.message);
+    /// A whole message is assembled: inflate it if it came compressed, hand it to the
+    /// plugin chain (if any), and carry out the decision.
+    fn finish_message(&mut self, hook: Option<&dyn MessageHook>, toward_source: &mut Link) -> Option<LinkEvent> {
+        let mut payload = std::mem::take(&mut self.message);
+        if self.message_compressed {
+            let inflater = self.inflater.as_mut().expect("RSV1 is accepted only with an inflater");
+            let mut plain = Vec::with_capacity(payload.len() * 2);
+            if let Err(e) = inflater.decompress(&payload, &mut plain) {
+                return Some(self.fail(e.close_code(), "permessage-deflate: message too big or corrupt"));
+            }
+            if self.message_kind == DataKind::Text && std::str::from_utf8(&plain).is_err() {
+                return Some(self.fail(code::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
+            }
+            payload = plain;
+        }
         let opcode = if self.message_kind == DataKind::Text { OpCode::Text } else { OpCode::Binary };
-        let action = if self.delivering {
-            hook.on_message(self.from, self.message_kind, &payload)
-        } else {
-            MessageAction::Drop
+        let action = match hook {
+            _ if !self.delivering => MessageAction::Drop,
+            Some(hook) => hook.on_message(self.from, self.message_kind, &payload),
+            None => MessageAction::Forward,
         };
         let event = match action {
             MessageAction::Forward => {
@@ -346,7 +395,7 @@ impl Link {
             }
             MessageAction::Drop => None,
             MessageAction::Reply(reply) => {
-                toward_source.queue_frame(opcode, &reply);
+                toward_source.queue_message(opcode, &reply);
                 None
             }
             MessageAction::Close(code, reason) => Some(LinkEvent::HookClose { code, reason }),
@@ -361,10 +410,18 @@ impl Link {
         event
     }
 
-    /// Writes a whole data message toward the destination as one frame.
+    /// Writes a whole data message toward the destination as one frame, compressed when
+    /// the destination negotiated compression.
     fn emit(&mut self, opcode: OpCode, payload: &[u8]) {
         let mask = self.dest_mask();
-        write_frame(&mut self.out, opcode, true, payload, mask);
+        match &mut self.deflater {
+            Some(deflater) => {
+                let mut compressed = Vec::with_capacity(payload.len() / 2 + 16);
+                deflater.compress(payload, &mut compressed);
+                write_compressed_frame(&mut self.out, opcode, &compressed, mask);
+            }
+            None => write_frame(&mut self.out, opcode, true, payload, mask),
+        }
     }
 
     fn control_frame(
@@ -437,6 +494,20 @@ impl Link {
         false
     }
 
+    /// Frees compression state a quiet connection does not need (only possible without
+    /// context takeover). Called from the relay's timer, not per message: rebuilding the
+    /// state costs more than the message itself.
+    pub fn release_codecs(&mut self) {
+        if !self.in_message {
+            if let Some(inflater) = &mut self.inflater {
+                inflater.release();
+            }
+        }
+        if let Some(deflater) = &mut self.deflater {
+            deflater.release();
+        }
+    }
+
     /// Releases buffers an idle connection does not need.
     pub fn shrink_when_idle(&mut self) {
         if self.out.is_empty() && self.out.capacity() > 0 {
@@ -445,6 +516,17 @@ impl Link {
         if self.message.is_empty() && self.message.capacity() > 0 && !self.in_message {
             self.message = Vec::new();
         }
+    }
+}
+
+/// A single-frame compressed message: RSV1 set on its (only) frame.
+fn write_compressed_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
+    let header = FrameHeader { fin: true, rsv1: true, opcode, mask, payload_len: payload.len() as u64, header_len: 0 };
+    header.write(out);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut out[start..], key, 0);
     }
 }
 

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::compression::{Deflater, Inflater};
 use close::code;
 use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
@@ -109,6 +110,21 @@ enum Wake {
     Shutdown,
 }
 
+/// Tells a relay to close both sides before they do: when `token` is cancelled (shutdown,
+/// a drain), both get a close frame with the code and reason `frame` gives.
+pub struct Stop {
+    pub token: CancellationToken,
+    pub frame: Box<dyn Fn() -> (u16, &'static str) + Send + Sync>,
+}
+
+/// permessage-deflate terminated at the gateway on the client link.
+pub struct ClientCompression {
+    /// For compressed messages from the client.
+    pub inflater: Inflater,
+    /// For messages to the client.
+    pub deflater: Deflater,
+}
+
 /// Relays until both sides have closed, or the close deadline passed.
 pub async fn run(
     client: Endpoint,
@@ -116,14 +132,19 @@ pub async fn run(
     settings: &RelaySettings,
     rules: (LinkRules, LinkRules),
     hook: Option<&dyn MessageHook>,
-    shutdown: CancellationToken,
+    compression: Option<ClientCompression>,
+    stop: Stop,
 ) -> RelayOutcome {
     let now = Instant::now();
+    let (inflater, deflater) = match compression {
+        Some(c) => (Some(c.inflater), Some(c.deflater)),
+        None => (None, None),
+    };
     let mut relay = Relay {
         client: &client.stream,
         upstream: &upstream.stream,
-        c2u: Link::new(Side::Client, rules.0, hook.is_some()),
-        u2c: Link::new(Side::Upstream, rules.1, hook.is_some()),
+        c2u: Link::new(Side::Client, rules.0, hook.is_some()).with_compression(inflater, None),
+        u2c: Link::new(Side::Upstream, rules.1, hook.is_some()).with_compression(None, deflater),
         client_state: SideState { unprocessed: client.already_read, last_heard: Some(now), ..Default::default() },
         upstream_state: SideState { unprocessed: upstream.already_read, last_heard: Some(now), ..Default::default() },
         hook,
@@ -132,7 +153,7 @@ pub async fn run(
         close_deadline: None,
         last_data: now,
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
-        shutdown: Some(Box::pin(shutdown.cancelled_owned())),
+        shutdown: Some(Box::pin(stop.token.clone().cancelled_owned())),
     };
     relay.reset_timer();
     // Bytes that came with the handshakes are processed before any read.
@@ -149,10 +170,10 @@ pub async fn run(
             Wake::Read(side) => relay.read(side),
             Wake::Write(side) => relay.write(side),
             Wake::Timer => relay.on_timer(),
-            Wake::Shutdown => relay.start_close(
-                Some((code::GOING_AWAY, "gateway shutting down")),
-                Some((code::GOING_AWAY, "gateway shutting down")),
-            ),
+            Wake::Shutdown => {
+                let (code, reason) = (stop.frame)();
+                relay.start_close(Some((code, reason)), Some((code, reason)));
+            }
         }
         relay.flush_all();
     }
@@ -476,6 +497,8 @@ impl<'a> Relay<'a> {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        self.c2u.release_codecs();
+        self.u2c.release_codecs();
         if self.close_deadline.is_none() {
             if let Some(interval) = self.settings.ping_interval {
                 for side in [Side::Client, Side::Upstream] {

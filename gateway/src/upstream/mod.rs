@@ -1,17 +1,26 @@
-//! Upstream pools: the servers behind a name, their live statistics, and the default
-//! (round robin) order in which to try them.
+//! Upstream pools: the servers behind a name, their live statistics, their health, and the
+//! default (round robin) order in which to try them.
 //!
-//! Statistics live in `Arc<Server>` objects that a config reload carries over for servers
-//! that stay, so least-connection counts and latency averages survive reloads.
+//! Statistics, health and the registry of live connections live in a server's
+//! `Arc<ServerState>`, which a config reload carries over for servers that stay, so
+//! least-connection counts, latency averages, ejections and drains survive reloads.
+//! [`health`] decides which servers are offered to new connections; [`drain`] closes chosen
+//! connections with 1012 so their clients reconnect elsewhere.
 
 mod connect;
+pub mod drain;
+pub mod health;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 pub use connect::{open, ConnectError, UpstreamRequest, UpstreamSocket};
+pub use drain::{CloseSignal, Connections, DrainPace};
+pub use health::{Health, HealthSettings, ProbeKind};
 
 /// Where a server is: host, port and a path prefix for the upstream request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,70 +65,176 @@ pub struct Server {
     /// The address and labels as balancer plugins get them, shared rather than copied per call.
     plugin_address: Arc<str>,
     plugin_labels: Arc<[(String, String)]>,
+    /// Statistics, health and live connections, shared by every version of this server a
+    /// reload makes (a new weight or new labels make a new `Server` with the same state).
+    pub state: Arc<ServerState>,
+}
+
+/// What the gateway has seen of a server, carried across reloads.
+#[derive(Debug, Default)]
+pub struct ServerState {
     pub active: AtomicU32,
     pub total: AtomicU64,
     /// Exponentially weighted moving average of connect + handshake time, µs.
     pub ewma_connect_us: AtomicU32,
     /// Connect failures in a row.
     pub recent_failures: AtomicU32,
+    pub health: Health,
+    /// Live connections, for draining; and whether the server drains.
+    pub connections: Connections,
 }
 
 impl Server {
     pub fn new(address: ServerAddress, weight: u32, labels: BTreeMap<String, String>) -> Server {
+        Server::with_state(address, weight, labels, Arc::default())
+    }
+
+    fn with_state(
+        address: ServerAddress,
+        weight: u32,
+        labels: BTreeMap<String, String>,
+        state: Arc<ServerState>,
+    ) -> Server {
         Server {
             plugin_address: Arc::from(address.authority.as_str()),
             plugin_labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             address,
             weight,
             labels,
-            active: AtomicU32::new(0),
-            total: AtomicU64::new(0),
-            ewma_connect_us: AtomicU32::new(0),
-            recent_failures: AtomicU32::new(0),
+            state,
         }
     }
 
     pub fn record_success(&self, connect_time: Duration) {
-        self.recent_failures.store(0, Ordering::Relaxed);
+        let state = &self.state;
+        state.recent_failures.store(0, Ordering::Relaxed);
+        state.health.clear_ejection();
         let sample = connect_time.as_micros().min(u32::MAX as u128) as u32;
-        let old = self.ewma_connect_us.load(Ordering::Relaxed);
+        let old = state.ewma_connect_us.load(Ordering::Relaxed);
         // Weight 1/8 on the new sample; the first sample sets the average.
         let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
-        self.ewma_connect_us.store(new.max(1), Ordering::Relaxed);
+        state.ewma_connect_us.store(new.max(1), Ordering::Relaxed);
     }
 
     /// This server as a balancer plugin sees it, with its live statistics.
     pub fn candidate(&self) -> crate::plugin::Candidate {
+        let state = &self.state;
         crate::plugin::Candidate {
             address: self.plugin_address.clone(),
             weight: self.weight,
             labels: self.plugin_labels.clone(),
-            active: self.active.load(Ordering::Relaxed),
-            total: self.total.load(Ordering::Relaxed),
-            ewma_connect_us: self.ewma_connect_us.load(Ordering::Relaxed),
-            recent_failures: self.recent_failures.load(Ordering::Relaxed),
+            active: state.active.load(Ordering::Relaxed),
+            total: state.total.load(Ordering::Relaxed),
+            ewma_connect_us: state.ewma_connect_us.load(Ordering::Relaxed),
+            recent_failures: state.recent_failures.load(Ordering::Relaxed),
         }
     }
 
-    pub fn record_failure(&self) {
-        self.recent_failures.fetch_add(1, Ordering::Relaxed);
+    /// A failed connect; `eject_after` failures in a row eject the server for a while.
+    pub fn record_failure(&self, pool: &str, eject_after: u32) {
+        let failures = self.state.recent_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(backoff) = self.state.health.connect_failed(failures, eject_after, health::now_ms()) {
+            tracing::warn!(%pool, server = %self.address.authority, failures, ?backoff, "server ejected");
+        }
+    }
+
+    /// Whether new connections may go to this server: healthy, not ejected, not draining.
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.state.health.is_up(now_ms) && !self.state.connections.is_draining()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.state.connections.is_draining()
+    }
+
+    /// Applies an active check's result, logging changes. A server the checks find healthy
+    /// again is no longer ejected either.
+    pub fn apply_probe(&self, pool: &str, result: Result<(), String>, settings: &HealthSettings) {
+        let server = &self.address.authority;
+        match self.state.health.probe_result(result.is_ok(), settings.rise, settings.fall) {
+            Some(true) => {
+                self.state.recent_failures.store(0, Ordering::Relaxed);
+                self.state.health.clear_ejection();
+                tracing::info!(%pool, %server, "server is healthy again");
+            }
+            Some(false) => {
+                let error = result.err().unwrap_or_default();
+                tracing::warn!(%pool, %server, %error, "server failed its health checks");
+            }
+            None => {}
+        }
     }
 
     /// Counts a connection as active until the guard is dropped.
     pub fn connection_opened(self: &Arc<Self>) -> ActiveConnection {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
-        ActiveConnection(self.clone())
+        let connection = self.connecting();
+        connection.established();
+        connection
+    }
+
+    /// Counts a connection being opened as active already, so that a burst of new
+    /// connections does not all see the same counts (least-conn, bounded-load hashing).
+    /// Call [`ActiveConnection::established`] once it is open; drop the guard if it fails.
+    pub fn connecting(self: &Arc<Self>) -> ActiveConnection {
+        self.state.active.fetch_add(1, Ordering::Relaxed);
+        ActiveConnection { server: self.clone(), registration: OnceLock::new() }
+    }
+
+    /// The server as `GET /upstreams` shows it.
+    pub fn status(&self, now_ms: u64) -> ServerStatus {
+        let state = &self.state;
+        ServerStatus {
+            address: self.address.authority.clone(),
+            path_prefix: self.address.path_prefix.clone(),
+            weight: self.weight,
+            labels: self.labels.clone(),
+            active: state.active.load(Ordering::Relaxed),
+            total: state.total.load(Ordering::Relaxed),
+            ewma_connect_us: state.ewma_connect_us.load(Ordering::Relaxed),
+            recent_failures: state.recent_failures.load(Ordering::Relaxed),
+            healthy: state.health.is_healthy(),
+            ejected_for_ms: state.health.ejected_for_ms(now_ms),
+            draining: state.connections.is_draining(),
+            available: self.is_available(now_ms),
+        }
     }
 }
 
-/// Held for a connection's life; keeps the server's active count right.
+/// Held for a connection's life; keeps the server's active count right and, once the relay
+/// asked for it, the connection's [`CloseSignal`] registered for draining.
 #[derive(Debug)]
-pub struct ActiveConnection(pub Arc<Server>);
+pub struct ActiveConnection {
+    server: Arc<Server>,
+    registration: OnceLock<(u64, CloseSignal)>,
+}
+
+impl ActiveConnection {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// The connection is open: it counts in the server's total.
+    pub fn established(&self) {
+        self.server.state.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The signal the relay watches: cancelled on shutdown (close with 1001) or when the
+    /// server is drained or rebalanced (1012). Registered on the server on first call.
+    pub fn close_signal(&self, shutdown: &CancellationToken) -> CloseSignal {
+        let (_, signal) = self.registration.get_or_init(|| {
+            let signal = CloseSignal::child_of(shutdown);
+            (self.server.state.connections.register(signal.clone()), signal)
+        });
+        signal.clone()
+    }
+}
 
 impl Drop for ActiveConnection {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some((id, _)) = self.registration.get() {
+            self.server.state.connections.unregister(*id);
+        }
+        self.server.state.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -131,6 +246,12 @@ pub struct Pool {
     pub balancer: Option<(String, Arc<crate::plugin::PluginSlot>)>,
     pub connect_timeout: Duration,
     pub max_attempts: u32,
+    /// Active health checks, when configured.
+    pub health: Option<Arc<HealthSettings>>,
+    /// Connect failures in a row that eject a server; 0 = never.
+    pub eject_after: u32,
+    /// A drain without a rate closes the server's connections spread over this long.
+    pub drain_spread: Duration,
     next: AtomicUsize,
 }
 
@@ -152,13 +273,8 @@ impl Pool {
                 let address = ServerAddress::parse(entry.address()).expect("validated");
                 match old.get(&address) {
                     Some(s) if s.weight == entry.weight() && s.labels == entry.labels() => Arc::clone(s),
-                    Some(s) => {
-                        // Same server, new weight or labels: keep its counters.
-                        let fresh = Server::new(address, entry.weight(), entry.labels());
-                        fresh.active.store(s.active.load(Ordering::Relaxed), Ordering::Relaxed);
-                        fresh.total.store(s.total.load(Ordering::Relaxed), Ordering::Relaxed);
-                        Arc::new(fresh)
-                    }
+                    // Same server, new weight or labels: same counters, health and connections.
+                    Some(s) => Arc::new(Server::with_state(address, entry.weight(), entry.labels(), s.state.clone())),
                     None => Arc::new(Server::new(address, entry.weight(), entry.labels())),
                 }
             })
@@ -169,16 +285,121 @@ impl Pool {
             balancer: section.balancer.as_ref().map(|b| b.get_ref().clone()).zip(balancer),
             connect_timeout: Duration::from_millis(section.connect_timeout_ms),
             max_attempts: section.max_attempts,
+            health: section.health.as_ref().map(|h| Arc::new(HealthSettings::from_config(h.get_ref()))),
+            eject_after: section.eject_after,
+            drain_spread: Duration::from_secs(section.drain_secs),
             next: AtomicUsize::new(previous.map_or(0, |p| p.next.load(Ordering::Relaxed))),
         }
     }
 
-    /// All servers, starting from the next one in round-robin order.
-    pub fn round_robin_order(&self) -> Vec<usize> {
-        let n = self.servers.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n).map(|i| (start + i) % n).collect()
+    /// Indexes of the servers that may get new connections now, in configured order.
+    pub fn available(&self) -> Vec<usize> {
+        let now = health::now_ms();
+        (0..self.servers.len()).filter(|&i| self.servers[i].is_available(now)).collect()
     }
+
+    /// Why no server is available, for the client's 503.
+    pub fn unavailable_reason(&self) -> String {
+        let now = health::now_ms();
+        let count = |f: &dyn Fn(&Server) -> bool| self.servers.iter().filter(|s| f(s)).count();
+        let unhealthy = count(&|s| !s.state.health.is_healthy());
+        let ejected = count(&|s| s.state.health.ejected_for_ms(now) > 0);
+        let draining = count(&|s| s.is_draining());
+        format!(
+            "all servers of pool {} are down ({} servers: {unhealthy} failing health checks, {ejected} ejected after connect failures, {draining} draining)",
+            self.name,
+            self.servers.len()
+        )
+    }
+
+    /// `available` (indexes into `servers`), starting from the next one in round-robin order.
+    pub fn round_robin_order(&self, available: &[usize]) -> Vec<usize> {
+        let n = available.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).map(|i| available[(start + i) % n]).collect()
+    }
+
+    /// Finds a server by `host:port`, or `host:port/prefix` when several share an authority.
+    pub fn find_server(&self, address: &str) -> Option<&Arc<Server>> {
+        self.servers
+            .iter()
+            .find(|s| format!("{}{}", s.address.authority, s.address.path_prefix) == address)
+            .or_else(|| self.servers.iter().find(|s| s.address.authority == address))
+    }
+
+    /// The pool as `GET /upstreams` shows it.
+    pub fn status(&self) -> PoolStatus {
+        let now = health::now_ms();
+        PoolStatus {
+            name: self.name.clone(),
+            balancer: self.balancer.as_ref().map(|(name, _)| name.clone()),
+            health: self.health.as_ref().map(|h| HealthStatus {
+                kind: match h.kind {
+                    ProbeKind::Tcp => "tcp",
+                    ProbeKind::WebSocket { .. } => "websocket",
+                },
+                path: match &h.kind {
+                    ProbeKind::Tcp => None,
+                    ProbeKind::WebSocket { path } => Some(path.clone()),
+                },
+                interval_ms: h.interval.as_millis() as u64,
+                timeout_ms: h.timeout.as_millis() as u64,
+                rise: h.rise,
+                fall: h.fall,
+            }),
+            eject_after: self.eject_after,
+            drain_secs: self.drain_spread.as_secs(),
+            available: self.servers.iter().filter(|s| s.is_available(now)).count(),
+            servers: self.servers.iter().map(|s| s.status(now)).collect(),
+        }
+    }
+}
+
+/// One server in `GET /upstreams`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerStatus {
+    pub address: String,
+    pub path_prefix: String,
+    pub weight: u32,
+    pub labels: BTreeMap<String, String>,
+    /// Connections open now.
+    pub active: u32,
+    pub total: u64,
+    pub ewma_connect_us: u32,
+    pub recent_failures: u32,
+    /// The active checks' verdict (true when the pool has none).
+    pub healthy: bool,
+    /// Time left of a passive ejection, 0 when not ejected.
+    pub ejected_for_ms: u64,
+    pub draining: bool,
+    /// Healthy, not ejected and not draining: offered to new connections.
+    pub available: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HealthStatus {
+    pub kind: &'static str,
+    pub path: Option<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// One pool in `GET /upstreams`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub balancer: Option<String>,
+    pub health: Option<HealthStatus>,
+    pub eject_after: u32,
+    pub drain_secs: u64,
+    /// Servers offered to new connections now.
+    pub available: usize,
+    pub servers: Vec<ServerStatus>,
 }
 
 #[cfg(test)]
@@ -193,5 +414,38 @@ mod tests {
         assert_eq!((b.authority.as_str(), b.path_prefix.as_str()), ("localhost:80", "/base"));
         assert!(ServerAddress::parse("localhost").is_err());
         assert!(ServerAddress::parse("wss://x:1").is_err());
+    }
+
+    fn pool(servers: &str, previous: Option<&Pool>) -> Pool {
+        let text = format!(
+            "[gateway]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"p\"\nservers = {servers}\n[[route]]\nupstream = \"p\"\n"
+        );
+        let config = crate::config::Config::parse(&text, "t.toml", Default::default()).unwrap();
+        Pool::build(&config.upstreams[0], previous, None)
+    }
+
+    #[test]
+    fn unavailable_servers_are_skipped_and_state_survives_reloads() {
+        let p = pool(r#"["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]"#, None);
+        let open = p.servers[0].connection_opened();
+        assert_eq!(p.servers[1].state.health.probe_result(false, 2, 1), Some(false));
+        assert_eq!(p.available(), [0, 2]);
+        let firsts: Vec<usize> = (0..4).map(|_| p.round_robin_order(&p.available())[0]).collect();
+        assert_eq!(firsts, [0, 2, 0, 2], "round robin over the available servers only");
+        assert_eq!(p.find_server("127.0.0.1:3").map(|s| s.address.authority.as_str()), Some("127.0.0.1:3"));
+
+        // A new weight makes a new Server with the same state; the live guard still counts.
+        let q = pool(r#"[{ address = "127.0.0.1:1", weight = 5 }, "127.0.0.1:2"]"#, Some(&p));
+        assert!(Arc::ptr_eq(&q.servers[0].state, &p.servers[0].state));
+        assert_eq!((q.servers[0].weight, q.servers[0].candidate().active), (5, 1));
+        assert!(!q.servers[1].state.health.is_healthy(), "health carried over");
+        drop(open);
+        assert_eq!(q.servers[0].candidate().active, 0);
+
+        q.servers[0].state.health.connect_failed(3, 3, health::now_ms());
+        assert!(q.available().is_empty());
+        let reason = q.unavailable_reason();
+        assert!(reason.starts_with("all servers of pool p are down"), "{reason}");
+        assert!(reason.contains("1 failing health checks, 1 ejected"), "{reason}");
     }
 }
