@@ -9,8 +9,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::Message;
 use wasmgate_tests::*;
 
@@ -59,19 +57,6 @@ async fn handshake(gw: &Gateway, target: &str, headers: &[(&str, &str)]) -> (u16
     }
     request.push_str("\r\n");
     raw_http(gw.listen_addr, &request).await
-}
-
-/// A WebSocket client connected with extra request headers.
-async fn connect_with(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Client {
-    let mut request = ws_url(gw, path).into_client_request().unwrap();
-    for (name, value) in headers {
-        request.headers_mut().insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
-    }
-    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(request))
-        .await
-        .expect("connect timed out")
-        .expect("connect failed");
-    ws
 }
 
 async fn text_roundtrip(ws: &mut Client, text: &str) -> String {

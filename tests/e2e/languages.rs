@@ -5,8 +5,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::Message;
 use wasmgate_tests::*;
 
@@ -36,18 +34,6 @@ async fn handshake(gw: &Gateway, headers: &[(&str, &str)]) -> (u16, String) {
     }
     request.push_str("\r\n");
     raw_http(gw.listen_addr, &request).await
-}
-
-async fn connect_with(gw: &Gateway, headers: &[(&str, &str)]) -> Client {
-    let mut request = ws_url(gw, "/").into_client_request().unwrap();
-    for (name, value) in headers {
-        request.headers_mut().insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
-    }
-    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(request))
-        .await
-        .expect("connect timed out")
-        .expect("connect failed");
-    ws
 }
 
 async fn whoami(ws: &mut Client) -> String {
@@ -87,7 +73,7 @@ async fn python_allowlist_admits_listed_teams_only() {
     );
     let gw = start_gateway(&toml).await;
 
-    let mut ws = connect_with(&gw, &[("x-team", "blue")]).await;
+    let mut ws = connect_with(&gw, "/", &[("x-team", "blue")]).await;
     match roundtrip(&mut ws, Message::text("headers")).await {
         Message::Text(seen) => assert!(seen.contains("x-meta-team: blue"), "{seen}"),
         other => panic!("{other:?}"),
@@ -121,7 +107,7 @@ async fn javascript_router_picks_the_pool_from_a_header() {
     let gw = start_gateway(&toml).await;
 
     for (value, expected) in [("green", "b2"), ("blue", "b1"), ("purple", "b0")] {
-        let mut ws = connect_with(&gw, &[("x-backend", value)]).await;
+        let mut ws = connect_with(&gw, "/", &[("x-backend", value)]).await;
         assert_eq!(whoami(&mut ws).await, expected, "x-backend: {value}");
     }
     let mut ws = connect(&ws_url(&gw, "/")).await;

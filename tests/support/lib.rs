@@ -102,6 +102,23 @@ pub async fn connect(url: &str) -> Client {
     ws
 }
 
+/// Connects with extra request headers (auth tokens, API keys, routing headers).
+pub async fn connect_with(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+    let mut request = ws_url(gw, path).into_client_request().unwrap();
+    for (name, value) in headers {
+        request
+            .headers_mut()
+            .insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+    }
+    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(request))
+        .await
+        .expect("connect timed out")
+        .expect("connect failed");
+    ws
+}
+
 /// Sends a message and returns the next data message, failing after 10 s.
 pub async fn roundtrip(ws: &mut Client, msg: Message) -> Message {
     ws.send(msg).await.expect("send");
