@@ -124,7 +124,9 @@ async fn upgrade(
         };
         let settings = routing.relay.clone();
         drop(routing);
-        relay_connection(client, socket, active, &settings, chain, conn, compression, &shared).await;
+        // The message hook follows the decision the compression mode was based on.
+        let chain = Chain { slots: chain, conn, reads_messages };
+        relay_connection(client, socket, active, &settings, chain, compression, &shared).await;
     });
     Ok(response)
 }
@@ -299,6 +301,14 @@ async fn connect_ranked(
 }
 
 /// permessage-deflate as agreed for one connection.
+/// A connection's plugins: the route's chain, the host-side context they share, and
+/// whether any reads messages (decided once, at the handshake).
+struct Chain {
+    slots: Vec<Arc<PluginSlot>>,
+    conn: Option<Arc<ConnContext>>,
+    reads_messages: bool,
+}
+
 struct NegotiatedCompression {
     /// The 101's `Sec-WebSocket-Extensions`, if any.
     header: Option<String>,
@@ -361,14 +371,12 @@ fn negotiate_compression(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn relay_connection(
     client: Endpoint,
     upstream: UpstreamSocket,
     active: ActiveConnection,
     settings: &relay::RelaySettings,
-    chain: Vec<Arc<PluginSlot>>,
-    conn: Option<Arc<ConnContext>>,
+    chain: Chain,
     compression: NegotiatedCompression,
     shared: &Shared,
 ) {
@@ -394,7 +402,7 @@ async fn relay_connection(
         frame: Box::new(move || signal.frame()),
     };
     // Only routes whose plugins read messages pay for assembling them and calling Wasm.
-    let reads_messages = chain.iter().any(|slot| slot.current().hooks().messages);
+    let Chain { slots: chain, conn, reads_messages } = chain;
     let hook = match (&conn, reads_messages) {
         (Some(conn), true) => {
             Some(ChainHook { conn: conn.clone(), chain: chain.clone(), errors: metrics.plugin_errors.clone() })
