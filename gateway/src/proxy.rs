@@ -105,7 +105,13 @@ async fn upgrade(
             ));
         }
     }
-    let compression = negotiate_compression(mode, &wanted, &client_offers, &socket, routing.relay.max_message_size)?;
+    // A plugin (plugins/compression) may ask for small messages to go uncompressed.
+    let min_size = conn.as_deref().and_then(|c| c.meta(crate::compression::MIN_SIZE_META)).and_then(|v| v.parse().ok());
+    let mut compression =
+        negotiate_compression(mode, &wanted, &client_offers, &socket, routing.relay.max_message_size)?;
+    if let (Some(c), Some(min_size)) = (&mut compression.terminate, min_size) {
+        c.min_size = min_size;
+    }
     let response =
         handshake::switching_protocols(&upgrade.key, subprotocol.as_deref(), compression.header.as_deref());
     let on_upgrade = hyper::upgrade::on(req);
@@ -231,8 +237,8 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Re
     if !plugin.hooks().balancer {
         return Ok(pool.round_robin_order(&available));
     }
-    let candidates: Vec<_> = available.iter().map(|&i| pool.servers[i].candidate()).collect();
-    match plugin.select(conn, &pool.name, &candidates) {
+    let candidates: Vec<_> = available.iter().map(|&i| pool.servers[i].candidate(i)).collect();
+    match plugin.select(conn, &pool.plugin_view, &candidates) {
         Ok(ranked) => {
             let mut order = Vec::with_capacity(ranked.len());
             let mut seen = vec![false; candidates.len()];
@@ -300,7 +306,6 @@ async fn connect_ranked(
     Err(Refusal::new(StatusCode::BAD_GATEWAY, format!("no upstream server of {} answered ({last_error})", pool.name)))
 }
 
-/// permessage-deflate as agreed for one connection.
 /// A connection's plugins: the route's chain, the host-side context they share, and
 /// whether any reads messages (decided once, at the handshake).
 struct Chain {
@@ -309,6 +314,7 @@ struct Chain {
     reads_messages: bool,
 }
 
+/// permessage-deflate as agreed for one connection.
 struct NegotiatedCompression {
     /// The 101's `Sec-WebSocket-Extensions`, if any.
     header: Option<String>,
@@ -363,6 +369,7 @@ fn negotiate_compression(
                     terminate: Some(ClientCompression {
                         inflater: accepted.config.inflater(max_message_size),
                         deflater: accepted.config.deflater(),
+                        min_size: 0,
                     }),
                 }),
                 None => Ok(plain),
@@ -465,6 +472,7 @@ impl MessageHook for ChainHook {
             DataKind::Binary => Opcode::Binary,
         };
         let mut replaced: Option<Vec<u8>> = None;
+        let mut compress = true;
         for slot in &self.chain {
             let plugin = slot.current();
             if !plugin.hooks().messages {
@@ -472,8 +480,13 @@ impl MessageHook for ChainHook {
             }
             let current = replaced.as_deref().unwrap_or(payload);
             match plugin.on_message(&self.conn, dir, op, current) {
-                Ok(Action::Forward) => {}
-                Ok(Action::Replace(new)) => replaced = Some(new),
+                Ok(Action::Forward { payload, compress: c }) => {
+                    // One plugin asking for an uncompressed message is enough.
+                    compress &= c;
+                    if payload.is_some() {
+                        replaced = payload;
+                    }
+                }
                 Ok(Action::Drop) => return MessageAction::Drop,
                 Ok(Action::Reply(reply)) => return MessageAction::Reply(reply),
                 Ok(Action::Close(frame)) => return MessageAction::Close(frame.code, frame.reason),
@@ -486,9 +499,6 @@ impl MessageHook for ChainHook {
                 }
             }
         }
-        match replaced {
-            Some(new) => MessageAction::Replace(new),
-            None => MessageAction::Forward,
-        }
+        MessageAction::Send { payload: replaced, compress }
     }
 }

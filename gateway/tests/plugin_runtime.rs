@@ -73,16 +73,29 @@ fn request(path: &str) -> HandshakeRequest {
     }
 }
 
-fn candidate(address: &str, active: u32) -> Candidate {
-    Candidate {
-        address: address.into(),
-        weight: 1,
-        labels: Arc::new([("zone".to_string(), "a".to_string())]),
-        active,
-        total: 0,
-        ewma_connect_us: 100,
-        recent_failures: 0,
+/// A pool of `addresses`, each labelled zone=a, as the gateway lends it to `select`.
+fn pool(addresses: &[&str]) -> PoolInfo {
+    PoolInfo {
+        name: "pool".into(),
+        version: 1,
+        max_attempts: 3,
+        servers: addresses
+            .iter()
+            .map(|a| ServerInfo {
+                address: (*a).into(),
+                weight: 1,
+                labels: Arc::new([("zone".to_string(), "a".to_string())]),
+            })
+            .collect(),
     }
+}
+
+fn candidate(server: u32, active: u32) -> Candidate {
+    Candidate { server, weight: 1, active, ewma_connect_us: 100, ..Candidate::default() }
+}
+
+fn replaced(payload: &[u8]) -> Action {
+    Action::Forward { payload: Some(payload.to_vec()), compress: true }
 }
 
 #[test]
@@ -101,7 +114,7 @@ fn message_plugin_exports_only_its_hook_and_forwards() {
         let a = p
             .on_message(&c, Direction::ClientToUpstream, Opcode::Text, b"hi")
             .unwrap();
-        assert_eq!(a, Action::Forward);
+        assert_eq!(a, Action::FORWARD);
     }
     // Hooks it lacks answer without Wasm.
     assert_eq!(
@@ -109,7 +122,7 @@ fn message_plugin_exports_only_its_hook_and_forwards() {
         Verdict::Accept(Accept::default())
     );
     assert_eq!(
-        p.select(&c, "pool", &[]),
+        p.select(&c, &pool(&[]), &[]),
         Err(PluginError::NotImplemented("select"))
     );
     let info = p.info();
@@ -127,11 +140,81 @@ fn config_reaches_init_and_replace_is_returned() {
     let a = p
         .on_message(&c, Direction::ClientToUpstream, Opcode::Text, b"hello")
         .unwrap();
-    assert_eq!(a, Action::Replace(b"v1:hello".to_vec()));
+    assert_eq!(a, replaced(b"v1:hello"));
     let a = p
         .on_message(&c, Direction::UpstreamToClient, Opcode::Text, b"hello")
         .unwrap();
-    assert_eq!(a, Action::Forward);
+    assert_eq!(a, Action::FORWARD);
+}
+
+#[test]
+fn every_message_action_arrives_with_its_payload_or_reason() {
+    let rt = runtime();
+    let p = rt.load(&spec("actions", "message_actions", "{}")).unwrap();
+    let c = conn();
+    let send = |text: &str| {
+        p.on_message(&c, Direction::ClientToUpstream, Opcode::Text, text.as_bytes())
+            .unwrap()
+    };
+    assert_eq!(send("plain"), Action::FORWARD);
+    assert_eq!(send("drop"), Action::Drop);
+    assert_eq!(
+        send("close"),
+        Action::Close(CloseFrame { code: 4000, reason: "asked to close".into() })
+    );
+    // A reply without a payload set sends the message itself back.
+    assert_eq!(send("echo"), Action::Reply(b"echo".to_vec()));
+    assert_eq!(send("reply:pong"), Action::Reply(b"pong".to_vec()));
+    assert_eq!(send("upper:abc"), replaced(b"UPPER:ABC"));
+    assert_eq!(
+        send("raw:zip"),
+        Action::Forward { payload: None, compress: false }
+    );
+    // Edits do not leak into the next call.
+    assert_eq!(send("plain"), Action::FORWARD);
+    // Long upstream messages: the plugin reads only the length.
+    let big = vec![b'x'; 100_000];
+    let a = p
+        .on_message(&c, Direction::UpstreamToClient, Opcode::Binary, &big)
+        .unwrap();
+    assert_eq!(a, Action::FORWARD);
+    assert_eq!(p.info().errors, 0);
+}
+
+#[test]
+fn a_balancer_reads_addresses_from_the_pool_and_skips_servers_that_are_down() {
+    let rt = runtime();
+    let hash = rt
+        .load(&spec("hash", "hash", r#"{"key":"header:x-user"}"#))
+        .unwrap();
+    let servers = pool(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"]);
+    let all: Vec<Candidate> = (0..4).map(|i| candidate(i, 0)).collect();
+    let first = |cands: &[Candidate], user: &str| {
+        let c = conn();
+        c.set_meta("hash-key", user).unwrap();
+        cands[hash.select(&c, &servers, cands).unwrap()[0] as usize].server
+    };
+    for user in ["ann", "bob", "cid", "dee", "eve"] {
+        let home = first(&all, user);
+        assert_eq!(first(&all, user), home, "the same key goes to the same server");
+        // Its server is down (not a candidate): the key goes elsewhere, then comes back.
+        let up: Vec<Candidate> = all.iter().copied().filter(|c| c.server != home).collect();
+        assert_ne!(first(&up, user), home);
+        assert_eq!(first(&all, user), home);
+    }
+    assert_eq!(hash.info().errors, 0);
+}
+
+#[test]
+fn a_plugin_built_for_another_contract_version_is_refused_by_name() {
+    let rt = runtime();
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/contract-0.1.0.wasm");
+    let err = rt.load(&PluginSpec::new("old", old)).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("built for wasmgate:plugin@0.1.0; this gateway speaks @0.2.0"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -200,19 +283,16 @@ fn balancers_rank_candidates() {
     let rt = runtime();
     let least = rt.load(&spec("lc", "least_conn", "{}")).unwrap();
     let c = conn();
-    let cands = [
-        candidate("a:1", 5),
-        candidate("b:1", 0),
-        candidate("c:1", 9),
-    ];
-    let order = least.select(&c, "pool", &cands).unwrap();
+    let servers = pool(&["a:1", "b:1", "c:1"]);
+    let cands = [candidate(0, 5), candidate(1, 0), candidate(2, 9)];
+    let order = least.select(&c, &servers, &cands).unwrap();
     assert_eq!(order.len(), 3);
     assert_eq!(order[0], 1);
 
     // round-robin keeps its turn in kv, shared by all its instances.
     let rr = rt.load(&spec("rr", "round_robin", "{}")).unwrap();
     let firsts: Vec<u32> = (0..3)
-        .map(|_| rr.select(&c, "pool", &cands).unwrap()[0])
+        .map(|_| rr.select(&c, &servers, &cands).unwrap()[0])
         .collect();
     let mut sorted = firsts.clone();
     sorted.sort();
@@ -247,7 +327,7 @@ fn an_endless_loop_times_out_and_the_plugin_recovers() {
     let noop = rt.load(&spec("noop", "noop_messages", "{}")).unwrap();
     assert_eq!(
         noop.on_message(&c, Direction::ClientToUpstream, Opcode::Text, b"x"),
-        Ok(Action::Forward)
+        Ok(Action::FORWARD)
     );
 }
 
@@ -345,7 +425,7 @@ fn reconcile_swaps_versions_and_keeps_the_old_one_on_failure() {
         p.on_message(&c, Direction::ClientToUpstream, Opcode::Text, b"m")
             .unwrap()
     };
-    assert_eq!(send(&slot.current()), Action::Replace(b"a:m".to_vec()));
+    assert_eq!(send(&slot.current()), replaced(b"a:m"));
 
     // Same bytes and settings: nothing reloads.
     let report = registry.reconcile(&[tag("a:"), spec("noop", "noop_messages", "{}")]);
@@ -364,8 +444,8 @@ fn reconcile_swaps_versions_and_keeps_the_old_one_on_failure() {
         "{report}"
     );
     assert_eq!(report.plugins[1].outcome, ReloadOutcome::Removed);
-    assert_eq!(send(&slot.current()), Action::Replace(b"b:m".to_vec()));
-    assert_eq!(send(&held), Action::Replace(b"a:m".to_vec()));
+    assert_eq!(send(&slot.current()), replaced(b"b:m"));
+    assert_eq!(send(&held), replaced(b"a:m"));
     assert!(registry.get("noop").is_none());
 
     // Garbage bytes, then a failing init: rejected, and version b keeps serving.
@@ -386,7 +466,7 @@ fn reconcile_swaps_versions_and_keeps_the_old_one_on_failure() {
     );
     assert_eq!(
         send(&registry.get("tag").unwrap().current()),
-        Action::Replace(b"b:m".to_vec())
+        replaced(b"b:m")
     );
 
     let list = registry.list();
@@ -422,7 +502,7 @@ fn compiled_components_are_cached_and_a_corrupt_entry_is_recompiled() {
     let p = rt.load(&spec("noop", "noop_messages", "{}")).unwrap();
     assert_eq!(
         p.on_message(&conn(), Direction::ClientToUpstream, Opcode::Text, b"x"),
-        Ok(Action::Forward)
+        Ok(Action::FORWARD)
     );
     assert!(
         std::fs::metadata(&entries[0]).unwrap().len() > 1000,
@@ -448,7 +528,7 @@ fn instances_are_shared_and_capped() {
                     let a = p
                         .on_message(&c, Direction::ClientToUpstream, Opcode::Binary, b"x")
                         .unwrap();
-                    assert_eq!(a, Action::Forward);
+                    assert_eq!(a, Action::FORWARD);
                 }
             });
         }

@@ -3,7 +3,7 @@
 //! A plugin is one type implementing [`Plugin`], exported with [`export_plugin!`]:
 //!
 //! ```
-//! use wasmgate_sdk::{Candidate, Conn, Hooks, NoConfig, Plugin};
+//! use wasmgate_sdk::{Candidate, Conn, Hooks, NoConfig, Plugin, Pool};
 //!
 //! struct First;
 //!
@@ -15,7 +15,7 @@
 //!         Ok(First)
 //!     }
 //!
-//!     fn select(&mut self, _: &Conn, _: &str, candidates: &[Candidate]) -> Vec<u32> {
+//!     fn select(&mut self, _: &Conn, _: &Pool, candidates: &[Candidate]) -> Vec<u32> {
 //!         (0..candidates.len() as u32).collect()
 //!     }
 //! }
@@ -36,8 +36,10 @@ pub mod hash;
 mod host;
 pub mod kv;
 pub mod log;
+mod message;
 pub mod metrics;
 mod plugin;
+mod pool;
 mod request;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
@@ -59,10 +61,14 @@ pub mod bindings {
 }
 
 pub use bindings::wasmgate::plugin::types::{
-    Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnectionStats,
-    Direction, Header, Hooks, Opcode, Reject, Request, Verdict,
+    Accept, Candidate, Compression, CompressionMode, ConnectionStats, Direction, Header, Hooks,
+    Opcode, Reject, Request, Server, Verdict,
 };
 pub use conn::Conn;
+pub use message::{Action, CloseFrame, Message};
+#[cfg(not(target_arch = "wasm32"))]
+pub use pool::NativePool;
+pub use pool::Pool;
 pub use host::{monotonic_ns, now_ms, random_u64};
 pub use plugin::{NoConfig, Plugin};
 #[cfg(target_arch = "wasm32")]

@@ -7,7 +7,7 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::{Action, Candidate, Conn, ConnectionStats, Direction, Hooks, Opcode, Request, Verdict};
+use crate::{Action, Candidate, Conn, ConnectionStats, Hooks, Message, Pool, Request, Verdict};
 
 /// A wasmgate plugin. Implement the hooks named in [`Plugin::HOOKS`]; the others keep
 /// their defaults and are never called by the host.
@@ -35,16 +35,20 @@ pub trait Plugin: Sized + 'static {
         Verdict::accept()
     }
 
-    /// Ranks `candidates` of `pool`, best first, as indexes into `candidates`. The host
-    /// tries them in order; an empty list means no server. Default: the order given.
-    fn select(&mut self, conn: &Conn, pool: &str, candidates: &[Candidate]) -> Vec<u32> {
+    /// Ranks `candidates` (the servers of `pool` available now), best first, as indexes
+    /// into `candidates`. The host tries them in order; an empty list means no server.
+    /// A candidate's address and labels are `pool.server(candidate)`. Default: the order
+    /// given.
+    fn select(&mut self, conn: &Conn, pool: &Pool, candidates: &[Candidate]) -> Vec<u32> {
         let _ = (conn, pool);
         (0..candidates.len() as u32).collect()
     }
 
-    /// Sees one data message. Default: forward it unchanged.
-    fn on_message(&mut self, conn: &Conn, dir: Direction, op: Opcode, payload: Vec<u8>) -> Action {
-        let _ = (conn, dir, op, payload);
+    /// Sees one data message. Reading `msg.payload()` copies it into the plugin; a hook
+    /// that decides by `msg.len()`, direction or opcode does not pay for that. Default:
+    /// forward it unchanged.
+    fn on_message(&mut self, conn: &Conn, msg: &Message) -> Action {
+        let _ = (conn, msg);
         Action::Forward
     }
 
@@ -132,14 +136,8 @@ mod tests {
         let mut p = Nothing;
         assert_eq!(p.hooks(), Nothing::HOOKS);
         assert_eq!(p.on_handshake(&conn, &Request::new("/")), Verdict::accept());
-        let candidates = vec![Candidate::new("a:1"), Candidate::new("b:1")];
-        assert_eq!(p.select(&conn, "pool", &candidates), vec![0, 1]);
-        let action = p.on_message(
-            &conn,
-            Direction::ClientToUpstream,
-            Opcode::Text,
-            b"x".to_vec(),
-        );
-        assert_eq!(action, Action::Forward);
+        let pool = crate::NativePool::new("pool", &["a:1", "b:1"]);
+        assert_eq!(p.select(&conn, &pool.view(), &pool.candidates()), vec![0, 1]);
+        assert_eq!(p.on_message(&conn, &Message::text("x")), Action::Forward);
     }
 }

@@ -1,7 +1,7 @@
 //! Constructors for the contract's records, so hooks read as what they decide:
 //! `Accept::default().add_header("x-user", &user).into()`, `Verdict::reject(401, "no token")`.
 
-use crate::{Accept, Candidate, Compression, Header, Reject, Verdict};
+use crate::{Accept, Candidate, Compression, Header, Reject, Server, Verdict};
 
 impl Verdict {
     /// Accept the connection unchanged.
@@ -103,25 +103,21 @@ impl Reject {
 }
 
 impl Candidate {
-    /// An idle server of weight 1 with no history; for tests.
-    pub fn new(address: &str) -> Candidate {
-        Candidate {
-            address: address.into(),
-            weight: 1,
-            labels: Vec::new(),
-            active: 0,
-            total: 0,
-            ewma_connect_us: 0,
-            recent_failures: 0,
-        }
+    /// Server `server` of its pool, of weight `weight`, idle and with no history; for tests.
+    pub fn idle(server: u32, weight: u32) -> Candidate {
+        Candidate { server, weight, active: 0, total: 0, ewma_connect_us: 0, recent_failures: 0 }
+    }
+}
+
+impl Server {
+    /// A server of weight 1 with no labels; for tests.
+    pub fn new(address: &str) -> Server {
+        Server { address: address.into(), weight: 1, labels: Vec::new() }
     }
 
     /// The value of label `name`, e.g. `label("zone")`.
     pub fn label(&self, name: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.labels.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -157,10 +153,10 @@ mod tests {
     }
 
     #[test]
-    fn candidate_labels() {
-        let mut c = Candidate::new("a:1");
-        c.labels.push(("zone".into(), "eu".into()));
-        assert_eq!(c.label("zone"), Some("eu"));
-        assert_eq!(c.label("rack"), None);
+    fn server_labels() {
+        let mut s = Server::new("a:1");
+        s.labels.push(("zone".into(), "eu".into()));
+        assert_eq!(s.label("zone"), Some("eu"));
+        assert_eq!(s.label("rack"), None);
     }
 }

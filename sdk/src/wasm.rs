@@ -10,8 +10,12 @@ use std::marker::PhantomData;
 
 use crate::bindings::exports::wasmgate::plugin::{balancer, handshake, lifecycle, messages};
 use crate::bindings::wasmgate::plugin::connection::Connection;
+use crate::bindings::wasmgate::plugin::message as host_message;
+use crate::bindings::wasmgate::plugin::types::Action as WireAction;
+use crate::bindings::wasmgate::plugin::upstreams::Pool as HostPool;
 use crate::{
-    Action, Candidate, Conn, ConnectionStats, Direction, Hooks, Opcode, Plugin, Request, Verdict,
+    Action, Candidate, Conn, ConnectionStats, Direction, Hooks, Message, Opcode, Plugin, Pool,
+    Request, Verdict,
 };
 
 thread_local! {
@@ -51,13 +55,35 @@ impl<P: Plugin> handshake::Guest for Exports<P> {
 }
 
 impl<P: Plugin> balancer::Guest for Exports<P> {
-    fn select(conn: &Connection, pool: String, candidates: Vec<Candidate>) -> Vec<u32> {
-        with_plugin(|p: &mut P| p.select(Conn::from_host(conn), &pool, &candidates))
+    fn select(conn: &Connection, pool: &HostPool, candidates: Vec<Candidate>) -> Vec<u32> {
+        with_plugin(|p: &mut P| p.select(Conn::from_host(conn), &Pool::from_host(pool), &candidates))
     }
 }
 
 impl<P: Plugin> messages::Guest for Exports<P> {
-    fn on_message(conn: &Connection, dir: Direction, op: Opcode, payload: Vec<u8>) -> Action {
-        with_plugin(|p: &mut P| p.on_message(Conn::from_host(conn), dir, op, payload))
+    fn on_message(conn: &Connection, dir: Direction, op: Opcode, len: u32) -> WireAction {
+        let action = with_plugin(|p: &mut P| p.on_message(Conn::from_host(conn), &Message::from_host(dir, op, len)));
+        // Payloads and reasons go through the message interface; the answer stays a
+        // plain value so `forward` costs no allocation.
+        match action {
+            Action::Forward => WireAction::Forward,
+            Action::ForwardUncompressed => WireAction::ForwardUncompressed,
+            Action::Replace(payload) => {
+                host_message::set_payload(&payload);
+                WireAction::Forward
+            }
+            Action::Drop => WireAction::Drop,
+            Action::Reply(payload) => {
+                host_message::set_payload(&payload);
+                WireAction::Reply
+            }
+            Action::Echo => WireAction::Reply,
+            Action::Close(frame) => {
+                if !frame.reason.is_empty() {
+                    host_message::set_close_reason(&frame.reason);
+                }
+                WireAction::Close(frame.code)
+            }
+        }
     }
 }

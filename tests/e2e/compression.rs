@@ -121,3 +121,115 @@ async fn decompression_bomb_is_refused_with_1009_and_memory_stays_flat() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A masked client text frame, uncompressed (RSV1 clear), shorter than 64 KiB.
+fn client_text(text: &str) -> Vec<u8> {
+    let mut frame = vec![0x81];
+    // RFC 6455 §5.2: the length in the fewest bytes that hold it.
+    match text.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]); // mask key 0: the payload goes as is
+    frame.extend_from_slice(text.as_bytes());
+    frame
+}
+
+/// Reads one unmasked server frame: (RSV1 set, opcode, payload).
+async fn server_frame(stream: &mut tokio::net::TcpStream) -> (bool, u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.unwrap();
+    let len = match head[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            stream.read_exact(&mut b).await.unwrap();
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            stream.read_exact(&mut b).await.unwrap();
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    (head[0] & 0x40 != 0, head[0] & 0x0F, payload)
+}
+
+/// Inflates one permessage-deflate message (RFC 7692 §7.2.2: append 00 00 ff ff).
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::new();
+    let mut decoder = flate2::read::DeflateDecoder::new(&input[..]);
+    let _ = decoder.read_to_end(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_and_marked_messages_go_uncompressed() {
+    let backends = echo_backends(1).await;
+    // The compression plugin asks for a 64-byte threshold; message-actions marks `raw:`
+    // messages from the upstream (echoes here) to go uncompressed.
+    let toml = format!(
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+compression = "off"
+
+[[upstream]]
+name = "echo"
+servers = {}
+
+[[plugin]]
+name = "compress"
+wasm = "{}"
+config = {{ default = {{ mode = "terminate", max_window_bits = 12, min_size = 64 }} }}
+
+[[plugin]]
+name = "actions"
+wasm = "{}"
+
+[[route]]
+path = "/"
+upstream = "echo"
+plugins = ["compress", "actions"]
+"#,
+        server_list(&backends),
+        plugin_wasm("compression").display(),
+        plugin_wasm("message-actions").display(),
+    );
+    let gw = start_gateway(&toml).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.listen_addr).await.unwrap();
+    let request = upgrade_request(
+        "GET",
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101") && head.contains("permessage-deflate"), "{head}");
+
+    let big = format!("{{\"price\": 101.25, \"pad\": \"{}\"}}", "ab".repeat(100));
+    let raw = format!("raw:{}", "cd".repeat(100));
+    for (sent, compressed) in [("tiny", false), (big.as_str(), true), (raw.as_str(), false), ("upper:abc", false)] {
+        stream.write_all(&client_text(sent)).await.unwrap();
+        let (rsv1, opcode, payload) = tokio::time::timeout(Duration::from_secs(10), server_frame(&mut stream)).await.unwrap();
+        assert_eq!(opcode, 1, "a text frame, not {:?}", String::from_utf8_lossy(&payload));
+        assert_eq!(rsv1, compressed, "{sent:.20}: compressed");
+        let text = if rsv1 { inflate(&payload) } else { payload };
+        let expected = if sent == "upper:abc" { "UPPER:ABC" } else { sent };
+        assert_eq!(String::from_utf8(text).unwrap(), expected);
+    }
+    gw.shutdown().await;
+}

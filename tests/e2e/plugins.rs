@@ -326,3 +326,29 @@ async fn demo_config_serves() {
     assert_eq!(roundtrip(&mut tagged, Message::text("hi")).await, Message::text("[via wasm] hi"));
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_action_reaches_the_wire() {
+    let backends = echo_backends(1).await;
+    let plugins = plugin("actions", "message-actions", "");
+    let gw = start_gateway(&config(&server_list(&backends), &[("/", "\"actions\"")], &plugins, "")).await;
+    let mut ws = connect(&ws_url(&gw, "/")).await;
+    let text = |s: &str| Message::text(s.to_string());
+    assert_eq!(roundtrip(&mut ws, text("plain")).await, text("plain"));
+    assert_eq!(roundtrip(&mut ws, text("upper:abc")).await, text("UPPER:ABC"), "replace");
+    assert_eq!(roundtrip(&mut ws, text("reply:pong")).await, text("pong"), "reply");
+    assert_eq!(roundtrip(&mut ws, text("echo")).await, text("echo"), "reply without a payload");
+    // A dropped message never comes back: the next answer is the next message's echo.
+    ws.send(text("drop")).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, text("after")).await, text("after"), "drop");
+    let long = "z".repeat(5000);
+    assert_eq!(roundtrip(&mut ws, text(&long)).await, text(&long), "long upstream message by length");
+    ws.send(text("close")).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 4000);
+    let metrics = gw.metrics_text();
+    assert!(
+        !metrics.lines().any(|l| l.starts_with("wasmgate_plugins_errors_total") && l.contains("actions") && !l.ends_with(" 0")),
+        "no plugin errors:\n{metrics}"
+    );
+    gw.shutdown().await;
+}

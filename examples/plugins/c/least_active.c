@@ -49,10 +49,13 @@ void exports_wasmgate_plugin_lifecycle_on_close(exports_wasmgate_plugin_lifecycl
 }
 
 void exports_wasmgate_plugin_balancer_select(exports_wasmgate_plugin_balancer_borrow_connection_t conn,
-                                             balancer_plugin_string_t *pool,
+                                             exports_wasmgate_plugin_balancer_borrow_pool_t pool,
                                              exports_wasmgate_plugin_balancer_list_candidate_t *candidates,
                                              balancer_plugin_list_u32_t *ret) {
-    wasmgate_plugin_connection_connection_drop_borrow(conn); /* not used */
+    /* Neither the connection nor the pool's addresses matter to this policy: candidates
+     * carry the live numbers. */
+    wasmgate_plugin_connection_connection_drop_borrow(conn);
+    wasmgate_plugin_upstreams_pool_drop_borrow(pool);
     size_t n = candidates->len;
     server_t *servers = malloc(n * sizeof *servers + 1);
     uint32_t *order = malloc(n * sizeof *order + 1); /* freed by the generated post-return */
@@ -64,7 +67,6 @@ void exports_wasmgate_plugin_balancer_select(exports_wasmgate_plugin_balancer_bo
     rank_servers(servers, n, max_failures, order);
     free(servers);
     exports_wasmgate_plugin_balancer_list_candidate_free(candidates);
-    balancer_plugin_string_free(pool);
     if (n == 0) {
         free(order); /* an empty list is not freed by the post-return */
         order = NULL;

@@ -54,5 +54,9 @@
 pub mod codec;
 pub mod negotiate;
 
+/// Connection metadata a handshake plugin sets (`plugins/compression` does) so that
+/// messages to the client shorter than this many bytes go uncompressed.
+pub const MIN_SIZE_META: &str = "compression-min-size";
+
 pub use codec::{Deflater, InflateError, Inflated, Inflater};
 pub use negotiate::{Accepted, CodecParams, DeflateConfig, DeflateParams, DeflatePolicy, NegotiationError};

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::host::HostState;
+use super::types::WireAction;
 use super::*;
 use crate::metrics::Registry;
 
@@ -46,23 +47,30 @@ fn once(f: impl FnOnce()) -> Duration {
     start.elapsed()
 }
 
-/// `n` candidates with one label each, or none.
-fn candidates(n: usize, label: bool) -> Vec<Candidate> {
+/// A pool of `n` servers with one label each, or none, and all of them as candidates.
+fn pool(n: usize, label: bool) -> (PoolInfo, Vec<Candidate>) {
     let labels: Arc<[(String, String)]> = match label {
         true => Arc::new([("zone".to_string(), "a".to_string())]),
         false => Arc::new([]),
     };
-    (0..n)
-        .map(|i| Candidate {
+    let servers = (0..n)
+        .map(|i| ServerInfo {
             address: format!("10.0.{}.{}:9000", i / 256, i % 256).into(),
             weight: 1,
             labels: labels.clone(),
+        })
+        .collect();
+    let candidates = (0..n)
+        .map(|i| Candidate {
+            server: i as u32,
+            weight: 1,
             active: (i * 7 % 13) as u32,
             total: i as u64,
             ewma_connect_us: 250,
             recent_failures: 0,
         })
-        .collect()
+        .collect();
+    (PoolInfo { name: "p".into(), version: 1, servers, max_attempts: 3 }, candidates)
 }
 
 #[test]
@@ -78,14 +86,11 @@ fn plugin_call_costs() {
     let mut instance = noop.pool.take().unwrap();
     instance.store.set_epoch_deadline(u64::MAX / 2);
     let raw = per_call(200_000, || {
-        let guard = HostState::enter(&mut instance.store, &conn);
-        let r = instance.exports.on_message(
-            guard.store,
-            Direction::ClientToUpstream,
-            Opcode::Text,
-            b"hello",
-        );
-        assert!(matches!(r, Some(Ok(Action::Forward))));
+        let guard = HostState::enter(&mut instance.store, &conn).with_message(b"hello");
+        let r = instance
+            .exports
+            .on_message(guard.store, Direction::ClientToUpstream, Opcode::Text, 5);
+        assert!(matches!(r, Some(Ok(WireAction::Forward))));
     });
     noop.pool.put(instance);
     rows.push(("on-message no-op, raw typed call (16 B)", raw));
@@ -93,7 +98,7 @@ fn plugin_call_costs() {
         "on-message no-op, Plugin::on_message (16 B)",
         per_call(200_000, || {
             let r = noop.on_message(&conn, Direction::ClientToUpstream, Opcode::Text, b"hello");
-            assert_eq!(r, Ok(Action::Forward));
+            assert_eq!(r, Ok(Action::FORWARD));
         }),
     ));
     let kib = vec![b'x'; 4096];
@@ -109,29 +114,41 @@ fn plugin_call_costs() {
         .load(&PluginSpec::new("least", wasm("least_conn")))
         .unwrap();
     for (name, n, label) in [
+        ("select, least_conn, 1 candidate", 1, true),
         ("select, least_conn, 10 candidates", 10, true),
         ("select, least_conn, 100 candidates", 100, true),
         ("select, least_conn, 100 candidates, no labels", 100, false),
     ] {
-        let cands = candidates(n, label);
+        let (servers, cands) = pool(n, label);
         rows.push((
             name,
             per_call(20_000, || {
-                assert_eq!(least.select(&conn, "p", &cands).unwrap().len(), n)
+                // least-conn ranks only the 3 servers the host would try (max_attempts).
+                assert_eq!(least.select(&conn, &servers, &cands).unwrap().len(), n.min(3))
             }),
         ));
     }
     let mut instance = least.pool.take().unwrap();
     instance.store.set_epoch_deadline(u64::MAX / 2);
-    let cands = candidates(100, true);
+    let (servers, cands) = pool(100, true);
     rows.push((
         "select, least_conn, 100 candidates, raw typed call",
         per_call(20_000, || {
-            let guard = HostState::enter(&mut instance.store, &conn);
+            let guard = HostState::enter(&mut instance.store, &conn).with_pool(&servers);
             assert!(matches!(
-                instance.exports.select(guard.store, "p", &cands),
+                instance.exports.select(guard.store, &cands),
                 Some(Ok(_))
             ));
+        }),
+    ));
+    least.pool.put(instance);
+    // hash reads the pool's addresses (once per pool version) to build its ring.
+    let hash = rt.load(&PluginSpec::new("hash", wasm("hash"))).unwrap();
+    let (servers, cands) = pool(100, true);
+    rows.push((
+        "select, hash (ring cached), 100 candidates",
+        per_call(20_000, || {
+            assert_eq!(hash.select(&conn, &servers, &cands).unwrap().len(), 100)
         }),
     ));
 
@@ -170,4 +187,20 @@ fn plugin_call_costs() {
     for (what, d) in rows {
         println!("{what:<55} {d:>14?}");
     }
+}
+
+#[test]
+#[ignore = "profiling aid"]
+fn profile_noop_raw() {
+    let rt = PluginRuntime::new(RuntimeOptions::default(), Arc::new(Registry::new())).unwrap();
+    let conn = ConnContext::new(1, "10.0.0.1:40000", "/");
+    let noop = rt.load(&PluginSpec::new("noop", wasm("noop_messages"))).unwrap();
+    let mut instance = noop.pool.take().unwrap();
+    instance.store.set_epoch_deadline(u64::MAX / 2);
+    let d = per_call(3_000_000, || {
+        let guard = HostState::enter(&mut instance.store, &conn).with_message(b"hello");
+        let r = instance.exports.on_message(guard.store, Direction::ClientToUpstream, Opcode::Text, 5);
+        assert!(matches!(r, Some(Ok(WireAction::Forward))));
+    });
+    println!("raw {d:?}");
 }

@@ -9,22 +9,25 @@ use wasmtime::component::{Component, ComponentExportIndex, Func, Instance, Resou
 use wasmtime::Store;
 
 use super::bindings::connection::Connection;
-use super::host::{HostState, CONN_REP};
+use super::bindings::upstreams::Pool;
+use super::host::{HostState, LENT_REP};
 use super::types::{
-    Action, Candidate, ConnStats, Direction, HandshakeRequest, HookFlags, Opcode, Verdict,
+    Candidate, ConnStats, Direction, HandshakeRequest, HookFlags, Opcode, Verdict, WireAction,
 };
 
-const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.1.0";
-const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.1.0";
-const BALANCER: &str = "wasmgate:plugin/balancer@0.1.0";
-const MESSAGES: &str = "wasmgate:plugin/messages@0.1.0";
+/// The contract's package, `wasmgate:plugin@VERSION` in `sdk/wit/plugin.wit`.
+pub(super) const CONTRACT_VERSION: &str = "0.2.0";
+const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.2.0";
+const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.2.0";
+const BALANCER: &str = "wasmgate:plugin/balancer@0.2.0";
+const MESSAGES: &str = "wasmgate:plugin/messages@0.2.0";
 
 type Conn = Resource<Connection>;
 type InitFn<'a> = TypedFunc<(&'a str,), (Result<HookFlags, String>,)>;
 type OnCloseFn = TypedFunc<(Conn, u16, ConnStats), ()>;
 type OnHandshakeFn<'a> = TypedFunc<(Conn, &'a HandshakeRequest), (Verdict,)>;
-type SelectFn<'a> = TypedFunc<(Conn, &'a str, &'a [Candidate]), (Vec<u32>,)>;
-type OnMessageFn<'a> = TypedFunc<(Conn, Direction, Opcode, &'a [u8]), (Action,)>;
+type SelectFn<'a> = TypedFunc<(Conn, Resource<Pool>, &'a [Candidate]), (Vec<u32>,)>;
+type OnMessageFn = TypedFunc<(Conn, Direction, Opcode, u32), (WireAction,)>;
 /// Type-checks a function against one of the signatures above.
 type TypeCheck = fn(Func, &mut Store<HostState>) -> wasmtime::Result<()>;
 
@@ -45,8 +48,14 @@ impl ExportIndices {
             component.get_export_index(Some(&instance), name)
         };
         let required = |name: &str| {
-            func(LIFECYCLE, name).ok_or_else(|| {
-                anyhow::anyhow!("the component does not export `{LIFECYCLE}` with `{name}`")
+            func(LIFECYCLE, name).ok_or_else(|| match other_contract_version(component) {
+                Some(v) => anyhow::anyhow!(
+                    "the component was built for wasmgate:plugin@{v}; this gateway speaks \
+                     @{CONTRACT_VERSION}: rebuild it against sdk/wit/plugin.wit"
+                ),
+                None => {
+                    anyhow::anyhow!("the component does not export `{LIFECYCLE}` with `{name}`")
+                }
             })
         };
         Ok(ExportIndices {
@@ -109,7 +118,7 @@ impl Exports {
             on_message: idx
                 .on_message
                 .as_ref()
-                .map(|i| get(i, |f, s| f.typed(s).map(|_: OnMessageFn<'_>| ())))
+                .map(|i| get(i, |f, s| f.typed(s).map(|_: OnMessageFn| ())))
                 .transpose()?,
         })
     }
@@ -146,29 +155,40 @@ impl Exports {
         Some(f.call(store, (conn(), req)).map(|r| r.0))
     }
 
+    /// The pool itself must have been lent to the call (`ConnGuard::with_pool`).
     pub fn select(
         &self,
         store: &mut Store<HostState>,
-        pool: &str,
         candidates: &[Candidate],
     ) -> Option<wasmtime::Result<Vec<u32>>> {
         let f = unsafe { SelectFn::new_unchecked(self.select?) };
-        Some(f.call(store, (conn(), pool, candidates)).map(|r| r.0))
+        Some(f.call(store, (conn(), Resource::new_borrow(LENT_REP), candidates)).map(|r| r.0))
     }
 
+    /// The payload must have been lent to the call (`ConnGuard::with_message`).
     pub fn on_message(
         &self,
         store: &mut Store<HostState>,
         dir: Direction,
         op: Opcode,
-        payload: &[u8],
-    ) -> Option<wasmtime::Result<Action>> {
+        len: u32,
+    ) -> Option<wasmtime::Result<WireAction>> {
         let f = unsafe { OnMessageFn::new_unchecked(self.on_message?) };
-        Some(f.call(store, (conn(), dir, op, payload)).map(|r| r.0))
+        Some(f.call(store, (conn(), dir, op, len)).map(|r| r.0))
     }
 }
 
-/// The borrowed handle every hook receives; see `HostState::conn`.
+/// The borrowed handle every hook receives; see `HostState::lent`.
 fn conn() -> Conn {
-    Resource::new_borrow(CONN_REP)
+    Resource::new_borrow(LENT_REP)
+}
+
+/// The version of a `wasmgate:plugin` lifecycle export other than ours, if the component
+/// has one: a plugin built against an older or newer contract.
+fn other_contract_version(component: &Component) -> Option<String> {
+    let engine = component.engine();
+    component
+        .component_type()
+        .exports(engine)
+        .find_map(|(name, _)| name.strip_prefix("wasmgate:plugin/lifecycle@").map(str::to_string))
 }

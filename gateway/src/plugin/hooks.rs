@@ -10,15 +10,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use wasmtime::component::{Component, InstancePre};
-use wasmtime::Store;
 
 use super::engine::{deadline_ticks, PluginSpec};
 use super::exports::{ExportIndices, Exports};
-use super::host::{HostState, PluginEnv};
+use super::host::{ConnGuard, HostState, PluginEnv};
 use super::pool::{classify, Pool};
 use super::types::{
     Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
-    Hooks, OnError, Opcode, PluginError, Verdict,
+    Hooks, OnError, Opcode, PluginError, PoolInfo, Verdict,
 };
 use crate::metrics::{Counter, Registry};
 
@@ -190,17 +189,17 @@ impl Plugin {
             conn,
             self.handshake_ticks,
             self.spec.handshake_timeout,
-            |store, exports| exports.on_handshake(store, req),
+            |guard, exports| exports.on_handshake(guard.store, req),
         )?;
         self.checked(verdict.check().map(|()| verdict))
     }
 
-    /// Indexes into `candidates`, best first. Without the hook: `NotImplemented`, so the
-    /// caller uses its own balancing.
+    /// Indexes into `candidates` (servers of `pool`), best first. Without the hook:
+    /// `NotImplemented`, so the caller uses its own balancing.
     pub fn select(
         &self,
         conn: &ConnContext,
-        pool: &str,
+        pool: &PoolInfo,
         candidates: &[Candidate],
     ) -> Result<Vec<u32>, PluginError> {
         if !self.hooks.balancer {
@@ -211,7 +210,7 @@ impl Plugin {
             conn,
             self.handshake_ticks,
             self.spec.handshake_timeout,
-            |store, exports| exports.select(store, pool, candidates),
+            |guard, exports| exports.select(guard.with_pool(pool).store, candidates),
         )?;
         let checked = match order.iter().find(|&&i| i as usize >= candidates.len()) {
             Some(i) => Err(format!(
@@ -223,7 +222,7 @@ impl Plugin {
         self.checked(checked)
     }
 
-    /// Without the hook: `Forward`.
+    /// Without the hook: forward unchanged.
     pub fn on_message(
         &self,
         conn: &ConnContext,
@@ -232,14 +231,20 @@ impl Plugin {
         payload: &[u8],
     ) -> Result<Action, PluginError> {
         if !self.hooks.messages {
-            return Ok(Action::Forward);
+            return Ok(Action::FORWARD);
         }
         self.stats.message.inc();
         let action = self.call(
             conn,
             self.message_ticks,
             self.spec.message_timeout,
-            |store, exports| exports.on_message(store, dir, op, payload),
+            |guard, exports| {
+                let mut guard = guard.with_message(payload);
+                let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+                let wire = exports.on_message(guard.store, dir, op, len)?;
+                let edits = guard.take_edits();
+                Some(wire.map(|w| Action::from_wire(w, edits.payload, edits.close_reason, payload)))
+            },
         )?;
         self.checked(action.check(op).map(|()| action))
     }
@@ -254,7 +259,7 @@ impl Plugin {
             conn,
             self.handshake_ticks,
             self.spec.handshake_timeout,
-            |store, exports| Some(exports.on_close(store, code, stats)),
+            |guard, exports| Some(exports.on_close(guard.store, code, stats)),
         );
         if let Err(e) = done {
             tracing::warn!(target: "wasmgate::plugin", plugin = self.name(), conn = conn.id, "on-close {e}");
@@ -286,23 +291,22 @@ impl Plugin {
     }
 
     /// Runs one export on a pooled instance with `conn` lent to it and a deadline of
-    /// `ticks`. `f` answers `None` when the export is missing, which `hooks` rules out.
-    fn call<R>(
+    /// `ticks`; `f` may lend more through the guard. `f` answers `None` when the export is
+    /// missing, which `hooks` rules out.
+    fn call<'l, R>(
         &self,
-        conn: &ConnContext,
+        conn: &'l ConnContext,
         ticks: u64,
         timeout: Duration,
-        f: impl FnOnce(&mut Store<HostState>, &Exports) -> Option<wasmtime::Result<R>>,
+        f: impl FnOnce(ConnGuard<'_, 'l>, &Exports) -> Option<wasmtime::Result<R>>,
     ) -> Result<R, PluginError> {
         let mut instance = self
             .pool
             .take()
             .inspect_err(|e| self.stats.count_error(e))?;
         instance.store.set_epoch_deadline(ticks);
-        let result = {
-            let guard = HostState::enter(&mut instance.store, conn);
-            f(guard.store, &instance.exports).expect("hooks() only lists exported hooks")
-        };
+        let result = f(HostState::enter(&mut instance.store, conn), &instance.exports)
+            .expect("hooks() only lists exported hooks");
         match result {
             Ok(r) => {
                 self.pool.put(instance);

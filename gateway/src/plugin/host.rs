@@ -1,6 +1,7 @@
 //! What a plugin instance's store holds, and the host functions plugins import: `host`
 //! (log, clocks, randomness), the `connection` resource, `kv` and `metrics`.
 
+use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,16 +11,16 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{connection, host, kv, metrics};
+use super::bindings::{connection, host, kv, message, metrics, types as wit, upstreams};
 use super::engine::Ticking;
 use super::kv::Kv;
-use super::types::{ConnContext, META_LIMIT_BYTES};
+use super::types::{ConnContext, PoolInfo, META_LIMIT_BYTES};
 use super::wasi;
 use crate::metrics::{MetricError, Registry, DEFAULT_BUCKETS};
 
-/// The representation the host gives every `connection` handle: there is only ever one
-/// connection per call, found in `HostState::conn`.
-pub(super) const CONN_REP: u32 = 0;
+/// The representation the host gives every `connection` and `pool` handle: a call has at
+/// most one of each, found in `HostState::lent`.
+pub(super) const LENT_REP: u32 = 0;
 
 /// Plugin-defined metrics are named with this prefix and labelled with the plugin's name.
 const METRIC_PREFIX: &str = "wasmgate_plugin_";
@@ -76,22 +77,37 @@ impl PluginEnv {
 pub(super) struct HostState {
     pub env: Arc<PluginEnv>,
     pub limits: Limits,
-    conn: CurrentConn,
+    lent: Lent,
+    /// What the hook set on the message during the call; taken by `ConnGuard::take_edits`.
+    edits: MessageEdits,
     wasi: WasiCtx,
     table: ResourceTable,
 }
 
-/// The connection of the call in progress.
+/// What the call in progress was lent: its connection, and the pool (`select`) or the
+/// message (`on-message`).
 ///
-/// A pointer rather than a reference or an `Arc` because the store outlives every call and
-/// hooks take `&ConnContext`. `ConnGuard` sets it for exactly one call and clears it even when
-/// the call unwinds; host functions only run inside that call, so the pointee is alive
-/// whenever it is read.
-struct CurrentConn(Option<NonNull<ConnContext>>);
+/// Pointers rather than references or `Arc`s because the store outlives every call and hooks
+/// take borrowed arguments. `ConnGuard` sets them for exactly one call and clears them even
+/// when the call unwinds; host functions only run inside that call, so the pointees are alive
+/// whenever they are read.
+#[derive(Default)]
+struct Lent {
+    conn: Option<NonNull<ConnContext>>,
+    pool: Option<NonNull<PoolInfo>>,
+    message: Option<NonNull<[u8]>>,
+}
 
-// SAFETY: the pointer is only dereferenced during the call that set it, on the thread making
-// that call, and `ConnContext` is `Sync`.
-unsafe impl Send for CurrentConn {}
+// SAFETY: the pointers are only dereferenced during the call that set them, on the thread
+// making that call, and their pointees are `Sync`.
+unsafe impl Send for Lent {}
+
+/// A message hook's edits: the payload to send instead, and the reason for a close.
+#[derive(Default)]
+pub(super) struct MessageEdits {
+    pub payload: Option<Vec<u8>>,
+    pub close_reason: Option<String>,
+}
 
 impl HostState {
     pub fn new(env: Arc<PluginEnv>, memory_limit: usize) -> HostState {
@@ -102,28 +118,46 @@ impl HostState {
                 memory: memory_limit,
                 memory_exceeded: false,
             },
-            conn: CurrentConn(None),
+            lent: Lent::default(),
+            edits: MessageEdits::default(),
             table: ResourceTable::new(),
         }
     }
 
     /// Makes `conn` the connection that `connection` handles refer to until the guard drops.
-    pub fn enter<'a>(
-        store: &'a mut wasmtime::Store<HostState>,
-        conn: &'a ConnContext,
-    ) -> ConnGuard<'a> {
+    pub fn enter<'s, 'l>(
+        store: &'s mut wasmtime::Store<HostState>,
+        conn: &'l ConnContext,
+    ) -> ConnGuard<'s, 'l> {
         let state = store.data_mut();
-        state.conn.0 = Some(NonNull::from(conn));
+        state.lent = Lent { conn: Some(NonNull::from(conn)), ..Lent::default() };
+        state.edits = MessageEdits::default();
         // A refusal a guest survived in an earlier call must not explain this call's trap.
         state.limits.memory_exceeded = false;
-        ConnGuard { store }
+        ConnGuard { store, lent: PhantomData }
     }
 
     fn conn(&self, handle: &Resource<connection::Connection>) -> wasmtime::Result<&ConnContext> {
-        match self.conn.0 {
-            // SAFETY: see `CurrentConn`.
-            Some(p) if handle.rep() == CONN_REP => Ok(unsafe { p.as_ref() }),
+        match self.lent.conn {
+            // SAFETY: see `Lent`.
+            Some(p) if handle.rep() == LENT_REP => Ok(unsafe { p.as_ref() }),
             _ => wasmtime::bail!("connection handle used outside the hook call it was given to"),
+        }
+    }
+
+    fn pool(&self, handle: &Resource<upstreams::Pool>) -> wasmtime::Result<&PoolInfo> {
+        match self.lent.pool {
+            // SAFETY: see `Lent`.
+            Some(p) if handle.rep() == LENT_REP => Ok(unsafe { p.as_ref() }),
+            _ => wasmtime::bail!("pool handle used outside the select call it was given to"),
+        }
+    }
+
+    fn message(&self) -> wasmtime::Result<&[u8]> {
+        match self.lent.message {
+            // SAFETY: see `Lent`.
+            Some(p) => Ok(unsafe { p.as_ref() }),
+            None => wasmtime::bail!("the message interface was used outside on-message"),
         }
     }
 
@@ -156,14 +190,36 @@ impl HostState {
     }
 }
 
-/// Holds the store while a call runs with a connection set; clears it on drop.
-pub(super) struct ConnGuard<'a> {
-    pub store: &'a mut wasmtime::Store<HostState>,
+/// Holds the store while a call runs with a connection (and a pool or message) lent to it;
+/// clears them on drop.
+/// `'l` is how long what was lent lives.
+pub(super) struct ConnGuard<'s, 'l> {
+    pub store: &'s mut wasmtime::Store<HostState>,
+    lent: PhantomData<&'l ()>,
 }
 
-impl Drop for ConnGuard<'_> {
+impl<'l> ConnGuard<'_, 'l> {
+    /// Lends `pool` to the call as well, for `upstreams.pool` handles.
+    pub fn with_pool(self, pool: &'l PoolInfo) -> Self {
+        self.store.data_mut().lent.pool = Some(NonNull::from(pool));
+        self
+    }
+
+    /// Lends `payload` to the call as well, for the `message` functions.
+    pub fn with_message(self, payload: &'l [u8]) -> Self {
+        self.store.data_mut().lent.message = Some(NonNull::from(payload));
+        self
+    }
+
+    /// What the hook set on the message.
+    pub fn take_edits(&mut self) -> MessageEdits {
+        std::mem::take(&mut self.store.data_mut().edits)
+    }
+}
+
+impl Drop for ConnGuard<'_, '_> {
     fn drop(&mut self) {
-        self.store.data_mut().conn.0 = None;
+        self.store.data_mut().lent = Lent::default();
     }
 }
 
@@ -274,6 +330,59 @@ impl connection::HostConnection for HostState {
 
     fn drop(&mut self, _: Resource<connection::Connection>) -> wasmtime::Result<()> {
         // The host only lends borrows; an owned handle never exists.
+        Ok(())
+    }
+}
+
+impl wit::Host for HostState {}
+
+impl upstreams::Host for HostState {}
+
+impl upstreams::HostPool for HostState {
+    fn name(&mut self, p: Resource<upstreams::Pool>) -> wasmtime::Result<String> {
+        Ok(self.pool(&p)?.name.clone())
+    }
+
+    fn version(&mut self, p: Resource<upstreams::Pool>) -> wasmtime::Result<u64> {
+        Ok(self.pool(&p)?.version)
+    }
+
+    fn servers(&mut self, p: Resource<upstreams::Pool>) -> wasmtime::Result<Vec<wit::Server>> {
+        Ok(self
+            .pool(&p)?
+            .servers
+            .iter()
+            .map(|s| wit::Server {
+                address: s.address.to_string(),
+                weight: s.weight,
+                labels: s.labels.to_vec(),
+            })
+            .collect())
+    }
+
+    fn max_attempts(&mut self, p: Resource<upstreams::Pool>) -> wasmtime::Result<u32> {
+        Ok(self.pool(&p)?.max_attempts)
+    }
+
+    fn drop(&mut self, _: Resource<upstreams::Pool>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+impl message::Host for HostState {
+    fn payload(&mut self) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.message()?.to_vec())
+    }
+
+    fn set_payload(&mut self, payload: Vec<u8>) -> wasmtime::Result<()> {
+        self.message()?;
+        self.edits.payload = Some(payload);
+        Ok(())
+    }
+
+    fn set_close_reason(&mut self, reason: String) -> wasmtime::Result<()> {
+        self.message()?;
+        self.edits.close_reason = Some(reason);
         Ok(())
     }
 }

@@ -27,7 +27,7 @@ pub use hooks::{Plugin, PluginInfo};
 pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport};
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,
-    Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, Reject,
-    Verdict, META_LIMIT_BYTES,
+    Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, PoolInfo,
+    Reject, ServerInfo, Verdict, META_LIMIT_BYTES,
 };
 pub use watch::{watch, WatchGuard};

@@ -3,8 +3,8 @@
 //! They mirror the records and variants of `wasmgate:plugin/types` and derive the canonical
 //! ABI traits themselves, so they are handed to and read from Wasm directly, with no
 //! conversion step: wasmtime checks at load time that each one matches the WIT type.
-//! `Candidate` holds `Arc`s so the gateway can build a candidate list per `select` without
-//! copying strings.
+//! Payloads, close reasons and pool details travel through the `message` and `upstreams`
+//! resources instead (see `host.rs`), so hook arguments and answers stay flat.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -186,19 +186,150 @@ pub enum Verdict {
     Reject(Reject),
 }
 
-/// One server a balancer may choose.
-#[derive(ComponentType, Lower, Clone, Debug, PartialEq, Eq)]
-#[component(record)]
-pub struct Candidate {
+/// One server of a pool as balancer plugins read it (`upstreams.pool.servers`). Built once
+/// per pool version, sharing the strings the pool already holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerInfo {
     pub address: Arc<str>,
     pub weight: u32,
     pub labels: Arc<[(String, String)]>,
+}
+
+/// An upstream pool as a `select` call lends it to the plugin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolInfo {
+    pub name: String,
+    /// Changes whenever `servers` changes; plugins cache what they derive from it.
+    pub version: u64,
+    pub servers: Vec<ServerInfo>,
+    /// Servers of a ranking the host tries at most.
+    pub max_attempts: u32,
+}
+
+/// A server a balancer may choose now, with its live statistics. Only numbers, so a list of
+/// them is lowered into Wasm memory in one piece, with no allocation call per candidate
+/// (see `candidate_abi`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// Index into the pool's `servers`.
+    pub server: u32,
+    pub weight: u32,
     pub active: u32,
     pub total: u64,
-    #[component(name = "ewma-connect-us")]
     pub ewma_connect_us: u32,
-    #[component(name = "recent-failures")]
     pub recent_failures: u32,
+}
+
+/// How `Candidate` crosses into Wasm.
+///
+/// wasmtime's derived lowering stores a list of records field by field, looking the guest's
+/// memory up again for every field: 600 lookups for 100 candidates, most of a `select`
+/// call's cost. `Candidate` therefore implements the canonical ABI traits itself: type
+/// checks and single values go through a derived twin (`Wire`), and a list is encoded
+/// into one buffer and copied into guest memory at once.
+mod candidate_abi {
+    use std::mem::MaybeUninit;
+
+    use wasmtime::component::__internal::{CanonicalAbiInfo, InstanceType, InterfaceType, LowerContext};
+    use wasmtime::component::{ComponentType, Lower};
+
+    use super::Candidate;
+
+    /// The WIT `candidate` record, field for field. Public only because `Candidate`'s
+    /// `Lower` associated type names it.
+    #[derive(ComponentType, Lower, Clone, Copy)]
+    #[component(record)]
+    #[doc(hidden)]
+    pub struct Wire {
+        server: u32,
+        weight: u32,
+        active: u32,
+        total: u64,
+        #[component(name = "ewma-connect-us")]
+        ewma_connect_us: u32,
+        #[component(name = "recent-failures")]
+        recent_failures: u32,
+    }
+
+    /// The canonical ABI layout of `Wire`: u32 fields at 0, 4 and 8, the u64 aligned to
+    /// 16, then two u32 at 24 and 28; 32 bytes in all.
+    const SIZE: usize = 32;
+    const _: () = assert!(<Wire as ComponentType>::ABI.size32 as usize == SIZE);
+
+    impl Candidate {
+        fn wire(&self) -> Wire {
+            Wire {
+                server: self.server,
+                weight: self.weight,
+                active: self.active,
+                total: self.total,
+                ewma_connect_us: self.ewma_connect_us,
+                recent_failures: self.recent_failures,
+            }
+        }
+
+        /// The bytes `Wire` is stored as.
+        pub(super) fn encode(&self) -> [u8; SIZE] {
+            let mut b = [0u8; SIZE];
+            b[0..4].copy_from_slice(&self.server.to_le_bytes());
+            b[4..8].copy_from_slice(&self.weight.to_le_bytes());
+            b[8..12].copy_from_slice(&self.active.to_le_bytes());
+            b[16..24].copy_from_slice(&self.total.to_le_bytes());
+            b[24..28].copy_from_slice(&self.ewma_connect_us.to_le_bytes());
+            b[28..32].copy_from_slice(&self.recent_failures.to_le_bytes());
+            b
+        }
+    }
+
+    // SAFETY: every item delegates to `Wire`, whose derived implementation upholds the
+    // traits' contracts; `Lower` for `Candidate` is `Wire`'s.
+    unsafe impl ComponentType for Candidate {
+        type Lower = <Wire as ComponentType>::Lower;
+        const ABI: CanonicalAbiInfo = <Wire as ComponentType>::ABI;
+        const MAY_REQUIRE_REALLOC: bool = false;
+
+        fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+            <Wire as ComponentType>::typecheck(ty, types)
+        }
+    }
+
+    // SAFETY: single values are lowered by `Wire`; a list is written to the bytes the
+    // caller reserved (`offset`, checked in bounds and aligned, `items.len() * SIZE` long)
+    // in the layout `Wire` has, which `encode` and the `candidates_encode_as_the_abi_lays_out`
+    // test pin down.
+    unsafe impl Lower for Candidate {
+        fn linear_lower_to_flat<T>(
+            &self,
+            cx: &mut LowerContext<'_, T>,
+            ty: InterfaceType,
+            dst: &mut MaybeUninit<Self::Lower>,
+        ) -> wasmtime::Result<()> {
+            self.wire().linear_lower_to_flat(cx, ty, dst)
+        }
+
+        fn linear_lower_to_memory<T>(
+            &self,
+            cx: &mut LowerContext<'_, T>,
+            ty: InterfaceType,
+            offset: usize,
+        ) -> wasmtime::Result<()> {
+            self.wire().linear_lower_to_memory(cx, ty, offset)
+        }
+
+        fn linear_store_list_to_memory<T>(
+            cx: &mut LowerContext<'_, T>,
+            _ty: InterfaceType,
+            offset: usize,
+            items: &[Self],
+        ) -> wasmtime::Result<()> {
+            let mut bytes = Vec::with_capacity(items.len() * SIZE);
+            for item in items {
+                bytes.extend_from_slice(&item.encode());
+            }
+            cx.as_slice_mut()[offset..][..bytes.len()].copy_from_slice(&bytes);
+            Ok(())
+        }
+    }
 }
 
 #[derive(ComponentType, Lower, Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,30 +352,62 @@ pub enum Opcode {
     Binary,
 }
 
-#[derive(ComponentType, Lift, Clone, Debug, PartialEq, Eq)]
-#[component(record)]
+/// A close frame's content.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CloseFrame {
-    /// Checked: valid on the wire (1000..=1003, 1007..=1014, 3000..=4999).
     pub code: u16,
-    /// Checked: at most 123 bytes, so the close frame fits a control frame.
     pub reason: String,
 }
 
-/// What to do with one message. Replacement and reply payloads of a text message are
-/// checked to be UTF-8.
-#[derive(ComponentType, Lift, Clone, Debug, PartialEq, Eq)]
+/// The WIT `action` as a hook returns it; payloads and close reasons arrive through the
+/// `message` resource and are joined to it in [`Action`].
+#[derive(ComponentType, Lift, Clone, Copy, Debug, PartialEq, Eq)]
 #[component(variant)]
-pub enum Action {
+pub enum WireAction {
     #[component(name = "forward")]
     Forward,
-    #[component(name = "replace")]
-    Replace(Vec<u8>),
+    #[component(name = "forward-uncompressed")]
+    ForwardUncompressed,
     #[component(name = "drop")]
     Drop,
     #[component(name = "reply")]
-    Reply(Vec<u8>),
+    Reply,
     #[component(name = "close")]
+    Close(u16),
+}
+
+/// What a `messages` hook decided about one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send it on; `payload` replaces the original when set. `compress: false` sends it
+    /// without permessage-deflate even on a link that negotiated it.
+    Forward { payload: Option<Vec<u8>>, compress: bool },
+    Drop,
+    /// Send this back to the sender instead.
+    Reply(Vec<u8>),
     Close(CloseFrame),
+}
+
+impl Action {
+    /// Send it on unchanged.
+    pub const FORWARD: Action = Action::Forward { payload: None, compress: true };
+
+    /// Joins a hook's answer with what it set on the message during the call. `original`
+    /// is the payload the hook saw (a `reply` without a payload echoes it).
+    pub(super) fn from_wire(
+        wire: WireAction,
+        new_payload: Option<Vec<u8>>,
+        close_reason: Option<String>,
+        original: &[u8],
+    ) -> Action {
+        match wire {
+            WireAction::Forward => Action::Forward { payload: new_payload, compress: true },
+            WireAction::ForwardUncompressed => Action::Forward { payload: new_payload, compress: false },
+            WireAction::Drop => Action::Drop,
+            WireAction::Reply => Action::Reply(new_payload.unwrap_or_else(|| original.to_vec())),
+            WireAction::Close(code) => Action::Close(CloseFrame { code, reason: close_reason.unwrap_or_default() }),
+        }
+    }
 }
 
 /// Totals for a connection, handed to `on-close`.
@@ -351,7 +514,7 @@ impl Verdict {
 impl Action {
     pub(super) fn check(&self, op: Opcode) -> Result<(), String> {
         match self {
-            Action::Replace(p) | Action::Reply(p)
+            Action::Forward { payload: Some(p), .. } | Action::Reply(p)
                 if op == Opcode::Text && std::str::from_utf8(p).is_err() =>
             {
                 Err("text payload is not valid UTF-8".to_string())
@@ -454,6 +617,23 @@ mod tests {
     }
 
     #[test]
+    fn candidates_encode_as_the_abi_lays_out() {
+        let c = Candidate {
+            server: 1,
+            weight: 2,
+            active: 3,
+            total: 0x0506_0708_090a_0b0c,
+            ewma_connect_us: 13,
+            recent_failures: 14,
+        };
+        let b = c.encode();
+        assert_eq!(&b[0..12], &[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(&b[12..16], &[0; 4], "padding before the u64");
+        assert_eq!(&b[16..24], &0x0506_0708_090a_0b0cu64.to_le_bytes());
+        assert_eq!(&b[24..32], &[13, 0, 0, 0, 14, 0, 0, 0]);
+    }
+
+    #[test]
     fn actions_are_checked_against_the_wire_rules() {
         let close = |code| {
             Action::Close(CloseFrame {
@@ -463,7 +643,9 @@ mod tests {
         };
         assert!(close(4000).check(Opcode::Binary).is_ok());
         assert!(close(1005).check(Opcode::Binary).is_err());
-        assert!(Action::Replace(vec![0xff]).check(Opcode::Text).is_err());
-        assert!(Action::Replace(vec![0xff]).check(Opcode::Binary).is_ok());
+        let replace = |p: &[u8]| Action::Forward { payload: Some(p.to_vec()), compress: true };
+        assert!(replace(&[0xff]).check(Opcode::Text).is_err());
+        assert!(replace(&[0xff]).check(Opcode::Binary).is_ok());
+        assert!(Action::Reply(vec![0xff]).check(Opcode::Text).is_err());
     }
 }

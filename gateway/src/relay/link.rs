@@ -41,11 +41,17 @@ pub enum DataKind {
 /// What a message hook decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageAction {
-    Forward,
-    Replace(Vec<u8>),
+    /// Send it on; `payload` replaces the original when set. `compress: false` sends it
+    /// without permessage-deflate even toward a destination that negotiated it.
+    Send { payload: Option<Vec<u8>>, compress: bool },
     Drop,
     Reply(Vec<u8>),
     Close(u16, String),
+}
+
+impl MessageAction {
+    /// Send it on unchanged.
+    pub const FORWARD: MessageAction = MessageAction::Send { payload: None, compress: true };
 }
 
 /// The per-message plugin chain, as the relay sees it.
@@ -104,6 +110,9 @@ pub struct Link {
     inflater: Option<Inflater>,
     /// Compresses messages toward the destination.
     deflater: Option<Deflater>,
+    /// Messages shorter than this go to the destination uncompressed even with a deflater:
+    /// deflate's framing makes tiny messages bigger and costs CPU for nothing.
+    compress_min: usize,
     /// Bytes waiting to be written to the other side, and how many are written already.
     pub out: Vec<u8>,
     pub out_written: usize,
@@ -126,6 +135,7 @@ impl Link {
             reads_messages,
             inflater: None,
             deflater: None,
+            compress_min: 0,
             remaining: 0,
             mask: None,
             payload_offset: 0,
@@ -153,6 +163,13 @@ impl Link {
         self.reads_messages |= inflater.is_some() || deflater.is_some();
         self.inflater = inflater;
         self.deflater = deflater;
+        self
+    }
+
+    /// Sends messages shorter than `bytes` uncompressed even when the destination
+    /// negotiated compression.
+    pub fn compress_from(mut self, bytes: usize) -> Link {
+        self.compress_min = bytes;
         self
     }
 
@@ -382,15 +399,15 @@ impl Link {
         let action = match hook {
             _ if !self.delivering => MessageAction::Drop,
             Some(hook) => hook.on_message(self.from, self.message_kind, &payload),
-            None => MessageAction::Forward,
+            None => MessageAction::FORWARD,
         };
         let event = match action {
-            MessageAction::Forward => {
-                self.emit(opcode, &payload);
+            MessageAction::Send { payload: None, compress } => {
+                self.emit(opcode, &payload, compress);
                 None
             }
-            MessageAction::Replace(new) => {
-                self.emit(opcode, &new);
+            MessageAction::Send { payload: Some(new), compress } => {
+                self.emit(opcode, &new, compress);
                 None
             }
             MessageAction::Drop => None,
@@ -411,16 +428,17 @@ impl Link {
     }
 
     /// Writes a whole data message toward the destination as one frame, compressed when
-    /// the destination negotiated compression.
-    fn emit(&mut self, opcode: OpCode, payload: &[u8]) {
+    /// the destination negotiated compression, `compress` allows it and it is big enough.
+    /// An uncompressed message (RSV1 clear) leaves the deflate context as it was.
+    fn emit(&mut self, opcode: OpCode, payload: &[u8], compress: bool) {
         let mask = self.dest_mask();
         match &mut self.deflater {
-            Some(deflater) => {
+            Some(deflater) if compress && payload.len() >= self.compress_min => {
                 let mut compressed = Vec::with_capacity(payload.len() / 2 + 16);
                 deflater.compress(payload, &mut compressed);
                 write_compressed_frame(&mut self.out, opcode, &compressed, mask);
             }
-            None => write_frame(&mut self.out, opcode, true, payload, mask),
+            _ => write_frame(&mut self.out, opcode, true, payload, mask),
         }
     }
 
@@ -602,7 +620,7 @@ mod tests {
     struct Upper;
     impl MessageHook for Upper {
         fn on_message(&self, _: Side, _: DataKind, payload: &[u8]) -> MessageAction {
-            MessageAction::Replace(payload.to_ascii_uppercase())
+            MessageAction::Send { payload: Some(payload.to_ascii_uppercase()), compress: true }
         }
     }
 

@@ -123,6 +123,8 @@ pub struct ClientCompression {
     pub inflater: Inflater,
     /// For messages to the client.
     pub deflater: Deflater,
+    /// Messages to the client shorter than this go uncompressed.
+    pub min_size: usize,
 }
 
 /// Relays until both sides have closed, or the close deadline passed.
@@ -136,15 +138,17 @@ pub async fn run(
     stop: Stop,
 ) -> RelayOutcome {
     let now = Instant::now();
-    let (inflater, deflater) = match compression {
-        Some(c) => (Some(c.inflater), Some(c.deflater)),
-        None => (None, None),
+    let (inflater, deflater, min_size) = match compression {
+        Some(c) => (Some(c.inflater), Some(c.deflater), c.min_size),
+        None => (None, None, 0),
     };
     let mut relay = Relay {
         client: &client.stream,
         upstream: &upstream.stream,
         c2u: Link::new(Side::Client, rules.0, hook.is_some()).with_compression(inflater, None),
-        u2c: Link::new(Side::Upstream, rules.1, hook.is_some()).with_compression(None, deflater),
+        u2c: Link::new(Side::Upstream, rules.1, hook.is_some())
+            .with_compression(None, deflater)
+            .compress_from(min_size),
         client_state: SideState { unprocessed: client.already_read, last_heard: Some(now), ..Default::default() },
         upstream_state: SideState { unprocessed: upstream.already_read, last_heard: Some(now), ..Default::default() },
         hook,

@@ -62,7 +62,7 @@ pub struct Server {
     pub address: ServerAddress,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
-    /// The address and labels as balancer plugins get them, shared rather than copied per call.
+    /// The address and labels as balancer plugins get them, shared rather than copied.
     plugin_address: Arc<str>,
     plugin_labels: Arc<[(String, String)]>,
     /// Statistics, health and live connections, shared by every version of this server a
@@ -116,13 +116,12 @@ impl Server {
         state.ewma_connect_us.store(new.max(1), Ordering::Relaxed);
     }
 
-    /// This server as a balancer plugin sees it, with its live statistics.
-    pub fn candidate(&self) -> crate::plugin::Candidate {
+    /// This server, the `index`th of its pool, as a balancer plugin sees it now.
+    pub fn candidate(&self, index: usize) -> crate::plugin::Candidate {
         let state = &self.state;
         crate::plugin::Candidate {
-            address: self.plugin_address.clone(),
+            server: index as u32,
             weight: self.weight,
-            labels: self.plugin_labels.clone(),
             active: state.active.load(Ordering::Relaxed),
             total: state.total.load(Ordering::Relaxed),
             ewma_connect_us: state.ewma_connect_us.load(Ordering::Relaxed),
@@ -238,10 +237,19 @@ impl Drop for ActiveConnection {
     }
 }
 
+/// Versions of pools' server lists, unique in the process so a plugin's cache keyed by
+/// (pool, version) can never see a stale list under a reused number.
+fn next_pool_version() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A named group of servers.
 pub struct Pool {
     pub name: String,
     pub servers: Vec<Arc<Server>>,
+    /// The pool as balancer plugins see it; its version moves when `servers` change.
+    pub plugin_view: crate::plugin::PoolInfo,
     /// The balancer plugin (name and slot); round robin when none.
     pub balancer: Option<(String, Arc<crate::plugin::PluginSlot>)>,
     pub connect_timeout: Duration,
@@ -278,9 +286,30 @@ impl Pool {
                     None => Arc::new(Server::new(address, entry.weight(), entry.labels())),
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let name = section.name.get_ref().clone();
+        let unchanged = previous.is_some_and(|p| {
+            p.servers.len() == servers.len() && p.servers.iter().zip(&servers).all(|(a, b)| Arc::ptr_eq(a, b))
+        });
+        let version = match previous {
+            Some(p) if unchanged => p.plugin_view.version,
+            _ => next_pool_version(),
+        };
         Pool {
-            name: section.name.get_ref().clone(),
+            plugin_view: crate::plugin::PoolInfo {
+                name: name.clone(),
+                version,
+                servers: servers
+                    .iter()
+                    .map(|s| crate::plugin::ServerInfo {
+                        address: s.plugin_address.clone(),
+                        weight: s.weight,
+                        labels: s.plugin_labels.clone(),
+                    })
+                    .collect(),
+                max_attempts: section.max_attempts,
+            },
+            name,
             servers,
             balancer: section.balancer.as_ref().map(|b| b.get_ref().clone()).zip(balancer),
             connect_timeout: Duration::from_millis(section.connect_timeout_ms),
@@ -437,15 +466,28 @@ mod tests {
         // A new weight makes a new Server with the same state; the live guard still counts.
         let q = pool(r#"[{ address = "127.0.0.1:1", weight = 5 }, "127.0.0.1:2"]"#, Some(&p));
         assert!(Arc::ptr_eq(&q.servers[0].state, &p.servers[0].state));
-        assert_eq!((q.servers[0].weight, q.servers[0].candidate().active), (5, 1));
+        assert_eq!((q.servers[0].weight, q.servers[0].candidate(0).active), (5, 1));
         assert!(!q.servers[1].state.health.is_healthy(), "health carried over");
         drop(open);
-        assert_eq!(q.servers[0].candidate().active, 0);
+        assert_eq!(q.servers[0].candidate(0).active, 0);
 
         q.servers[0].state.health.connect_failed(3, 3, health::now_ms());
         assert!(q.available().is_empty());
         let reason = q.unavailable_reason();
         assert!(reason.starts_with("all servers of pool p are down"), "{reason}");
         assert!(reason.contains("1 failing health checks, 1 ejected"), "{reason}");
+    }
+
+    #[test]
+    fn the_pool_version_moves_only_when_its_servers_change() {
+        let p = pool(r#"["127.0.0.1:1", "127.0.0.1:2"]"#, None);
+        let same = pool(r#"["127.0.0.1:1", "127.0.0.1:2"]"#, Some(&p));
+        assert_eq!(same.plugin_view.version, p.plugin_view.version);
+        let reweighted = pool(r#"[{ address = "127.0.0.1:1", weight = 5 }, "127.0.0.1:2"]"#, Some(&same));
+        assert_ne!(reweighted.plugin_view.version, same.plugin_view.version);
+        assert_eq!(reweighted.plugin_view.servers[0].weight, 5);
+        let other = pool(r#"["127.0.0.1:1", "127.0.0.1:2"]"#, None);
+        assert_ne!(other.plugin_view.version, p.plugin_view.version, "versions never repeat");
+        assert_eq!(&*p.plugin_view.servers[1].address, "127.0.0.1:2");
     }
 }

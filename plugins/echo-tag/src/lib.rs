@@ -3,7 +3,7 @@
 //! the plugin handled a message, e.g. across a hot reload.
 
 use serde::Deserialize;
-use wasmgate_sdk::{Action, Conn, Direction, Hooks, Opcode, Plugin};
+use wasmgate_sdk::{Action, Conn, Direction, Hooks, Message, Opcode, Plugin};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,10 +25,10 @@ impl Plugin for EchoTag {
         })
     }
 
-    fn on_message(&mut self, _: &Conn, dir: Direction, op: Opcode, payload: Vec<u8>) -> Action {
-        match (dir, op) {
+    fn on_message(&mut self, _: &Conn, msg: &Message) -> Action {
+        match (msg.direction(), msg.opcode()) {
             (Direction::ClientToUpstream, Opcode::Text) => {
-                Action::Replace([&self.prefix[..], &payload].concat())
+                Action::Replace([&self.prefix[..], msg.payload()].concat())
             }
             _ => Action::Forward,
         }
@@ -45,7 +45,7 @@ mod tests {
     fn tags_client_text_only() {
         let mut plugin = EchoTag::from_json(r#"{"prefix":"v1:"}"#).unwrap();
         let conn = Conn::new(1);
-        let mut call = |dir, op| plugin.on_message(&conn, dir, op, b"hi".to_vec());
+        let mut call = |dir, op| plugin.on_message(&conn, &Message::new(dir, op, &b"hi"[..]));
         assert_eq!(
             call(Direction::ClientToUpstream, Opcode::Text),
             Action::Replace(b"v1:hi".to_vec())

@@ -2,23 +2,25 @@
 //! server is not overloaded.
 //!
 //! `select` is not given the request, so `on_handshake` computes the key and leaves it in
-//! the connection's metadata ("hash-key") for `select` to read. Rings are cached per pool
-//! in the instance's memory and rebuilt when the pool's servers change.
+//! the connection's metadata ("hash-key") for `select` to read. A ring is built over all
+//! servers of a pool version and cached in the instance's memory; a reload that changes the
+//! servers makes a new version and so a new ring.
 
 mod key;
 mod ring;
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 use wasmgate_sdk::hash::hash64;
-use wasmgate_sdk::{random_u64, Candidate, Conn, Hooks, Plugin, Request, Verdict};
+use wasmgate_sdk::{random_u64, Candidate, Conn, Hooks, Plugin, Pool, Request, Verdict};
 
 use key::KeySource;
 use ring::Ring;
 
 /// The connection metadata key that carries the hash key from handshake to select.
 const META_KEY: &str = "hash-key";
+
+/// Rings kept per instance: one per pool version in use, and a few left over by reloads.
+const CACHED_RINGS: usize = 8;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,7 +50,8 @@ pub struct Hash {
     key: KeySource,
     balance_factor: f64,
     virtual_nodes: u32,
-    rings: BTreeMap<String, Ring>,
+    /// (pool version, ring), oldest first.
+    rings: Vec<(u64, Ring)>,
 }
 
 impl Plugin for Hash {
@@ -72,7 +75,7 @@ impl Plugin for Hash {
             key: KeySource::parse(&config.key)?,
             balance_factor: config.balance_factor,
             virtual_nodes: config.virtual_nodes,
-            rings: BTreeMap::new(),
+            rings: Vec::new(),
         })
     }
 
@@ -83,7 +86,7 @@ impl Plugin for Hash {
         Verdict::accept()
     }
 
-    fn select(&mut self, conn: &Conn, pool: &str, candidates: &[Candidate]) -> Vec<u32> {
+    fn select(&mut self, conn: &Conn, pool: &Pool, candidates: &[Candidate]) -> Vec<u32> {
         if candidates.is_empty() {
             return Vec::new();
         }
@@ -91,15 +94,25 @@ impl Plugin for Hash {
         let point = conn
             .get_meta(META_KEY)
             .map_or_else(random_u64, |key| hash64(key.as_bytes()));
-        let ring = match self.rings.get(pool) {
-            Some(ring) if ring.serves(candidates) => ring,
-            _ => {
-                let ring = Ring::new(candidates, self.virtual_nodes);
-                self.rings.insert(pool.to_string(), ring);
-                &self.rings[pool]
+        let balance_factor = self.balance_factor;
+        self.ring(pool).rank(candidates, point, balance_factor)
+    }
+}
+
+impl Hash {
+    fn ring(&mut self, pool: &Pool) -> &Ring {
+        let version = pool.version();
+        let i = match self.rings.iter().position(|(v, _)| *v == version) {
+            Some(i) => i,
+            None => {
+                if self.rings.len() == CACHED_RINGS {
+                    self.rings.remove(0);
+                }
+                self.rings.push((version, Ring::new(pool.servers(), self.virtual_nodes)));
+                self.rings.len() - 1
             }
         };
-        ring.rank(candidates, point, self.balance_factor)
+        &self.rings[i].1
     }
 }
 
@@ -109,16 +122,17 @@ wasmgate_sdk::export_plugin!(Hash);
 mod tests {
     use super::*;
 
-    fn servers(n: usize) -> Vec<Candidate> {
-        (0..n)
-            .map(|i| Candidate::new(&format!("10.0.0.{i}:9000")))
-            .collect()
+    use wasmgate_sdk::{NativePool, Server};
+
+    fn servers(n: usize) -> NativePool {
+        let pool = NativePool::new("p", &[]);
+        pool.with_servers((0..n).map(|i| Server::new(&format!("10.0.0.{i}:9000"))).collect())
     }
 
-    fn connect(plugin: &mut Hash, req: &Request, candidates: &[Candidate]) -> u32 {
+    fn connect(plugin: &mut Hash, req: &Request, pool: &NativePool) -> u32 {
         let conn = Conn::new(1);
         assert_eq!(plugin.on_handshake(&conn, req), Verdict::accept());
-        plugin.select(&conn, "p", candidates)[0]
+        plugin.select(&conn, &pool.view(), &pool.candidates())[0]
     }
 
     #[test]
@@ -157,7 +171,7 @@ mod tests {
             assert_eq!(connect(&mut fresh, &req, &pool), first);
         }
         let conn = Conn::new(9).with_meta(META_KEY, "k");
-        let mut ranked = plugin.select(&conn, "p", &pool);
+        let mut ranked = plugin.select(&conn, &pool.view(), &pool.candidates());
         ranked.sort();
         assert_eq!(ranked, [0, 1, 2, 3]);
     }
@@ -166,9 +180,10 @@ mod tests {
     fn ring_follows_pool_changes() {
         let mut plugin = Hash::from_json("{}").unwrap();
         let conn = Conn::new(1).with_meta(META_KEY, "k");
-        assert_eq!(plugin.select(&conn, "p", &servers(3)).len(), 3);
-        assert_eq!(plugin.select(&conn, "p", &servers(5)).len(), 5);
-        assert!(plugin.select(&conn, "p", &[]).is_empty());
+        let (three, five) = (servers(3), servers(3).with_servers(servers(5).servers));
+        assert_eq!(plugin.select(&conn, &three.view(), &three.candidates()).len(), 3);
+        assert_eq!(plugin.select(&conn, &five.view(), &five.candidates()).len(), 5);
+        assert!(plugin.select(&conn, &five.view(), &[]).is_empty());
     }
 
     #[test]

@@ -7,45 +7,33 @@
 //! on the ring instead of overloading one.
 
 use wasmgate_sdk::hash::hash64;
-use wasmgate_sdk::Candidate;
+use wasmgate_sdk::{Candidate, Server};
 
+/// A ring over every server of one pool version. Servers that are down keep their points,
+/// so their keys come back to them when they do.
 pub struct Ring {
-    /// The candidates' addresses, in the order the ring was built from.
-    addresses: Vec<String>,
-    /// (point, index into `addresses`), sorted.
+    servers: usize,
+    /// (point, index into the pool's servers), sorted.
     points: Vec<(u64, u32)>,
 }
 
 impl Ring {
-    pub fn new(candidates: &[Candidate], virtual_nodes: u32) -> Ring {
-        let mut points: Vec<(u64, u32)> = candidates
+    pub fn new(servers: &[Server], virtual_nodes: u32) -> Ring {
+        let mut points: Vec<(u64, u32)> = servers
             .iter()
             .enumerate()
-            .flat_map(|(i, c)| {
+            .flat_map(|(i, s)| {
                 (0..virtual_nodes)
-                    .map(move |v| (hash64(format!("{}#{v}", c.address).as_bytes()), i as u32))
+                    .map(move |v| (hash64(format!("{}#{v}", s.address).as_bytes()), i as u32))
             })
             .collect();
         points.sort_unstable();
-        Ring {
-            addresses: candidates.iter().map(|c| c.address.clone()).collect(),
-            points,
-        }
-    }
-
-    /// Whether the ring was built from exactly these candidates, in this order.
-    pub fn serves(&self, candidates: &[Candidate]) -> bool {
-        self.addresses.len() == candidates.len()
-            && self
-                .addresses
-                .iter()
-                .zip(candidates)
-                .all(|(a, c)| *a == c.address)
+        Ring { servers: servers.len(), points }
     }
 
     /// Every server once, clockwise from `point`: the key's preference order.
     fn walk(&self, point: u64) -> Vec<u32> {
-        let n = self.addresses.len();
+        let n = self.servers;
         let start = self.points.partition_point(|&(p, _)| p < point);
         let mut seen = vec![false; n];
         let mut order = Vec::with_capacity(n);
@@ -60,13 +48,21 @@ impl Ring {
         order
     }
 
-    /// All servers, best first: those under the load bound in ring order from `point`,
-    /// then those at or over it, also in ring order, as a last resort.
+    /// Every candidate (an available server), best first, as indexes into `candidates`:
+    /// those under the load bound in ring order from `point`, then those at or over it,
+    /// also in ring order, as a last resort.
     pub fn rank(&self, candidates: &[Candidate], point: u64, balance_factor: f64) -> Vec<u32> {
+        let mut candidate_of = vec![None; self.servers];
+        for (i, c) in candidates.iter().enumerate() {
+            if let Some(slot) = candidate_of.get_mut(c.server as usize) {
+                *slot = Some(i as u32);
+            }
+        }
         let bound = load_bound(candidates, balance_factor);
         let (mut under, over): (Vec<u32>, Vec<u32>) = self
             .walk(point)
             .into_iter()
+            .filter_map(|server| candidate_of[server as usize])
             .partition(|&i| (candidates[i as usize].active as u64) < bound);
         under.extend(over);
         under
@@ -83,16 +79,19 @@ fn load_bound(candidates: &[Candidate], balance_factor: f64) -> u64 {
 mod tests {
     use super::*;
 
-    fn servers(n: usize) -> Vec<Candidate> {
-        (0..n)
-            .map(|i| Candidate::new(&format!("10.0.0.{i}:9000")))
-            .collect()
+    fn servers(n: usize) -> Vec<Server> {
+        (0..n).map(|i| Server::new(&format!("10.0.0.{i}:9000"))).collect()
     }
 
-    fn first(ring: &Ring, candidates: &[Candidate], key: &str) -> String {
-        candidates[ring.rank(candidates, hash64(key.as_bytes()), 0.25)[0] as usize]
-            .address
-            .clone()
+    /// Every server as an idle candidate.
+    fn all(servers: &[Server]) -> Vec<Candidate> {
+        (0..servers.len() as u32).map(|i| Candidate::idle(i, 1)).collect()
+    }
+
+    fn first(ring: &Ring, servers: &[Server], key: &str) -> String {
+        let candidates = all(servers);
+        let chosen = ring.rank(&candidates, hash64(key.as_bytes()), 0.25)[0] as usize;
+        servers[candidates[chosen].server as usize].address.clone()
     }
 
     #[test]
@@ -142,7 +141,7 @@ mod tests {
         let ring = Ring::new(&pool, 160);
         let mut counts = [0; 4];
         for key in 0..10_000 {
-            counts[ring.rank(&pool, hash64(format!("k{key}").as_bytes()), 0.25)[0] as usize] += 1;
+            counts[ring.rank(&all(&pool), hash64(format!("k{key}").as_bytes()), 0.25)[0] as usize] += 1;
         }
         assert!(
             counts.iter().all(|&c| (1_900..=3_100).contains(&c)),
@@ -152,8 +151,8 @@ mod tests {
 
     #[test]
     fn bounded_load_is_never_exceeded() {
-        let mut pool = servers(5);
-        let ring = Ring::new(&pool, 160);
+        let ring = Ring::new(&servers(5), 160);
+        let mut pool = all(&servers(5));
         let epsilon = 0.25;
         // A skewed key stream: half the connections share one key.
         for conn in 0..5_000u64 {
@@ -180,13 +179,28 @@ mod tests {
 
     #[test]
     fn full_servers_are_ranked_last() {
-        let mut pool = servers(3);
-        let ring = Ring::new(&pool, 100);
+        let ring = Ring::new(&servers(3), 100);
+        let mut pool = all(&servers(3));
         let point = hash64(b"key");
         let preferred = ring.walk(point)[0];
         pool[preferred as usize].active = 10;
         let ranked = ring.rank(&pool, point, 0.25);
         assert_eq!(ranked.len(), 3);
         assert_eq!(*ranked.last().unwrap(), preferred);
+    }
+
+    #[test]
+    fn servers_that_are_down_are_skipped_and_keep_their_keys() {
+        let pool = servers(4);
+        let ring = Ring::new(&pool, 160);
+        let point = hash64(b"key");
+        let preferred = ring.walk(point)[0];
+        // The preferred server is down: it is not a candidate, the next on the ring wins.
+        let up: Vec<Candidate> = all(&pool).into_iter().filter(|c| c.server != preferred).collect();
+        let ranked = ring.rank(&up, point, 0.25);
+        assert_eq!(ranked.len(), 3);
+        assert_eq!(up[ranked[0] as usize].server, ring.walk(point)[1]);
+        // Back up: the key returns to it.
+        assert_eq!(ring.rank(&all(&pool), point, 0.25)[0], preferred);
     }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use wasmgate_sdk::{
-    Accept, Action, CloseFrame, Conn, Direction, Hooks, Opcode, Plugin, Reject, Request, Verdict,
+    Accept, Action, CloseFrame, Conn, Hooks, Message, Plugin, Reject, Request, Verdict,
 };
 
 use keys::{b64url, Alg, Key};
@@ -324,7 +324,7 @@ impl Plugin for JwtAuth {
         }
     }
 
-    fn on_message(&mut self, conn: &Conn, _: Direction, _: Opcode, _: Vec<u8>) -> Action {
+    fn on_message(&mut self, conn: &Conn, _: &Message) -> Action {
         let Some(exp) = conn.get_meta(EXP_META).and_then(|e| e.parse::<f64>().ok()) else {
             return Action::Forward;
         };

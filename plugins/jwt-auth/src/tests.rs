@@ -6,7 +6,7 @@ use rsa::signature::{SignatureEncoding, Signer};
 use rsa::traits::PublicKeyParts;
 use serde_json::json;
 use sha2::Sha256;
-use wasmgate_sdk::{Header, Verdict};
+use wasmgate_sdk::{Direction, Header, Opcode, Verdict};
 
 use super::*;
 
@@ -480,12 +480,7 @@ fn close_on_expiry_declares_and_runs_the_message_hook() {
     accepted(&p.on_handshake(&conn, &bearer(&token("HS256", json!({}), c))));
     assert_eq!(conn.get_meta(EXP_META), Some(exp.to_string()));
     let msg = |p: &mut JwtAuth| {
-        p.on_message(
-            &conn,
-            Direction::ClientToUpstream,
-            Opcode::Text,
-            b"hi".to_vec(),
-        )
+        p.on_message(&conn, &Message::text("hi"))
     };
     assert_eq!(msg(&mut p), Action::Forward);
     wasmgate_sdk::testing::advance_clock(6_000);
@@ -500,9 +495,7 @@ fn close_on_expiry_declares_and_runs_the_message_hook() {
     assert_eq!(
         p.on_message(
             &Conn::new(8),
-            Direction::UpstreamToClient,
-            Opcode::Binary,
-            vec![]
+            &Message::new(Direction::UpstreamToClient, Opcode::Binary, vec![])
         ),
         Action::Forward
     );

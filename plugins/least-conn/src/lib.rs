@@ -1,13 +1,12 @@
 //! Least connections: the server with the fewest open connections per unit of weight first.
 //!
-//! Every server is ranked, so the gateway fails over to the next least loaded. Ties are
+//! The ranking holds as many servers as the gateway will try (`max_attempts`), so it fails
+//! over to the next least loaded without ranking servers it would never reach. Ties are
 //! broken at random (one host random number per connection), or a burst of new connections
 //! to an idle pool would all go to its first server.
 
-use std::cmp::Ordering;
-
 use wasmgate_sdk::hash::mix64;
-use wasmgate_sdk::{random_u64, Candidate, Conn, Hooks, NoConfig, Plugin};
+use wasmgate_sdk::{random_u64, Candidate, Conn, Hooks, NoConfig, Plugin, Pool};
 
 pub struct LeastConn;
 
@@ -19,28 +18,41 @@ impl Plugin for LeastConn {
         Ok(LeastConn)
     }
 
-    fn select(&mut self, _: &Conn, _: &str, candidates: &[Candidate]) -> Vec<u32> {
-        rank(candidates, random_u64())
+    fn select(&mut self, _: &Conn, pool: &Pool, candidates: &[Candidate]) -> Vec<u32> {
+        rank(candidates, random_u64(), pool.max_attempts())
     }
 }
 
-/// All indexes by `active / weight` ascending; equal loads in an order drawn from `seed`.
-fn rank(candidates: &[Candidate], seed: u64) -> Vec<u32> {
-    let mut order: Vec<u32> = (0..candidates.len() as u32).collect();
-    order.sort_by(|&a, &b| {
-        load(&candidates[a as usize], &candidates[b as usize])
-            .then_with(|| mix64(seed ^ a as u64).cmp(&mix64(seed ^ b as u64)))
-    });
-    order
+/// The `best` least loaded candidates by `active / weight` ascending, equal loads in an
+/// order drawn from `seed`. The host tries no more than `best`, so the rest stay unsorted
+/// and unlisted: a pool of 100 costs one linear partition, not a full sort.
+///
+/// Each candidate becomes one integer (load, then tie-breaker, then index) so the work is
+/// plain integer comparisons.
+fn rank(candidates: &[Candidate], seed: u64, best: usize) -> Vec<u32> {
+    let mut keys: Vec<u128> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let tie = mix64(seed ^ i as u64) as u32;
+            ((load(c) as u128) << 64) | ((tie as u128) << 32) | i as u128
+        })
+        .collect();
+    let best = best.clamp(1, keys.len().max(1));
+    if best < keys.len() {
+        keys.select_nth_unstable(best - 1);
+        keys.truncate(best);
+    }
+    keys.sort_unstable();
+    keys.into_iter().map(|k| k as u32).collect()
 }
 
-/// Compares `active / weight` exactly (cross-multiplied); weight 0 means last resort.
-fn load(a: &Candidate, b: &Candidate) -> Ordering {
-    match (a.weight, b.weight) {
-        (0, 0) => a.active.cmp(&b.active),
-        (0, _) => Ordering::Greater,
-        (_, 0) => Ordering::Less,
-        (wa, wb) => (a.active as u64 * wb as u64).cmp(&(b.active as u64 * wa as u64)),
+/// `active / weight` in 32.32 fixed point; weight 0 means last resort. Exact for any two
+/// servers whose loads differ by more than 2^-32 (weights up to 65,536 always do).
+fn load(c: &Candidate) -> u64 {
+    match c.weight {
+        0 => u64::MAX,
+        w => ((c.active as u64) << 32) / w as u64,
     }
 }
 
@@ -53,22 +65,21 @@ mod tests {
     fn server(active: u32, weight: u32) -> Candidate {
         Candidate {
             active,
-            weight,
-            ..Candidate::new(&format!("10.0.0.{active}:{weight}"))
+            ..Candidate::idle(0, weight)
         }
     }
 
     #[test]
     fn fewest_connections_first_and_all_ranked() {
         let pool = [server(5, 1), server(2, 1), server(9, 1), server(3, 1)];
-        assert_eq!(rank(&pool, 42), [1, 3, 0, 2]);
+        assert_eq!(rank(&pool, 42, 10), [1, 3, 0, 2]);
     }
 
     #[test]
     fn load_is_per_unit_of_weight() {
         // 6/3 = 2 beats 3/1 = 3; weight 0 goes last even when idle.
         let pool = [server(3, 1), server(6, 3), server(0, 0)];
-        assert_eq!(rank(&pool, 1), [1, 0, 2]);
+        assert_eq!(rank(&pool, 1, 10), [1, 0, 2]);
     }
 
     #[test]
@@ -76,7 +87,7 @@ mod tests {
         let pool = [server(1, 1), server(0, 1), server(0, 1), server(0, 1)];
         let mut firsts = [0; 4];
         for seed in 0..3000 {
-            let ranked = rank(&pool, random_u64() ^ seed);
+            let ranked = rank(&pool, random_u64() ^ seed, 10);
             assert_eq!(ranked.len(), 4);
             assert_eq!(ranked[3], 0);
             firsts[ranked[0] as usize] += 1;
@@ -91,8 +102,18 @@ mod tests {
     #[test]
     fn plugin_picks_the_minimum() {
         let mut lc = LeastConn::from_json("{}").unwrap();
-        let pool = [server(4, 1), server(7, 2), server(1, 1), server(2, 1)];
-        assert_eq!(lc.select(&Conn::new(1), "p", &pool)[0], 2);
-        assert!(lc.select(&Conn::new(1), "p", &[]).is_empty());
+        let pool = wasmgate_sdk::NativePool::new("p", &["a:1", "b:1", "c:1", "d:1"]);
+        let candidates = [server(4, 1), server(7, 2), server(1, 1), server(2, 1)];
+        assert_eq!(lc.select(&Conn::new(1), &pool.view(), &candidates)[0], 2);
+        assert!(lc.select(&Conn::new(1), &pool.view(), &[]).is_empty());
+    }
+
+    #[test]
+    fn only_as_many_as_the_host_tries() {
+        let pool: Vec<Candidate> = (0..100).map(|i| server((i * 37) % 100, 1)).collect();
+        // active = (i * 37) % 100: the three least loaded are i = 0, 73, 46 (0, 1, 2).
+        assert_eq!(rank(&pool, 5, 3), [0, 73, 46]);
+        assert_eq!(rank(&pool, 5, 100).len(), 100);
+        assert_eq!(rank(&pool[..2], 5, 3).len(), 2);
     }
 }

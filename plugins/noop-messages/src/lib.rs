@@ -20,7 +20,7 @@ wasmgate_sdk::export_plugin!(NoopMessages);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmgate_sdk::{Action, Conn, Direction, Opcode};
+    use wasmgate_sdk::{Action, Conn, Direction, Message, Opcode};
 
     #[test]
     fn forwards_everything() {
@@ -28,7 +28,7 @@ mod tests {
         for dir in [Direction::ClientToUpstream, Direction::UpstreamToClient] {
             for op in [Opcode::Text, Opcode::Binary] {
                 assert_eq!(
-                    plugin.on_message(&Conn::new(1), dir, op, b"x".to_vec()),
+                    plugin.on_message(&Conn::new(1), &Message::new(dir, op, &b"x"[..])),
                     Action::Forward
                 );
             }

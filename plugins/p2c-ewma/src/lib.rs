@@ -6,7 +6,7 @@
 //! when many decisions are made from the same slightly stale statistics, while still
 //! steering away from slow or busy servers (Mitzenmacher; Finagle's and Linkerd's P2C).
 
-use wasmgate_sdk::{random_u64, Candidate, Conn, Hooks, NoConfig, Plugin};
+use wasmgate_sdk::{random_u64, Candidate, Conn, Hooks, NoConfig, Plugin, Pool};
 
 pub struct P2cEwma;
 
@@ -18,7 +18,7 @@ impl Plugin for P2cEwma {
         Ok(P2cEwma)
     }
 
-    fn select(&mut self, _: &Conn, _: &str, candidates: &[Candidate]) -> Vec<u32> {
+    fn select(&mut self, _: &Conn, _: &Pool, candidates: &[Candidate]) -> Vec<u32> {
         rank(candidates, random_u64())
     }
 }
@@ -80,7 +80,7 @@ mod tests {
         Candidate {
             active,
             ewma_connect_us,
-            ..Candidate::new(&format!("10.0.0.{active}:{ewma_connect_us}"))
+            ..Candidate::idle(0, 1)
         }
     }
 
@@ -125,9 +125,10 @@ mod tests {
             server(0, 100),
             server(0, 100),
         ];
+        let servers = wasmgate_sdk::NativePool::new("p", &["a:1", "b:1", "c:1", "d:1"]);
         let mut firsts = [0; 4];
         for _ in 0..4000 {
-            firsts[plugin.select(&Conn::new(1), "p", &pool)[0] as usize] += 1;
+            firsts[plugin.select(&Conn::new(1), &servers.view(), &pool)[0] as usize] += 1;
         }
         // The slow server wins only when it is drawn against itself, which cannot happen.
         assert_eq!(firsts[0], 0, "{firsts:?}");

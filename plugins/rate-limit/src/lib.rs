@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 use wasmgate_sdk::{
-    kv, Action, CloseFrame, Conn, Direction, Hooks, Opcode, Plugin, Reject, Request, Verdict,
+    kv, Action, CloseFrame, Conn, Direction, Hooks, Message, Plugin, Reject, Request, Verdict,
 };
 
 /// Connection metadata holding a connection's message bucket: "tokens,last_ms".
@@ -167,11 +167,11 @@ impl Plugin for RateLimit {
         }
     }
 
-    fn on_message(&mut self, conn: &Conn, dir: Direction, _: Opcode, _: Vec<u8>) -> Action {
+    fn on_message(&mut self, conn: &Conn, msg: &Message) -> Action {
         let Some((per_ms, burst)) = self.messages else {
             return Action::Forward;
         };
-        if dir == Direction::UpstreamToClient && !self.count_both {
+        if msg.direction() == Direction::UpstreamToClient && !self.count_both {
             return Action::Forward;
         }
         let now = wasmgate_sdk::monotonic_ns() as f64 / 1e6;
@@ -243,6 +243,7 @@ wasmgate_sdk::export_plugin!(RateLimit);
 mod tests {
     use super::*;
     use wasmgate_sdk::testing::advance_clock;
+    use wasmgate_sdk::Opcode;
 
     fn plugin(config: &str) -> RateLimit {
         RateLimit::from_json(config).unwrap()
@@ -342,7 +343,7 @@ mod tests {
         let mut p = plugin(r#"{"messages_per_sec":10,"burst":3}"#);
         assert_eq!(p.hooks(), Hooks::MESSAGES);
         let conn = Conn::new(1);
-        let send = |p: &mut RateLimit, dir| p.on_message(&conn, dir, Opcode::Text, b"x".to_vec());
+        let send = |p: &mut RateLimit, dir| p.on_message(&conn, &Message::new(dir, Opcode::Text, &b"x"[..]));
         for _ in 0..3 {
             assert_eq!(send(&mut p, Direction::ClientToUpstream), Action::Forward);
         }
@@ -359,9 +360,7 @@ mod tests {
         assert_eq!(
             p.on_message(
                 &Conn::new(2),
-                Direction::ClientToUpstream,
-                Opcode::Binary,
-                vec![]
+                &Message::new(Direction::ClientToUpstream, Opcode::Binary, vec![])
             ),
             Action::Forward
         );
@@ -380,11 +379,11 @@ mod tests {
         assert_eq!(p.hooks(), Hooks::HANDSHAKE | Hooks::MESSAGES);
         let conn = Conn::new(1);
         assert_eq!(
-            p.on_message(&conn, Direction::UpstreamToClient, Opcode::Text, vec![]),
+            p.on_message(&conn, &Message::new(Direction::UpstreamToClient, Opcode::Text, vec![])),
             Action::Forward
         );
         assert_eq!(
-            p.on_message(&conn, Direction::ClientToUpstream, Opcode::Text, vec![]),
+            p.on_message(&conn, &Message::new(Direction::ClientToUpstream, Opcode::Text, vec![])),
             Action::Close(CloseFrame {
                 code: 4029,
                 reason: "message rate limit exceeded".into()

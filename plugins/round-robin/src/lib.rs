@@ -3,7 +3,7 @@
 //! The turn is a counter in the shared kv store, not in the instance's memory, so the
 //! rotation stays exact however many instances of the plugin the gateway runs.
 
-use wasmgate_sdk::{kv, Candidate, Conn, Hooks, NoConfig, Plugin};
+use wasmgate_sdk::{kv, Candidate, Conn, Hooks, NoConfig, Plugin, Pool};
 
 pub struct RoundRobin;
 
@@ -15,8 +15,8 @@ impl Plugin for RoundRobin {
         Ok(RoundRobin)
     }
 
-    fn select(&mut self, _: &Conn, pool: &str, candidates: &[Candidate]) -> Vec<u32> {
-        let turn = kv::incr(&format!("turn:{pool}"), 1, None) - 1;
+    fn select(&mut self, _: &Conn, pool: &Pool, candidates: &[Candidate]) -> Vec<u32> {
+        let turn = kv::incr(&format!("turn:{}", pool.name()), 1, None) - 1;
         rotation(turn, candidates.len())
     }
 }
@@ -36,10 +36,11 @@ wasmgate_sdk::export_plugin!(RoundRobin);
 mod tests {
     use super::*;
 
-    fn pool(n: usize) -> Vec<Candidate> {
-        (0..n)
-            .map(|i| Candidate::new(&format!("10.0.0.{i}:80")))
-            .collect()
+    use wasmgate_sdk::NativePool;
+
+    fn pool(name: &str, n: usize) -> NativePool {
+        let addresses: Vec<String> = (0..n).map(|i| format!("10.0.0.{i}:80")).collect();
+        NativePool::new(name, &addresses.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     #[test]
@@ -53,10 +54,10 @@ mod tests {
     #[test]
     fn picks_are_even() {
         let mut rr = RoundRobin::from_json("").unwrap();
-        let (conn, servers) = (Conn::new(1), pool(4));
+        let (conn, chat) = (Conn::new(1), pool("chat", 4));
         let mut firsts = [0; 4];
         for _ in 0..4000 {
-            let ranked = rr.select(&conn, "chat", &servers);
+            let ranked = rr.select(&conn, &chat.view(), &chat.candidates());
             assert_eq!(ranked.len(), 4);
             firsts[ranked[0] as usize] += 1;
         }
@@ -66,9 +67,10 @@ mod tests {
     #[test]
     fn pools_turn_independently() {
         let mut rr = RoundRobin::from_json("{}").unwrap();
-        let (conn, servers) = (Conn::new(1), pool(2));
-        assert_eq!(rr.select(&conn, "a", &servers)[0], 0);
-        assert_eq!(rr.select(&conn, "a", &servers)[0], 1);
-        assert_eq!(rr.select(&conn, "b", &servers)[0], 0);
+        let (conn, a, b) = (Conn::new(1), pool("a", 2), pool("b", 2));
+        let mut first = |p: &NativePool| rr.select(&conn, &p.view(), &p.candidates())[0];
+        assert_eq!(first(&a), 0);
+        assert_eq!(first(&a), 1);
+        assert_eq!(first(&b), 0);
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use wasmgate_sdk::{Candidate, Conn, Hooks, NoConfig, Plugin};
+use wasmgate_sdk::{Candidate, Conn, Hooks, NoConfig, Plugin, Pool};
 
 #[derive(Default)]
 pub struct WeightedRoundRobin {
@@ -27,22 +27,27 @@ impl Plugin for WeightedRoundRobin {
         Ok(WeightedRoundRobin::default())
     }
 
-    fn select(&mut self, _: &Conn, pool: &str, candidates: &[Candidate]) -> Vec<u32> {
-        let scores = self.scores.entry(pool.to_string()).or_default();
+    fn select(&mut self, _: &Conn, pool: &Pool, candidates: &[Candidate]) -> Vec<u32> {
+        let scores = self.scores.entry(pool.name()).or_default();
+        let address = |c: &Candidate| pool.server(c).address.as_str();
         // Forget servers that left the pool so the map cannot grow without bound.
-        scores.retain(|addr, _| candidates.iter().any(|c| c.address == *addr));
-        pick(scores, candidates)
+        scores.retain(|addr, _| candidates.iter().any(|c| address(c) == addr));
+        pick(scores, candidates, address)
     }
 }
 
 /// One step of smooth weighted round robin over `candidates`: the winner first, then the
 /// others by score (the order the next picks would take), servers of weight 0 last.
-fn pick(scores: &mut BTreeMap<String, i64>, candidates: &[Candidate]) -> Vec<u32> {
+fn pick<'a>(
+    scores: &mut BTreeMap<String, i64>,
+    candidates: &[Candidate],
+    address: impl Fn(&Candidate) -> &'a str,
+) -> Vec<u32> {
     let total: i64 = candidates.iter().map(|c| c.weight as i64).sum();
     let mut current: Vec<i64> = candidates
         .iter()
         .map(|c| {
-            let score = scores.entry(c.address.clone()).or_default();
+            let score = scores.entry(address(c).to_string()).or_default();
             *score += c.weight as i64;
             *score
         })
@@ -61,7 +66,7 @@ fn pick(scores: &mut BTreeMap<String, i64>, candidates: &[Candidate]) -> Vec<u32
     {
         let winner = winner as usize;
         current[winner] -= total;
-        scores.insert(candidates[winner].address.clone(), current[winner]);
+        scores.insert(address(&candidates[winner]).to_string(), current[winner]);
     }
     order
 }
@@ -72,21 +77,26 @@ wasmgate_sdk::export_plugin!(WeightedRoundRobin);
 mod tests {
     use super::*;
 
-    fn pool(weights: &[u32]) -> Vec<Candidate> {
-        weights
+    use wasmgate_sdk::{NativePool, Server};
+
+    fn pool(weights: &[u32]) -> NativePool {
+        let servers = weights
             .iter()
             .enumerate()
-            .map(|(i, &weight)| Candidate {
-                weight,
-                ..Candidate::new(&format!("10.0.0.{i}:80"))
-            })
-            .collect()
+            .map(|(i, &weight)| Server { weight, ..Server::new(&format!("10.0.0.{i}:80")) })
+            .collect();
+        NativePool::new("p", &[]).with_servers(servers)
     }
 
-    fn firsts(wrr: &mut WeightedRoundRobin, candidates: &[Candidate], picks: usize) -> Vec<usize> {
+    fn select(wrr: &mut WeightedRoundRobin, pool: &NativePool, candidates: &[Candidate]) -> Vec<u32> {
+        wrr.select(&Conn::new(1), &pool.view(), candidates)
+    }
+
+    fn firsts(wrr: &mut WeightedRoundRobin, pool: &NativePool, picks: usize) -> Vec<usize> {
+        let candidates = pool.candidates();
         let mut counts = vec![0; candidates.len()];
         for _ in 0..picks {
-            let ranked = wrr.select(&Conn::new(1), "p", candidates);
+            let ranked = select(wrr, pool, &candidates);
             assert_eq!(ranked.len(), candidates.len());
             counts[ranked[0] as usize] += 1;
         }
@@ -98,7 +108,7 @@ mod tests {
         let mut wrr = WeightedRoundRobin::from_json("").unwrap();
         let servers = pool(&[5, 1, 1]);
         let seq: Vec<u32> = (0..7)
-            .map(|_| wrr.select(&Conn::new(1), "p", &servers)[0])
+            .map(|_| select(&mut wrr, &servers, &servers.candidates())[0])
             .collect();
         assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
     }
@@ -125,7 +135,7 @@ mod tests {
         let mut wrr = WeightedRoundRobin::from_json("").unwrap();
         let servers = pool(&[0, 1, 2]);
         for _ in 0..10 {
-            let ranked = wrr.select(&Conn::new(1), "p", &servers);
+            let ranked = select(&mut wrr, &servers, &servers.candidates());
             assert_eq!(ranked[2], 0);
         }
         assert_eq!(firsts(&mut wrr, &servers, 30), [0, 10, 20]);
@@ -135,8 +145,9 @@ mod tests {
     fn servers_leaving_are_forgotten() {
         let mut wrr = WeightedRoundRobin::from_json("").unwrap();
         let servers = pool(&[1, 1, 1]);
-        wrr.select(&Conn::new(1), "p", &servers);
-        wrr.select(&Conn::new(1), "p", &servers[1..]);
+        let candidates = servers.candidates();
+        select(&mut wrr, &servers, &candidates);
+        select(&mut wrr, &servers, &candidates[1..]);
         assert_eq!(wrr.scores["p"].len(), 2);
         assert!(!wrr.scores["p"].contains_key("10.0.0.0:80"));
     }

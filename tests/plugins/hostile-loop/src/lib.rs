@@ -1,7 +1,7 @@
 //! Test fixture: spins forever in `on_handshake` and `on_message`, so the gateway's
 //! time limit (epoch interruption) must stop it.
 
-use wasmgate_sdk::{Action, Conn, Direction, Hooks, NoConfig, Opcode, Plugin, Request, Verdict};
+use wasmgate_sdk::{Action, Conn, Hooks, Message, NoConfig, Plugin, Request, Verdict};
 
 pub struct HostileLoop;
 
@@ -17,7 +17,7 @@ impl Plugin for HostileLoop {
         spin()
     }
 
-    fn on_message(&mut self, _: &Conn, _: Direction, _: Opcode, _: Vec<u8>) -> Action {
+    fn on_message(&mut self, _: &Conn, _: &Message) -> Action {
         spin()
     }
 }
