@@ -14,6 +14,9 @@ use hdrhistogram::Histogram;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -98,13 +101,19 @@ impl Scenario {
         }
     }
 
-    /// Runs against `entry` (round robin over its addresses); `probe` measures the processes
-    /// under test.
-    pub async fn run(&self, entry: &[SocketAddr], probe: &dyn Probe, timing: Timing) -> anyhow::Result<Outcome> {
+    /// Runs against `entry` (round robin over its addresses), every handshake carrying
+    /// `authorization`; `probe` measures the processes under test.
+    pub async fn run(
+        &self,
+        entry: &[SocketAddr],
+        authorization: &HeaderValue,
+        probe: &dyn Probe,
+        timing: Timing,
+    ) -> anyhow::Result<Outcome> {
         match *self {
-            Scenario::Echo { size, conns } => echo(entry, size, conns, probe, timing).await,
-            Scenario::Connect => connect_rate(entry, probe, timing).await,
-            Scenario::IdleRss => idle_rss(entry, probe).await,
+            Scenario::Echo { size, conns } => echo(entry, authorization, size, conns, probe, timing).await,
+            Scenario::Connect => connect_rate(entry, authorization, probe, timing).await,
+            Scenario::IdleRss => idle_rss(entry, authorization, probe).await,
         }
     }
 }
@@ -154,11 +163,12 @@ fn client_config(size: usize) -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-async fn open(addr: SocketAddr, size: usize) -> anyhow::Result<Ws> {
+async fn open(addr: SocketAddr, authorization: &HeaderValue, size: usize) -> anyhow::Result<Ws> {
+    let mut request = format!("ws://{addr}/").into_client_request()?;
+    request.headers_mut().insert(AUTHORIZATION, authorization.clone());
     let tcp = timeout(IO_LIMIT, TcpStream::connect(addr)).await.map_err(|_| anyhow!("connect timed out"))??;
     tcp.set_nodelay(true)?;
-    let handshake =
-        tokio_tungstenite::client_async_with_config(format!("ws://{addr}/"), tcp, Some(client_config(size)));
+    let handshake = tokio_tungstenite::client_async_with_config(request, tcp, Some(client_config(size)));
     let (ws, _) = timeout(IO_LIMIT, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
     Ok(ws)
 }
@@ -189,14 +199,20 @@ fn describe(msg: &Message) -> String {
 
 /// Opens `count` connections round robin over `entry`, each verified with one small echo.
 /// `first` offsets the round robin so successive batches keep alternating.
-async fn open_many(entry: &[SocketAddr], count: usize, first: usize, size: usize) -> anyhow::Result<Vec<Ws>> {
+async fn open_many(
+    entry: &[SocketAddr],
+    authorization: &HeaderValue,
+    count: usize,
+    first: usize,
+    size: usize,
+) -> anyhow::Result<Vec<Ws>> {
     let payload = Bytes::from(vec![0x5a; SMALL]);
     stream::iter(first..first + count)
         .map(|i| {
             let addr = entry[i % entry.len()];
             let payload = payload.clone();
             async move {
-                let mut ws = open(addr, size).await?;
+                let mut ws = open(addr, authorization, size).await?;
                 timeout(IO_LIMIT, echo_once(&mut ws, &payload)).await.map_err(|_| anyhow!("echo timed out"))??;
                 anyhow::Ok(ws)
             }
@@ -268,12 +284,13 @@ async fn gather(mut tasks: JoinSet<Tally>) -> anyhow::Result<(u64, Histogram<u64
 
 async fn echo(
     entry: &[SocketAddr],
+    authorization: &HeaderValue,
     size: usize,
     conns: usize,
     probe: &dyn Probe,
     timing: Timing,
 ) -> anyhow::Result<Outcome> {
-    let clients = open_many(entry, conns, 0, size).await?;
+    let clients = open_many(entry, authorization, conns, 0, size).await?;
     let payload = Bytes::from(vec![0xa5; size]);
     let measure_from = Instant::now() + timing.warmup;
     let end = measure_from + timing.duration;
@@ -315,7 +332,12 @@ fn quantile(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64
 }
 
-async fn connect_rate(entry: &[SocketAddr], probe: &dyn Probe, timing: Timing) -> anyhow::Result<Outcome> {
+async fn connect_rate(
+    entry: &[SocketAddr],
+    authorization: &HeaderValue,
+    probe: &dyn Probe,
+    timing: Timing,
+) -> anyhow::Result<Outcome> {
     let payload = Bytes::from(vec![0x5a; SMALL]);
     let next = Arc::new(AtomicUsize::new(0));
     let entry: Arc<[SocketAddr]> = entry.into();
@@ -323,14 +345,15 @@ async fn connect_rate(entry: &[SocketAddr], probe: &dyn Probe, timing: Timing) -
     let end = measure_from + timing.duration;
     let mut tasks = JoinSet::new();
     for _ in 0..CONNECT_CLIENTS {
-        let (payload, next, entry) = (payload.clone(), next.clone(), entry.clone());
+        let (payload, next, entry, authorization) =
+            (payload.clone(), next.clone(), entry.clone(), authorization.clone());
         tasks.spawn(async move {
             let mut tally = Tally::new();
             while Instant::now() < end && tally.errors < CONNECT_MAX_ERRORS {
                 let started = Instant::now();
                 let addr = entry[next.fetch_add(1, Ordering::Relaxed) % entry.len()];
                 let cycle = async {
-                    let mut ws = open(addr, SMALL).await?;
+                    let mut ws = open(addr, &authorization, SMALL).await?;
                     echo_once(&mut ws, &payload).await?;
                     ws.close(None).await?;
                     // Wait for the close reply so the cycle includes a clean close handshake.
@@ -355,12 +378,12 @@ async fn connect_rate(entry: &[SocketAddr], probe: &dyn Probe, timing: Timing) -
     Ok(Outcome { values, trouble })
 }
 
-async fn idle_rss(entry: &[SocketAddr], probe: &dyn Probe) -> anyhow::Result<Outcome> {
+async fn idle_rss(entry: &[SocketAddr], authorization: &HeaderValue, probe: &dyn Probe) -> anyhow::Result<Outcome> {
     let before = probe.rss_kib()?;
     let mut held = Vec::new();
     let mut values = Vec::new();
     for target in IDLE_STEPS {
-        let more = open_many(entry, target - held.len(), held.len(), SMALL).await?;
+        let more = open_many(entry, authorization, target - held.len(), held.len(), SMALL).await?;
         held.extend(more);
         // Let the proxy finish whatever the handshakes left behind before sampling.
         sleep(Duration::from_secs(1)).await;

@@ -1,28 +1,47 @@
-//! `wasmgate-bench`: measures wasmgate, nginx, HAProxy and a direct connection side by side in
-//! one run and prints one Markdown table.
+//! `wasmgate-bench`: measures wasmgate (without and with plugins), nginx, HAProxy and a direct
+//! connection side by side in one run and prints one Markdown table.
 //!
 //! ```text
 //! cargo build --release -p wasmgate -p wasmgate-examples -p wasmgate-bench
-//! cargo run --release -p wasmgate-bench -- [--quick] [--only direct,wasmgate,nginx,haproxy]
+//! cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+//! cargo run --release -p wasmgate-bench -- [--quick] [--only TARGET,...]
 //!     [--scenario echo,connect,rss] [--out FILE]
 //! ```
-//! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, and
-//! `/usr/sbin/nginx` and `/usr/sbin/haproxy` (installing them with apt-get when missing).
+//! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
+//! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
+//! `/usr/sbin/haproxy` (installing them with apt-get when missing).
+//!
+//! Targets (table columns, in this order; `--only` picks some, default all, ~5 min in full):
+//! - `direct`: the client alternates between the two echo backends.
+//! - `wasmgate`: no plugins, round robin in the gateway.
+//! - `wasmgate-hook`: `noop-messages` on the route, a Wasm call for every message both ways;
+//!   round robin. One plugin.
+//! - `wasmgate-auth`: `jwt-auth` (HS256) on the route, `least-conn` as the upstream's balancer:
+//!   a Wasm handshake and a Wasm balancer call per connection. Two plugins.
+//! - `wasmgate-3`: `jwt-auth` + `noop-messages` on the route, `least-conn` balancer. Three.
+//! - `nginx`, `haproxy`: round robin.
+//!
+//! Every handshake, to every target, carries `Authorization: Bearer <HS256 JWT>` signed with
+//! the secret the generated jwt-auth config checks (see `jwt`), so all targets get the same
+//! requests.
 //!
 //! This file holds the command line and the run order; see the modules for the rest.
 
+mod jwt;
 mod load;
 mod machine;
 mod procs;
 mod proxies;
 mod table;
+mod wasmgate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Parser;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use load::{Scenario, Timing};
 use proxies::{Binaries, Running, Target};
@@ -37,8 +56,13 @@ struct Args {
     /// Seconds measured per timed scenario; overrides --quick.
     #[arg(long)]
     duration: Option<f64>,
-    /// Paths to measure, comma separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,wasmgate,nginx,haproxy")]
+    /// Paths to measure, comma separated; the wasmgate-* ones load plugins (see the module doc).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,wasmgate,wasmgate-hook,wasmgate-auth,wasmgate-3,nginx,haproxy"
+    )]
     only: Vec<Target>,
     /// Scenarios, comma separated: echo (all four echo-SIZE-CONNS), echo-64-50, echo-64-1000,
     /// echo-16k-50, echo-16k-1000, connect, rss. Default: all.
@@ -86,18 +110,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     proxies::ensure_installed(&targets)?;
     let nofile = procs::raise_nofile_limit()?;
-    let bins = Binaries::locate()?;
+    let bins = Binaries::locate(&targets)?;
+    let authorization = jwt::bearer();
     let dir = procs::TempDir::new()?;
     let header = header(&bins, &targets, timing, nofile);
     let load_at_start = machine::load_1min();
+
+    check_plugins_load(&targets, &bins, &dir.0)?;
 
     let mut results = Results::new(&targets);
     // Scenario-major order spreads drifting background load (a shared 2-core machine) over
     // all targets instead of penalising whichever ran during a busy spell.
     for scenario in &scenarios {
         for &target in &targets {
-            eprint!("{target:>8} {:<14} ", scenario.name());
-            let outcome = measure(*scenario, target, &bins, &dir.0, timing).await;
+            eprint!("{target:>13} {:<14} ", scenario.name());
+            let outcome = measure(*scenario, target, &bins, &dir.0, &authorization, timing).await;
             match &outcome {
                 Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
                 Err(e) => eprintln!("error: {e:#}"),
@@ -138,10 +165,39 @@ async fn measure(
     target: Target,
     bins: &Binaries,
     dir: &std::path::Path,
+    authorization: &HeaderValue,
     timing: Timing,
 ) -> anyhow::Result<load::Outcome> {
     let running = Running::start(target, bins, dir)?;
-    scenario.run(&running.entry, &running, timing).await
+    let mut outcome = scenario.run(&running.entry, authorization, &running, timing).await?;
+    let failed_calls = match running.failed_plugin_calls() {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(failed))) => Some(format!("failed plugin calls, handled by their on_error: {failed}")),
+        Some(Err(e)) => Some(format!("plugin call failures unknown: {e:#}")),
+    };
+    if let Some(failed_calls) = failed_calls {
+        outcome.trouble = Some(match outcome.trouble {
+            Some(trouble) => format!("{trouble}; {failed_calls}"),
+            None => failed_calls,
+        });
+    }
+    Ok(outcome)
+}
+
+/// Starts each wasmgate column that loads plugins once before measuring: a plugin that does
+/// not load (built for another version of the plugin contract, say) stops the run now
+/// instead of filling its column with errors, and the components get compiled into the
+/// run's cache.
+fn check_plugins_load(targets: &[Target], bins: &Binaries, dir: &std::path::Path) -> anyhow::Result<()> {
+    for &target in targets.iter().filter(|t| t.wasmgate_plugins().is_some_and(|p| !p.is_empty())) {
+        Running::start(target, bins, dir).with_context(|| {
+            format!(
+                "{target} does not start with its plugins; if they are out of date, rebuild them with \
+                 `cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml`"
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn select_scenarios(names: &[String]) -> anyhow::Result<Vec<Scenario>> {
@@ -170,9 +226,21 @@ fn header(bins: &Binaries, targets: &[Target], timing: Timing, nofile: u64) -> S
     let versions = bins.versions(targets);
     if !versions.is_empty() {
         paths.push(format!(
-            "Proxies: {}; each in front of two echo-backend processes, round robin.",
+            "Proxies: {}; each in front of two echo-backend processes, round robin unless a \
+             balancer is named.",
             versions.join("; ")
         ));
+    }
+    let loads = |plugin| targets.iter().any(|t| t.wasmgate_plugins().is_some_and(|p| p.contains(&plugin)));
+    if loads(wasmgate::Plugin::JwtAuth) {
+        paths.push(
+            "jwt-auth checks the HS256 token (signature, exp, audience; sub to a header) that every \
+             handshake to every target carries."
+                .to_string(),
+        );
+    }
+    if loads(wasmgate::Plugin::NoopMessages) {
+        paths.push("noop-messages is called for every message, both ways, and forwards it.".to_string());
     }
     if targets.contains(&Target::Direct) {
         paths.push("Direct: the client alternates between the two backends.".to_string());

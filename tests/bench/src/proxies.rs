@@ -1,6 +1,6 @@
-//! The paths under test: two echo backends, and in front of them nothing (direct), wasmgate,
-//! nginx or HAProxy, each configured for round robin over both backends with generated
-//! config files.
+//! The paths under test: two echo backends, and in front of them nothing (direct), wasmgate
+//! (without plugins, or with one of the plugin sets in `Target::wasmgate_plugins`), nginx or
+//! HAProxy, each configured over both backends with generated config files.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 
 use crate::load::Probe;
 use crate::procs::{free_addr, Proc};
+use crate::wasmgate::{self, Plugin};
 
 const NGINX: &str = "/usr/sbin/nginx";
 const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -21,9 +22,32 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Target {
     Direct,
+    /// No plugins, round robin in the gateway.
     Wasmgate,
+    /// A per-message hook on every message.
+    #[value(name = "wasmgate-hook")]
+    WasmgateHook,
+    /// A handshake plugin (JWT) and a balancer plugin.
+    #[value(name = "wasmgate-auth")]
+    WasmgateAuth,
+    /// All three: JWT, per-message hook, balancer.
+    #[value(name = "wasmgate-3")]
+    Wasmgate3,
     Nginx,
     Haproxy,
+}
+
+impl Target {
+    /// The plugins a wasmgate column loads; None for the other paths.
+    pub fn wasmgate_plugins(self) -> Option<&'static [Plugin]> {
+        match self {
+            Target::Wasmgate => Some(&[]),
+            Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
+            Target::WasmgateAuth => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
+            Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
+            Target::Direct | Target::Nginx | Target::Haproxy => None,
+        }
+    }
 }
 
 impl fmt::Display for Target {
@@ -31,6 +55,9 @@ impl fmt::Display for Target {
         f.write_str(match self {
             Target::Direct => "direct",
             Target::Wasmgate => "wasmgate",
+            Target::WasmgateHook => "wasmgate-hook",
+            Target::WasmgateAuth => "wasmgate-auth",
+            Target::Wasmgate3 => "wasmgate-3",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
         })
@@ -44,7 +71,8 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    pub fn locate() -> anyhow::Result<Binaries> {
+    /// Also checks that the plugin components the wasmgate columns of `targets` load exist.
+    pub fn locate(targets: &[Target]) -> anyhow::Result<Binaries> {
         let exe = std::env::current_exe()?;
         let dir = exe.parent().context("executable has no directory")?;
         let bins = Binaries { echo_backend: dir.join("echo-backend"), wasmgate: dir.join("wasmgate") };
@@ -54,22 +82,30 @@ impl Binaries {
                 bins.echo_backend.display()
             );
         }
+        let plugins: Vec<Plugin> = targets.iter().filter_map(|t| t.wasmgate_plugins()).flatten().copied().collect();
+        wasmgate::check_components(&plugins)?;
         Ok(bins)
     }
 
-    /// One line naming the version of each selected proxy, for the table header.
+    /// The version of each selected proxy and how it is set up, for the table header; the
+    /// wasmgate columns share one entry that says what each of them runs.
     pub fn versions(&self, targets: &[Target]) -> Vec<String> {
-        targets
+        let mut versions = Vec::new();
+        let columns: Vec<String> = targets
             .iter()
-            .filter_map(|t| match t {
-                Target::Direct => None,
-                Target::Wasmgate => {
-                    Some(format!("{} (round robin)", first_line(Command::new(&self.wasmgate).arg("--version"))))
-                }
-                Target::Nginx => Some(format!("{} (2 workers)", first_line(Command::new(NGINX).arg("-v")))),
-                Target::Haproxy => Some(format!("{} (nbthread 2)", first_line(Command::new(HAPROXY).arg("-v")))),
-            })
-            .collect()
+            .filter_map(|t| t.wasmgate_plugins().map(|plugins| format!("{t} ({})", wasmgate::describe(plugins))))
+            .collect();
+        if !columns.is_empty() {
+            let version = first_line(Command::new(&self.wasmgate).arg("--version"));
+            versions.push(format!("{version} as {}", columns.join(", ")));
+        }
+        if targets.contains(&Target::Nginx) {
+            versions.push(format!("{} (2 workers)", first_line(Command::new(NGINX).arg("-v"))));
+        }
+        if targets.contains(&Target::Haproxy) {
+            versions.push(format!("{} (nbthread 2)", first_line(Command::new(HAPROXY).arg("-v"))));
+        }
+        versions
     }
 }
 
@@ -115,6 +151,8 @@ pub struct Running {
     backends: Vec<Proc>,
     /// What the load generator connects to, round robin: the proxy, or both backends.
     pub entry: Vec<SocketAddr>,
+    /// wasmgate's admin address, when it loads plugins.
+    admin: Option<SocketAddr>,
 }
 
 impl Running {
@@ -132,20 +170,26 @@ impl Running {
             servers.push(addr);
         }
         if target == Target::Direct {
-            return Ok(Running { proxy: None, backends, entry: servers });
+            return Ok(Running { proxy: None, backends, entry: servers, admin: None });
         }
         let listen = free_addr()?;
+        let mut admin = None;
         let cmd = match target {
             Target::Direct => unreachable!("handled above"),
-            Target::Wasmgate => {
+            Target::Wasmgate | Target::WasmgateHook | Target::WasmgateAuth | Target::Wasmgate3 => {
                 if !bins.wasmgate.exists() {
                     bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
                 }
-                let config = write(dir, "wasmgate.toml", &wasmgate_config(listen, &servers))?;
+                let plugins = target.wasmgate_plugins().expect("a wasmgate target");
+                // Only columns with plugins get an admin listener (for their failure count), so
+                // the plain column runs as it always did.
+                admin = if plugins.is_empty() { None } else { Some(free_addr()?) };
+                let text = wasmgate::config(listen, admin, &servers, plugins, &dir.join("plugin-cache"));
+                let config = write(dir, "wasmgate.toml", &text)?;
                 let mut cmd = Command::new(&bins.wasmgate);
                 // Per-connection info logs would be extra work the other proxies (access_log
-                // off) do not do.
-                cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "warn");
+                // off) do not do. NO_COLOR keeps escape codes out of the error messages.
+                cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "warn").env("NO_COLOR", "1");
                 cmd
             }
             Target::Nginx => {
@@ -164,7 +208,14 @@ impl Running {
         };
         let mut proxy = Proc::spawn(&target.to_string(), cmd, dir)?;
         proxy.wait_listening(listen, STARTUP_LIMIT)?;
-        Ok(Running { proxy: Some(proxy), backends, entry: vec![listen] })
+        Ok(Running { proxy: Some(proxy), backends, entry: vec![listen], admin })
+    }
+
+    /// For a wasmgate column with plugins, the plugin calls that have failed so far (timed
+    /// out, trapped, broke the contract), if any. A failed message hook is skipped, not
+    /// refused, so this is the only sign of it. None for the other columns.
+    pub fn failed_plugin_calls(&self) -> Option<anyhow::Result<Option<String>>> {
+        self.admin.map(wasmgate::failed_plugin_calls)
     }
 }
 
@@ -189,24 +240,6 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
-}
-
-fn wasmgate_config(listen: SocketAddr, servers: &[SocketAddr]) -> String {
-    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
-    format!(
-        r#"[gateway]
-listen = "{listen}"
-
-[[upstream]]
-name = "echo"
-servers = [{}]
-
-[[route]]
-path = "/"
-upstream = "echo"
-"#,
-        servers.join(", ")
-    )
 }
 
 /// Two workers; each may end up holding all 9,000 idle connections of the RSS scenario, two
