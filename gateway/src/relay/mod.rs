@@ -272,8 +272,7 @@ impl<'a> Relay<'a> {
         // Keep bytes left from the last read in front of the new ones.
         buf.extend_from_slice(&self.state(side).unprocessed);
         buf.reserve(READ_CHUNK);
-        // Reads into spare capacity: no zeroing of the buffer per read.
-        match self.stream(side).try_read_buf(&mut buf) {
+        match read_once(self.stream(side), &mut buf) {
             Ok(0) => {
                 pool::give(buf);
                 self.side_gone(side);
@@ -546,4 +545,30 @@ impl<'a> Relay<'a> {
 /// Half-closes a socket: the peer reads EOF after everything sent.
 fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
+}
+
+/// One `recv` into `buf`'s spare capacity (no zeroing). A short read means the socket's
+/// receive queue was empty, so, as tokio's own `poll_read` does, the socket's readiness is
+/// cleared then: the relay waits for the next readiness event instead of paying a `recv`
+/// that only says "would block" after every message (a third of the syscalls of a small
+/// echo). Nothing is lost: data or a FIN arriving later raises a new event, and tokio
+/// keeps a "read closed" state through the clearing.
+fn read_once(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let mut short_read = None;
+    let result = stream.try_io(tokio::io::Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        let n = socket2::SockRef::from(stream).recv(spare)?;
+        // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        if n > 0 && n < room {
+            short_read = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short_read {
+        Some(n) => Ok(n),
+        None => result,
+    }
 }
