@@ -115,25 +115,14 @@ async fn upgrade(
     let response =
         handshake::switching_protocols(&upgrade.key, subprotocol.as_deref(), compression.header.as_deref());
     let on_upgrade = hyper::upgrade::on(req);
-    let shared = shared.clone();
-    let tasks = shared.tasks.clone();
-    tasks.spawn(async move {
-        let client = match on_upgrade.await {
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => Endpoint { stream: parts.io.into_inner(), already_read: parts.read_buf.to_vec() },
-                Err(_) => unreachable!("the listener serves TokioIo<TcpStream>"),
-            },
-            Err(e) => {
-                tracing::debug!(%client_addr, error = %e, "client upgrade failed");
-                return;
-            }
-        };
-        let settings = routing.relay.clone();
-        drop(routing);
-        // The message hook follows the decision the compression mode was based on.
-        let chain = Chain { slots: chain, conn, reads_messages };
-        relay_connection(client, socket, active, &settings, chain, compression, &shared).await;
-    });
+    let settings = routing.relay.clone();
+    drop(routing);
+    // The message hook follows the decision the compression mode was based on.
+    let chain = Chain { slots: chain, conn, reads_messages };
+    let upgraded = Upgraded { on_upgrade, client_addr, upstream: socket, active, chain, compression };
+    // The task is the relay_connection future itself, not an async block around it: a
+    // wrapper would hold every value twice for the connection's whole life.
+    shared.tasks.spawn(relay_connection(upgraded, settings, shared.clone()));
     Ok(response)
 }
 
@@ -367,8 +356,8 @@ fn negotiate_compression(
                     client_rsv1: true,
                     upstream_rsv1: false,
                     terminate: Some(ClientCompression {
-                        inflater: accepted.config.inflater(max_message_size),
-                        deflater: accepted.config.deflater(),
+                        inflater: Box::new(accepted.config.inflater(max_message_size)),
+                        deflater: Box::new(accepted.config.deflater()),
                         min_size: 0,
                     }),
                 }),
@@ -378,15 +367,28 @@ fn negotiate_compression(
     }
 }
 
-async fn relay_connection(
-    client: Endpoint,
+/// What the relay needs once the client's 101 is out.
+struct Upgraded {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    client_addr: SocketAddr,
     upstream: UpstreamSocket,
     active: ActiveConnection,
-    settings: &relay::RelaySettings,
     chain: Chain,
     compression: NegotiatedCompression,
-    shared: &Shared,
-) {
+}
+
+async fn relay_connection(upgraded: Upgraded, settings: relay::RelaySettings, shared: Arc<Shared>) {
+    let Upgraded { on_upgrade, client_addr, upstream, active, chain, compression } = upgraded;
+    let client = match on_upgrade.await {
+        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => Endpoint { stream: parts.io.into_inner(), already_read: parts.read_buf.to_vec() },
+            Err(_) => unreachable!("the listener serves TokioIo<TcpStream>"),
+        },
+        Err(e) => {
+            tracing::debug!(%client_addr, error = %e, "client upgrade failed");
+            return;
+        }
+    };
     let started = Instant::now();
     let metrics = &shared.metrics;
     metrics.connections_active.inc();
@@ -419,7 +421,7 @@ async fn relay_connection(
     let outcome = relay::run(
         client,
         upstream,
-        settings,
+        &settings,
         rules,
         hook.as_ref().map(|h| h as &dyn MessageHook),
         compression.terminate,

@@ -107,9 +107,11 @@ pub struct Link {
     /// gateway terminates permessage-deflate on this link.
     reads_messages: bool,
     /// Inflates compressed messages from the source (permessage-deflate terminated here).
-    inflater: Option<Inflater>,
+    /// Boxed, like `deflater`: most connections have neither, and an idle connection's
+    /// relay should not carry their ~340 bytes inline.
+    inflater: Option<Box<Inflater>>,
     /// Compresses messages toward the destination.
-    deflater: Option<Deflater>,
+    deflater: Option<Box<Deflater>>,
     /// Messages shorter than this go to the destination uncompressed even with a deflater:
     /// deflate's framing makes tiny messages bigger and costs CPU for nothing.
     compress_min: usize,
@@ -159,7 +161,7 @@ impl Link {
     /// Terminates permessage-deflate on this link: `inflater` for compressed messages from
     /// the source, `deflater` for messages to the destination. Either makes the link
     /// assemble messages.
-    pub fn with_compression(mut self, inflater: Option<Inflater>, deflater: Option<Deflater>) -> Link {
+    pub fn with_compression(mut self, inflater: Option<Box<Inflater>>, deflater: Option<Box<Deflater>>) -> Link {
         self.reads_messages |= inflater.is_some() || deflater.is_some();
         self.inflater = inflater;
         self.deflater = deflater;

@@ -120,9 +120,9 @@ pub struct Stop {
 /// permessage-deflate terminated at the gateway on the client link.
 pub struct ClientCompression {
     /// For compressed messages from the client.
-    pub inflater: Inflater,
+    pub inflater: Box<Inflater>,
     /// For messages to the client.
-    pub deflater: Deflater,
+    pub deflater: Box<Deflater>,
     /// Messages to the client shorter than this go uncompressed.
     pub min_size: usize,
 }
