@@ -73,6 +73,48 @@ fn pool(n: usize, label: bool) -> (PoolInfo, Vec<Candidate>) {
     (PoolInfo { name: "p".into(), version: 1, servers, max_attempts: 3 }, candidates)
 }
 
+/// A compact HS256 JWT with these claims.
+fn hs256_token(secret: &str, claims: &str) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let signed = format!("{}.{}", b64(br#"{"alg":"HS256","typ":"JWT"}"#), b64(claims.as_bytes()));
+    // HMAC-SHA256 (RFC 2104) with a key shorter than the block.
+    let mut key = [0u8; 64];
+    key[..secret.len()].copy_from_slice(secret.as_bytes());
+    let pad = |byte: u8| key.iter().map(|k| k ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(signed.as_bytes()).finalize();
+    let mac = Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize();
+    format!("{signed}.{}", b64(&mac))
+}
+
+/// An upgrade request as a browser sends it, with a bearer token.
+fn browser_request(token: &str) -> HandshakeRequest {
+    let header = |name: &str, value: &str| Header { name: name.into(), value: value.into() };
+    HandshakeRequest {
+        method: "GET".into(),
+        path: "/chat".into(),
+        query: "room=lobby".into(),
+        host: "chat.example.com".into(),
+        headers: vec![
+            header("host", "chat.example.com"),
+            header("connection", "Upgrade"),
+            header("upgrade", "websocket"),
+            header("sec-websocket-version", "13"),
+            header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            header("sec-websocket-extensions", "permessage-deflate; client_max_window_bits"),
+            header("origin", "https://chat.example.com"),
+            header("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"),
+            header("accept-language", "en-US,en;q=0.5"),
+            header("cache-control", "no-cache"),
+            header("cookie", "sid=abc123; theme=dark"),
+            header("authorization", &format!("Bearer {token}")),
+        ],
+        client_addr: "10.0.0.1:40000".into(),
+        subprotocols: vec![],
+    }
+}
+
 #[test]
 #[ignore = "benchmark; run with --ignored --nocapture"]
 fn plugin_call_costs() {
@@ -149,6 +191,37 @@ fn plugin_call_costs() {
         "select, hash (ring cached), 100 candidates",
         per_call(20_000, || {
             assert_eq!(hash.select(&conn, &servers, &cands).unwrap().len(), 100)
+        }),
+    ));
+
+    // jwt-auth on a browser-like upgrade request with an HS256 token.
+    let secret = "0123456789abcdef0123456789abcdef";
+    let jwt = rt
+        .load(&PluginSpec {
+            config_json: format!(
+                r#"{{"secret":"{secret}","audience":"bench","claims_to_headers":{{"sub":"x-user-id"}}}}"#
+            ),
+            ..PluginSpec::new("jwt", wasm("jwt_auth"))
+        })
+        .unwrap();
+    let req = browser_request(&hs256_token(secret, r#"{"sub":"user-1","aud":"bench","exp":4102444800}"#));
+    rows.push((
+        "on-handshake, jwt-auth HS256, 12 headers",
+        per_call(20_000, || {
+            let c = ConnContext::new(1, "10.0.0.1:40000", "/");
+            assert!(matches!(jwt.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
+        }),
+    ));
+    let stamp = rt
+        .load(&PluginSpec {
+            config_json: r#"{"header":"x-a","value":"1"}"#.into(),
+            ..PluginSpec::new("stamp", wasm("header_stamp"))
+        })
+        .unwrap();
+    rows.push((
+        "on-handshake, header-stamp, 12 headers",
+        per_call(20_000, || {
+            assert!(matches!(stamp.on_handshake(&conn, &req), Ok(Verdict::Accept(_))));
         }),
     ));
 
