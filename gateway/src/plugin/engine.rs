@@ -93,7 +93,9 @@ pub struct PluginRuntime {
     metrics: Arc<Registry>,
     opts: RuntimeOptions,
     started: Instant,
-    ticking: Ticking,
+    /// Started with the first plugin: a gateway without plugins has no thread waking up
+    /// every millisecond.
+    ticking: std::sync::OnceLock<Ticking>,
 }
 
 impl PluginRuntime {
@@ -126,7 +128,6 @@ impl PluginRuntime {
 
         let cache = CompileCache::new(&engine, opts.cache_dir.clone())?;
         let kv = Kv::new(opts.kv_max_bytes, Duration::from_secs(1))?;
-        let ticking = Ticking::start(engine.clone())?;
         Ok(Arc::new(PluginRuntime {
             engine,
             linker,
@@ -135,7 +136,7 @@ impl PluginRuntime {
             metrics,
             opts,
             started: Instant::now(),
-            ticking,
+            ticking: std::sync::OnceLock::new(),
         }))
     }
 
@@ -195,7 +196,7 @@ impl PluginRuntime {
             self.kv.clone(),
             self.metrics.clone(),
             self.started,
-            self.ticking.clone(),
+            self.ticking()?,
         );
         Plugin::new(
             spec.clone(),
@@ -206,6 +207,18 @@ impl PluginRuntime {
             &self.metrics,
         )
         .with_context(what)
+    }
+}
+
+impl PluginRuntime {
+    /// The epoch thread, started on first use.
+    fn ticking(&self) -> anyhow::Result<Ticking> {
+        if let Some(t) = self.ticking.get() {
+            return Ok(t.clone());
+        }
+        let started = Ticking::start(self.engine.clone()).context("cannot start the epoch thread")?;
+        // A concurrent first load may have won; its thread is the one kept, this one stops.
+        Ok(self.ticking.get_or_init(|| started).clone())
     }
 }
 
@@ -245,4 +258,19 @@ pub(super) fn deadline_ticks(d: Duration) -> u64 {
 /// wasmtime's error type into anyhow's, keeping the chain of causes.
 pub(super) fn wasm_error(e: wasmtime::Error) -> anyhow::Error {
     anyhow::Error::from_boxed(e.into_boxed_dyn_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_thread_starts_with_the_first_plugin() {
+        let rt = PluginRuntime::new(RuntimeOptions::default(), Arc::new(Registry::new())).unwrap();
+        assert!(rt.ticking.get().is_none(), "no plugin, no thread");
+        let wasm = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../plugins/target/wasm32-wasip2/release/noop_messages.wasm");
+        rt.load(&PluginSpec::new("noop", wasm)).unwrap();
+        assert!(rt.ticking.get().is_some());
+    }
 }
