@@ -369,6 +369,21 @@ fn cache_dir(config: &Config) -> Option<PathBuf> {
     Some(base.join("wasmgate"))
 }
 
+/// Loads every plugin of `config` as `run` would (compile or read the compile cache,
+/// instantiate, `init` with its config) and checks the routing built on them, without
+/// binding anything. Returns how many plugins loaded.
+pub fn check_plugins(config: &Config) -> anyhow::Result<usize> {
+    let options = RuntimeOptions { cache_dir: cache_dir(config), ..RuntimeOptions::default() };
+    let plugins = PluginRegistry::new(PluginRuntime::new(options, Arc::new(Registry::new()))?);
+    let specs = plugin_specs(config);
+    let report = plugins.reconcile(&specs);
+    if !report.is_ok() {
+        anyhow::bail!("plugins failed to load: {}", failures(&report));
+    }
+    Routing::build(config, None, &plugins).map_err(anyhow::Error::msg)?;
+    Ok(specs.len())
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub listen_addr: SocketAddr,

@@ -21,4 +21,4 @@ pub mod routes;
 pub mod upstream;
 
 pub use config::Config;
-pub use gateway::Gateway;
+pub use gateway::{check_plugins, Gateway};

@@ -20,7 +20,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a configuration and exit: 0 when valid, 1 with the reason when not.
+    /// Validate a configuration and load its plugins (compile, instantiate, init), then
+    /// exit: 0 when all is well, 1 with the reason when not.
     Check {
         #[arg(long, short)]
         config: PathBuf,
@@ -37,16 +38,25 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+        Command::Check { config: path } => {
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match wasmgate::check_plugins(&config) {
+                Ok(plugins) => {
+                    println!("{}: ok ({plugins} plugins load)", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e:#}", path.display());
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,

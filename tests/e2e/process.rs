@@ -57,6 +57,39 @@ fn check_names_file_line_and_key() {
     }
 }
 
+#[test]
+fn check_loads_plugins_and_names_the_one_that_fails() {
+    let plugin = |wasm: &std::path::Path| {
+        format!(
+            "\n[[plugin]]\nname = \"tag\"\nwasm = \"{}\"\nconfig = {{ prefix = \"x\" }}\n",
+            wasm.display()
+        )
+    };
+    let good = basic_config("[\"127.0.0.1:9\"]", "") + &plugin(&plugin_wasm("echo-tag"));
+    let path = write_config("plugin-good.toml", &good);
+    let out = Command::new(gateway_binary()).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 plugins load)"));
+
+    // A file that is not Wasm, and a plugin whose init refuses its config: both caught
+    // by `check`, without starting a gateway.
+    let garbage = std::env::temp_dir().join(format!("wasmgate-check-garbage-{}.wasm", std::process::id()));
+    std::fs::write(&garbage, b"not wasm at all").unwrap();
+    let bad_init = good.replace("prefix = \"x\"", "prefx = \"x\"");
+    let bad_wasm = basic_config("[\"127.0.0.1:9\"]", "") + &plugin(&garbage);
+    for (name, text, want) in [
+        ("plugin-garbage.toml", bad_wasm, "not a valid WebAssembly component"),
+        ("plugin-init.toml", bad_init, "init refused the configuration"),
+    ] {
+        let path = write_config(name, &text);
+        let out = Command::new(gateway_binary()).args(["check", "--config"]).arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains("plugin `tag`") && stderr.contains(want), "{name}: {stderr}");
+    }
+    std::fs::remove_file(garbage).ok();
+}
+
 #[tokio::test]
 async fn sigterm_closes_connections_with_1001_and_exits() {
     let backends = echo_backends(1).await;
