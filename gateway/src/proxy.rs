@@ -75,7 +75,7 @@ async fn upgrade(
     let mut request = upstream_request(&upgrade, client_addr, &decision);
     // Plugins that read messages need plain payloads: passthrough becomes terminate.
     let reads_messages = chain.iter().any(|slot| slot.current().hooks().messages);
-    let wanted = decision.compression.clone().unwrap_or_else(|| routing.compression.clone());
+    let wanted = decision.compression.unwrap_or(routing.compression);
     let mode = match wanted.mode {
         CompressionMode::Passthrough if reads_messages => CompressionMode::Terminate,
         mode => mode,
