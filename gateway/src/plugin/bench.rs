@@ -262,18 +262,3 @@ fn plugin_call_costs() {
     }
 }
 
-#[test]
-#[ignore = "profiling aid"]
-fn profile_noop_raw() {
-    let rt = PluginRuntime::new(RuntimeOptions::default(), Arc::new(Registry::new())).unwrap();
-    let conn = ConnContext::new(1, "10.0.0.1:40000", "/");
-    let noop = rt.load(&PluginSpec::new("noop", wasm("noop_messages"))).unwrap();
-    let mut instance = noop.pool.take().unwrap();
-    instance.store.set_epoch_deadline(u64::MAX / 2);
-    let d = per_call(3_000_000, || {
-        let guard = HostState::enter(&mut instance.store, &conn).with_message(b"hello");
-        let r = instance.exports.on_message(guard.store, Direction::ClientToUpstream, Opcode::Text, 5);
-        assert!(matches!(r, Some(Ok(WireAction::Forward))));
-    });
-    println!("raw {d:?}");
-}

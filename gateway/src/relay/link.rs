@@ -404,12 +404,8 @@ impl Link {
             None => MessageAction::FORWARD,
         };
         let event = match action {
-            MessageAction::Send { payload: None, compress } => {
-                self.emit(opcode, &payload, compress);
-                None
-            }
-            MessageAction::Send { payload: Some(new), compress } => {
-                self.emit(opcode, &new, compress);
+            MessageAction::Send { payload: replaced, compress } => {
+                self.emit(opcode, replaced.as_deref().unwrap_or(&payload), compress);
                 None
             }
             MessageAction::Drop => None,

@@ -62,9 +62,6 @@ pub struct Server {
     pub address: ServerAddress,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
-    /// The address and labels as balancer plugins get them, shared rather than copied.
-    plugin_address: Arc<str>,
-    plugin_labels: Arc<[(String, String)]>,
     /// Statistics, health and live connections, shared by every version of this server a
     /// reload makes (a new weight or new labels make a new `Server` with the same state).
     pub state: Arc<ServerState>,
@@ -96,8 +93,6 @@ impl Server {
         state: Arc<ServerState>,
     ) -> Server {
         Server {
-            plugin_address: Arc::from(address.authority.as_str()),
-            plugin_labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             address,
             weight,
             labels,
@@ -302,9 +297,9 @@ impl Pool {
                 servers: servers
                     .iter()
                     .map(|s| crate::plugin::ServerInfo {
-                        address: s.plugin_address.clone(),
+                        address: s.address.authority.as_str().into(),
                         weight: s.weight,
-                        labels: s.plugin_labels.clone(),
+                        labels: s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     })
                     .collect(),
                 max_attempts: section.max_attempts,
