@@ -1,14 +1,135 @@
-//! The client's upgrade request: RFC 6455 §4.2.1 validation, the 101 answer, and the
-//! headers that go on to the upstream.
+//! The client's upgrade request: reading it off the socket, RFC 6455 §4.2.1 validation,
+//! the answer (101 or a refusal), and the headers that go on to the upstream.
+//!
+//! The socket only ever carries this one HTTP request, so it is parsed with `httparse`
+//! directly rather than through a general HTTP/1 server: no keep-alive, bodies or
+//! pipelining to support, and no second task per connection waiting for the upgrade.
 //!
 //! Every refusal is an HTTP response with a status and a body that says what was wrong, so
 //! a client (or the person debugging it) never faces a silently dropped socket.
 
+use std::time::Duration;
+
 use base64::Engine;
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
-use http_body_util::Full;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest request head accepted (request line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers accepted in one request.
+const MAX_HEADERS: usize = 100;
+
+/// The client's request line and headers, and whatever followed them on the socket.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: Method,
+    pub version: Version,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    /// Bytes after the head: frames a client sent without waiting for the 101.
+    pub rest: Vec<u8>,
+}
+
+/// Why no request head came.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The client closed (or reset) before sending a whole head: there is no one to answer.
+    Gone,
+    /// The head is malformed, too large, or too slow: answer with this.
+    Refused(Refusal),
+}
+
+/// Reads one request head within `timeout`.
+pub async fn read_request(stream: &mut TcpStream, timeout: Duration) -> Result<RequestHead, ReadError> {
+    match tokio::time::timeout(timeout, read_head(stream)).await {
+        Ok(result) => result,
+        Err(_) => Err(ReadError::Refused(Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the upgrade request did not arrive within {timeout:?}"),
+        ))),
+    }
+}
+
+async fn read_head(stream: &mut TcpStream) -> Result<RequestHead, ReadError> {
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Gone),
+            Ok(_) => {}
+        }
+        if let Some(head) = parse_head(&mut buf).map_err(ReadError::Refused)? {
+            return Ok(head);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(ReadError::Refused(Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("the request head is larger than {MAX_HEAD} bytes"),
+            )));
+        }
+        buf.reserve(buf.len()); // grow geometrically; read_buf fills the spare capacity
+    }
+}
+
+/// Parses a complete head from the start of `buf`; `None` while it is incomplete.
+fn parse_head(buf: &mut Vec<u8>) -> Result<Option<RequestHead>, Refusal> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut slots);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("more than {MAX_HEADERS} headers"),
+            ))
+        }
+        Err(e) => return Err(Refusal::new(StatusCode::BAD_REQUEST, format!("malformed HTTP request: {e}"))),
+    };
+    let bad = |what: &str| Refusal::new(StatusCode::BAD_REQUEST, format!("malformed HTTP request: {what}"));
+    let method = Method::from_bytes(request.method.unwrap_or("").as_bytes()).map_err(|_| bad("method"))?;
+    let uri: Uri = request.path.unwrap_or("").parse().map_err(|_| bad("request target"))?;
+    let version = if request.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    for h in request.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("header name"))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
+        headers.append(name, value);
+    }
+    // A GET upgrade has no body; one announced here would be read as WebSocket frames.
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes().trim_ascii() != b"0");
+    if has_body && method == Method::GET {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "a WebSocket upgrade request has no body"));
+    }
+    let rest = buf[head_len..].to_vec();
+    Ok(Some(RequestHead { method, version, uri, headers, rest }))
+}
+
+/// How long a refused client may keep sending before the socket closes anyway.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Sends a refusal and closes the socket. Like nginx's lingering close, it half-closes and
+/// reads what the client still sends (a body, early frames) for a moment: closing a socket
+/// with unread data resets it, and the reset can destroy the answer before the client
+/// reads it.
+pub async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+    if stream.write_all(&refusal.encode()).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < MAX_HEAD {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
 
 /// The RFC 6455 accept value for a client key.
 pub fn accept_key(key: &str) -> String {
@@ -48,21 +169,24 @@ impl Refusal {
         self
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
-        let mut body = self.reason;
-        body.push('\n');
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = self.status;
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        for (name, value) in self.headers {
-            if let (Ok(name), Ok(value)) =
-                (header::HeaderName::try_from(name), HeaderValue::try_from(value))
-            {
-                headers.append(name, value);
+    /// The response on the wire: status, the extra headers, and the reason as a text body.
+    /// The connection closes after it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.reason.len());
+        status_line(&mut out, self.status);
+        out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n");
+        out.extend_from_slice(format!("content-length: {}\r\n", self.reason.len() + 1).as_bytes());
+        for (name, value) in &self.headers {
+            // Plugin-supplied headers: only well-formed ones, and never framing ones.
+            let framing = ["content-length", "transfer-encoding", "connection"].iter().any(|f| f.eq_ignore_ascii_case(name));
+            if !framing && HeaderName::try_from(name.as_str()).is_ok() && HeaderValue::try_from(value.as_str()).is_ok() {
+                push_header(&mut out, name, value);
             }
         }
-        response
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(self.reason.as_bytes());
+        out.push(b'\n');
+        out
     }
 }
 
@@ -75,8 +199,23 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Checks an upgrade request against RFC 6455 §4.2.1.
-pub fn validate(method: &Method, version: Version, uri: &http::Uri, headers: &HeaderMap) -> Result<ClientUpgrade, Refusal> {
+pub fn validate(method: &Method, version: Version, uri: &Uri, headers: HeaderMap) -> Result<ClientUpgrade, Refusal> {
     if !headers.contains_key(header::UPGRADE) {
         return Err(Refusal::new(
             StatusCode::UPGRADE_REQUIRED,
@@ -92,10 +231,10 @@ pub fn validate(method: &Method, version: Version, uri: &http::Uri, headers: &He
     if version < Version::HTTP_11 {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
     }
-    if !has_token(headers, header::UPGRADE, "websocket") {
+    if !has_token(&headers, header::UPGRADE, "websocket") {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "Upgrade header must name websocket"));
     }
-    if !has_token(headers, header::CONNECTION, "upgrade") {
+    if !has_token(&headers, header::CONNECTION, "upgrade") {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "Connection header must include upgrade"));
     }
     let version_ok = headers
@@ -136,7 +275,7 @@ pub fn validate(method: &Method, version: Version, uri: &http::Uri, headers: &He
         query: uri.query().unwrap_or("").to_string(),
         host,
         subprotocols,
-        headers: headers.clone(),
+        headers,
     })
 }
 
@@ -196,24 +335,23 @@ pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr) ->
     out
 }
 
-/// The 101 answer to the client.
-pub fn switching_protocols(key: &str, subprotocol: Option<&str>, extensions: Option<&str>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::try_from(accept_key(key)).expect("base64 is a valid header value"),
-    );
-    if let Some(p) = subprotocol.and_then(|p| HeaderValue::try_from(p).ok()) {
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+/// The 101 answer to the client, on the wire.
+pub fn switching_protocols(key: &str, subprotocol: Option<&str>, extensions: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    status_line(&mut out, StatusCode::SWITCHING_PROTOCOLS);
+    out.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
+    push_header(&mut out, "sec-websocket-accept", &accept_key(key));
+    // Both values come from checked header values (the upstream's answer or a plugin's
+    // choice that must match the client's offer); a stray CR/LF is still never written.
+    let clean = |v: &&str| HeaderValue::try_from(*v).is_ok();
+    if let Some(p) = subprotocol.filter(clean) {
+        push_header(&mut out, "sec-websocket-protocol", p);
     }
-    if let Some(e) = extensions.and_then(|e| HeaderValue::try_from(e).ok()) {
-        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, e);
+    if let Some(e) = extensions.filter(clean) {
+        push_header(&mut out, "sec-websocket-extensions", e);
     }
-    response
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 #[cfg(test)]
@@ -239,7 +377,7 @@ mod tests {
                 headers.insert(header::HeaderName::from_static(k), HeaderValue::from_static(v));
             }
         }
-        validate(&Method::GET, Version::HTTP_11, &"/chat?x=1".parse().unwrap(), &headers)
+        validate(&Method::GET, Version::HTTP_11, &"/chat?x=1".parse().unwrap(), headers)
     }
 
     #[test]
@@ -252,5 +390,52 @@ mod tests {
         assert_eq!(request(&[("sec-websocket-key", "c2hvcnQ=")], &[]).unwrap_err().status, 400);
         assert_eq!(request(&[("sec-websocket-version", "8")], &[]).unwrap_err().status, 426);
         assert_eq!(request(&[], &["connection"]).unwrap_err().status, 400);
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Option<RequestHead>, Refusal> {
+        parse_head(&mut bytes.to_vec())
+    }
+
+    #[test]
+    fn parses_heads_and_keeps_what_follows() {
+        let head = b"GET /chat?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nX-A: 1\r\nx-a: 2\r\n\r\n";
+        assert!(parse(&head[..head.len() - 2]).unwrap().is_none(), "an unfinished head waits for more");
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(b"\x81\x80early");
+        let parsed = parse(&bytes).unwrap().unwrap();
+        assert_eq!((parsed.method, parsed.version), (Method::GET, Version::HTTP_11));
+        assert_eq!(parsed.uri.path(), "/chat");
+        assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(parsed.rest, b"\x81\x80early");
+    }
+
+    #[test]
+    fn bad_heads_are_refused_with_a_status() {
+        assert_eq!(parse(b"HELLO THERE\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n").unwrap_err().status, 400);
+        let body = b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(parse(body).unwrap_err().status, 400);
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&many).unwrap_err().status, 431);
+    }
+
+    #[test]
+    fn answers_are_well_formed() {
+        let ok = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", Some("chat"), Some("bad\r\nx: y"))).unwrap();
+        assert!(ok.starts_with("HTTP/1.1 101 Switching Protocols\r\n"), "{ok}");
+        assert!(ok.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{ok}");
+        assert!(ok.contains("sec-websocket-protocol: chat\r\n") && !ok.contains("x: y"), "{ok}");
+        assert!(ok.ends_with("\r\n\r\n"));
+        let refusal = Refusal::new(StatusCode::UNAUTHORIZED, "no token")
+            .with_header("www-authenticate", "Bearer")
+            .with_header("content-length", "99");
+        let text = String::from_utf8(refusal.encode()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+        assert!(text.contains("www-authenticate: Bearer\r\n") && text.contains("content-length: 9\r\n"), "{text}");
+        assert!(!text.contains("99") && text.ends_with("\r\n\r\nno token\n"), "{text}");
     }
 }

@@ -6,20 +6,16 @@
 //! The upstream is opened *before* the client gets its 101, so a dead upstream shows up as a
 //! 502 the client can see, not as an accepted socket that dies at once.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::gateway::Shared;
-use crate::handshake::{self, ClientUpgrade, Refusal};
+use crate::handshake::{self, ClientUpgrade, ReadError, Refusal, RequestHead};
 use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
 use crate::plugin::{
@@ -29,29 +25,36 @@ use crate::plugin::{
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
 use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamRequest, UpstreamSocket};
 
-pub async fn handle(
-    mut req: Request<Incoming>,
-    client_addr: SocketAddr,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match upgrade(&mut req, client_addr, &shared).await {
-        Ok(response) => response,
-        Err(refusal) => {
-            shared.metrics.handshakes_refused.inc();
-            refusal.into_response()
-        }
+/// Serves one client socket: reads its upgrade request and answers it; after a 101 the relay
+/// task takes both sockets.
+pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<Shared>) {
+    let timeout = shared.routing.load().handshake_timeout;
+    let refusal = match handshake::read_request(&mut stream, timeout).await {
+        Ok(head) => match upgrade(head, client_addr, &shared).await {
+            Ok((response, prepared)) => {
+                if stream.write_all(&response).await.is_ok() {
+                    // The task is the relay_connection future itself, not an async block
+                    // around it: a wrapper would hold every value twice for the
+                    // connection's whole life.
+                    shared.tasks.spawn(relay_connection(stream, prepared, shared.clone()));
+                }
+                return;
+            }
+            Err(refusal) => refusal,
+        },
+        Err(ReadError::Gone) => return,
+        Err(ReadError::Refused(refusal)) => refusal,
     };
-    Ok(response)
+    shared.metrics.handshakes_refused.inc();
+    tracing::debug!(%client_addr, status = refusal.status.as_u16(), reason = %refusal.reason, "handshake refused");
+    handshake::refuse(stream, refusal).await;
 }
 
-/// Everything up to the 101; on success the relay task is already waiting for the upgrade.
-async fn upgrade(
-    req: &mut Request<Incoming>,
-    client_addr: SocketAddr,
-    shared: &Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Refusal> {
+/// Everything up to the 101: its bytes, and what the relay needs.
+async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared>) -> Result<(Vec<u8>, Prepared), Refusal> {
     let routing = shared.routing.load_full();
-    let upgrade = handshake::validate(req.method(), req.version(), req.uri(), req.headers())?;
+    let RequestHead { method, version, uri, headers, rest: client_already_read } = head;
+    let upgrade = handshake::validate(&method, version, &uri, headers)?;
     let route = routing
         .routes
         .find(&upgrade.host, &upgrade.path)
@@ -114,16 +117,10 @@ async fn upgrade(
     }
     let response =
         handshake::switching_protocols(&upgrade.key, subprotocol.as_deref(), compression.header.as_deref());
-    let on_upgrade = hyper::upgrade::on(req);
     let settings = routing.relay.clone();
-    drop(routing);
     // The message hook follows the decision the compression mode was based on.
     let chain = Chain { slots: chain, conn, reads_messages };
-    let upgraded = Upgraded { on_upgrade, client_addr, upstream: socket, active, chain, compression };
-    // The task is the relay_connection future itself, not an async block around it: a
-    // wrapper would hold every value twice for the connection's whole life.
-    shared.tasks.spawn(relay_connection(upgraded, settings, shared.clone()));
-    Ok(response)
+    Ok((response, Prepared { client_already_read, upstream: socket, active, chain, compression, settings }))
 }
 
 /// Calls each handshake plugin of the chain in order. A reject ends the chain; accepts
@@ -368,27 +365,19 @@ fn negotiate_compression(
 }
 
 /// What the relay needs once the client's 101 is out.
-struct Upgraded {
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    client_addr: SocketAddr,
+struct Prepared {
+    /// Frames the client sent right behind its request.
+    client_already_read: Vec<u8>,
     upstream: UpstreamSocket,
+    settings: relay::RelaySettings,
     active: ActiveConnection,
     chain: Chain,
     compression: NegotiatedCompression,
 }
 
-async fn relay_connection(upgraded: Upgraded, settings: relay::RelaySettings, shared: Arc<Shared>) {
-    let Upgraded { on_upgrade, client_addr, upstream, active, chain, compression } = upgraded;
-    let client = match on_upgrade.await {
-        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => Endpoint { stream: parts.io.into_inner(), already_read: parts.read_buf.to_vec() },
-            Err(_) => unreachable!("the listener serves TokioIo<TcpStream>"),
-        },
-        Err(e) => {
-            tracing::debug!(%client_addr, error = %e, "client upgrade failed");
-            return;
-        }
-    };
+async fn relay_connection(client: TcpStream, prepared: Prepared, shared: Arc<Shared>) {
+    let Prepared { client_already_read, upstream, settings, active, chain, compression } = prepared;
+    let client = Endpoint { stream: client, already_read: client_already_read };
     let started = Instant::now();
     let metrics = &shared.metrics;
     metrics.connections_active.inc();
