@@ -17,6 +17,7 @@ pub mod close;
 pub mod frame;
 pub mod link;
 mod pool;
+mod stop;
 pub mod utf8;
 
 use std::future::{poll_fn, Future};
@@ -27,12 +28,13 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::compression::{Deflater, Inflater};
 use close::code;
 use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
+pub use stop::Stop;
+use stop::StopWatch;
 
 /// How much one read takes at most.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
@@ -100,7 +102,12 @@ struct Relay<'a> {
     close_deadline: Option<Instant>,
     last_data: Instant,
     timer: Pin<Box<Sleep>>,
-    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The timer's deadline, kept here (hot) so a wake need not poll the timer (cold) to
+    /// learn it has not fired.
+    timer_deadline: Instant,
+    /// The timer was reset and must be polled to register the task's waker again.
+    timer_needs_poll: bool,
+    stop: StopWatch,
 }
 
 enum Wake {
@@ -108,13 +115,6 @@ enum Wake {
     Write(Side),
     Timer,
     Shutdown,
-}
-
-/// Tells a relay to close both sides before they do: when `token` is cancelled (shutdown,
-/// a drain), both get a close frame with the code and reason `frame` gives.
-pub struct Stop {
-    pub token: CancellationToken,
-    pub frame: Box<dyn Fn() -> (u16, &'static str) + Send + Sync>,
 }
 
 /// permessage-deflate terminated at the gateway on the client link.
@@ -157,7 +157,9 @@ pub async fn run(
         close_deadline: None,
         last_data: now,
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
-        shutdown: Some(Box::pin(stop.token.clone().cancelled_owned())),
+        timer_deadline: now,
+        timer_needs_poll: true,
+        stop: StopWatch::new(stop.token.clone()),
     };
     relay.reset_timer();
     // Bytes that came with the handshakes are processed before any read.
@@ -255,14 +257,16 @@ impl<'a> Relay<'a> {
                 return Poll::Ready(Wake::Read(side));
             }
         }
-        if self.timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Wake::Timer);
-        }
-        if let Some(shutdown) = &mut self.shutdown {
-            if shutdown.as_mut().poll(cx).is_ready() {
-                self.shutdown = None;
-                return Poll::Ready(Wake::Shutdown);
+        // A polled timer keeps the task's waker until it fires, so it needs a poll only
+        // after a reset or once its deadline passed.
+        if self.timer_needs_poll || Instant::now() >= self.timer_deadline {
+            self.timer_needs_poll = false;
+            if self.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
             }
+        }
+        if self.stop.poll(cx).is_ready() {
+            return Poll::Ready(Wake::Shutdown);
         }
         Poll::Pending
     }
@@ -496,6 +500,8 @@ impl<'a> Relay<'a> {
     fn reset_timer(&mut self) {
         let next = self.next_deadline();
         self.timer.as_mut().reset(next);
+        self.timer_deadline = next;
+        self.timer_needs_poll = true;
     }
 
     fn on_timer(&mut self) {
