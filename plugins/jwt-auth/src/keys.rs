@@ -46,7 +46,9 @@ impl Alg {
 }
 
 enum Material {
-    Hmac(Vec<u8>),
+    /// Keyed once: the inner and outer pads are hashed when the key loads, so a check
+    /// clones the state instead of hashing two blocks of key again (RFC 2104).
+    Hmac(Hmac<Sha256>),
     Rsa(RsaPublicKey),
     Ec(p256::ecdsa::VerifyingKey),
 }
@@ -77,9 +79,10 @@ impl Key {
                 secret.len()
             ));
         }
+        let mac = <Hmac<Sha256>>::new_from_slice(&secret).expect("HMAC takes any key length");
         Ok(Key {
             kid,
-            material: Material::Hmac(secret),
+            material: Material::Hmac(mac),
         })
     }
 
@@ -127,7 +130,7 @@ impl Key {
             return Ok(None);
         }
         let material = match text("kty") {
-            Some("oct") => Material::Hmac(field("k")?),
+            Some("oct") => return Key::secret_bytes(kid, field("k")?).map(Some),
             Some("RSA") => {
                 let n = BigUint::from_bytes_be(&field("n")?);
                 let e = BigUint::from_bytes_be(&field("e")?);
@@ -149,9 +152,6 @@ impl Key {
                 Material::Ec(key)
             }
         };
-        if let Material::Hmac(secret) = material {
-            return Key::secret_bytes(kid, secret).map(Some);
-        }
         Key::checked(kid, material).map(Some)
     }
 
@@ -179,9 +179,8 @@ impl Key {
     /// Whether `signature` signs `input` under this key.
     pub fn verify(&self, input: &[u8], signature: &[u8]) -> bool {
         match &self.material {
-            Material::Hmac(secret) => {
-                let mut mac =
-                    <Hmac<Sha256>>::new_from_slice(secret).expect("HMAC takes any key length");
+            Material::Hmac(keyed) => {
+                let mut mac = keyed.clone();
                 mac.update(input);
                 mac.verify_slice(signature).is_ok()
             }
