@@ -114,7 +114,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// reads what the client still sends (a body, early frames) for a moment: closing a socket
 /// with unread data resets it, and the reset can destroy the answer before the client
 /// reads it.
-pub async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+pub async fn refuse(stream: &mut TcpStream, refusal: Refusal) {
     if stream.write_all(&refusal.encode()).await.is_err() || stream.shutdown().await.is_err() {
         return;
     }

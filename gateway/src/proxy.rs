@@ -25,29 +25,32 @@ use crate::plugin::{
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
 use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamRequest, UpstreamSocket};
 
-/// Serves one client socket: reads its upgrade request and answers it; after a 101 the relay
-/// task takes both sockets.
+/// Serves one client socket: answers its upgrade request, then relays, in this one task.
 pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<Shared>) {
+    // The handshake's state (5 KiB: the upstream connect, plugin decisions) is boxed and
+    // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
+    // future kept a second copy of it): a connection's task is 1,648 bytes for its life.
+    if let Some(prepared) = Box::pin(answer(&mut stream, client_addr, &shared)).await {
+        relay_connection(stream, prepared, shared).await;
+    }
+}
+
+/// Reads the upgrade request and answers it: with a 101, returning what the relay needs, or
+/// with a refusal, after which the socket is done.
+async fn answer(stream: &mut TcpStream, client_addr: SocketAddr, shared: &Arc<Shared>) -> Option<Box<Prepared>> {
     let timeout = shared.routing.load().handshake_timeout;
-    let refusal = match handshake::read_request(&mut stream, timeout).await {
-        Ok(head) => match upgrade(head, client_addr, &shared).await {
-            Ok((response, prepared)) => {
-                if stream.write_all(&response).await.is_ok() {
-                    // The task is the relay_connection future itself, not an async block
-                    // around it: a wrapper would hold every value twice for the
-                    // connection's whole life.
-                    shared.tasks.spawn(relay_connection(stream, prepared, shared.clone()));
-                }
-                return;
-            }
+    let refusal = match handshake::read_request(stream, timeout).await {
+        Ok(head) => match upgrade(head, client_addr, shared).await {
+            Ok((response, prepared)) => return stream.write_all(&response).await.is_ok().then(|| Box::new(prepared)),
             Err(refusal) => refusal,
         },
-        Err(ReadError::Gone) => return,
+        Err(ReadError::Gone) => return None,
         Err(ReadError::Refused(refusal)) => refusal,
     };
     shared.metrics.handshakes_refused.inc();
     tracing::debug!(%client_addr, status = refusal.status.as_u16(), reason = %refusal.reason, "handshake refused");
     handshake::refuse(stream, refusal).await;
+    None
 }
 
 /// Everything up to the 101: its bytes, and what the relay needs.
@@ -375,8 +378,8 @@ struct Prepared {
     compression: NegotiatedCompression,
 }
 
-async fn relay_connection(client: TcpStream, prepared: Prepared, shared: Arc<Shared>) {
-    let Prepared { client_already_read, upstream, settings, active, chain, compression } = prepared;
+async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Arc<Shared>) {
+    let Prepared { client_already_read, upstream, settings, active, chain, compression } = *prepared;
     let client = Endpoint { stream: client, already_read: client_already_read };
     let started = Instant::now();
     let metrics = &shared.metrics;
