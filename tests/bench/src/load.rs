@@ -147,6 +147,40 @@ pub struct Outcome {
     pub trouble: Option<String>,
 }
 
+/// Each metric's median over the rounds that succeeded; troubles and failed rounds are
+/// kept as the cell's trouble. All rounds failing is the first round's error.
+pub fn median(rounds: Vec<anyhow::Result<Outcome>>) -> anyhow::Result<Outcome> {
+    let total = rounds.len();
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for round in rounds {
+        match round {
+            Ok(outcome) => ok.push(outcome),
+            Err(e) => errors.push(e),
+        }
+    }
+    if ok.is_empty() {
+        return Err(errors.into_iter().next().unwrap_or_else(|| anyhow::anyhow!("no rounds")));
+    }
+    if total == 1 {
+        return Ok(ok.pop().expect("one outcome"));
+    }
+    let values = (0..ok[0].values.len())
+        .map(|i| {
+            let mut column: Vec<f64> = ok.iter().map(|o| o.values[i]).collect();
+            column.sort_by(f64::total_cmp);
+            let mid = column.len() / 2;
+            if column.len() % 2 == 1 { column[mid] } else { (column[mid - 1] + column[mid]) / 2.0 }
+        })
+        .collect();
+    let mut troubles: Vec<String> = ok.iter().filter_map(|o| o.trouble.clone()).collect();
+    if !errors.is_empty() {
+        troubles.push(format!("{} of {total} rounds failed ({:#})", errors.len(), errors[0]));
+    }
+    let trouble = (!troubles.is_empty()).then(|| troubles.join("; "));
+    Ok(Outcome { values, trouble })
+}
+
 fn size_name(size: usize) -> String {
     if size >= 1024 {
         format!("{}k", size >> 10)
@@ -390,4 +424,30 @@ async fn idle_rss(entry: &[SocketAddr], authorization: &HeaderValue, probe: &dyn
         values.push((probe.rss_kib()? as f64 - before as f64) / target as f64);
     }
     Ok(Outcome { values, trouble: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(values: &[f64], trouble: Option<&str>) -> anyhow::Result<Outcome> {
+        Ok(Outcome { values: values.to_vec(), trouble: trouble.map(str::to_string) })
+    }
+
+    #[test]
+    fn median_is_per_metric_and_keeps_troubles() {
+        let m = median(vec![ok(&[3.0, 10.0], None), ok(&[1.0, 30.0], Some("x")), ok(&[2.0, 20.0], None)]).unwrap();
+        assert_eq!(m.values, [2.0, 20.0]);
+        assert_eq!(m.trouble.as_deref(), Some("x"));
+        let even = median(vec![ok(&[1.0], None), ok(&[4.0], None)]).unwrap();
+        assert_eq!(even.values, [2.5]);
+    }
+
+    #[test]
+    fn failed_rounds_are_reported_not_averaged() {
+        let m = median(vec![ok(&[5.0], None), Err(anyhow!("refused"))]).unwrap();
+        assert_eq!(m.values, [5.0]);
+        assert!(m.trouble.unwrap().contains("1 of 2 rounds failed (refused)"));
+        assert!(median(vec![Err(anyhow!("a")), Err(anyhow!("b"))]).is_err());
+    }
 }

@@ -68,6 +68,11 @@ struct Args {
     /// echo-16k-50, echo-16k-1000, connect, rss. Default: all.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
+    /// Measure every cell this many times and report each metric's median. Rounds run one
+    /// after another over all cells, so a busy spell on the machine hits one round of every
+    /// cell rather than every round of one.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// Also write the table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -106,6 +111,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !(0.1..=60.0).contains(&seconds) {
         bail!("--duration must be between 0.1 and 60 seconds");
     }
+    if !(1..=9).contains(&args.rounds) {
+        bail!("--rounds must be between 1 and 9");
+    }
     let timing = Timing { warmup: Duration::from_millis(500), duration: Duration::from_secs_f64(seconds) };
 
     proxies::ensure_installed(&targets)?;
@@ -113,7 +121,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let bins = Binaries::locate(&targets)?;
     let authorization = jwt::bearer();
     let dir = procs::TempDir::new()?;
-    let header = header(&bins, &targets, timing, nofile);
+    let header = header(&bins, &targets, timing, args.rounds, nofile);
     let load_at_start = machine::load_1min();
 
     check_plugins_load(&targets, &bins, &dir.0)?;
@@ -121,16 +129,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut results = Results::new(&targets);
     // Scenario-major order spreads drifting background load (a shared 2-core machine) over
     // all targets instead of penalising whichever ran during a busy spell.
-    for scenario in &scenarios {
-        for &target in &targets {
-            eprint!("{target:>13} {:<14} ", scenario.name());
-            let outcome = measure(*scenario, target, &bins, &dir.0, &authorization, timing).await;
+    let cells: Vec<(Scenario, Target)> =
+        scenarios.iter().flat_map(|s| targets.iter().map(move |t| (*s, *t))).collect();
+    let mut outcomes: Vec<Vec<anyhow::Result<load::Outcome>>> = cells.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds {
+        for (&(scenario, target), rounds) in cells.iter().zip(&mut outcomes) {
+            eprint!("{round} {target:>13} {:<14} ", scenario.name());
+            let outcome = measure(scenario, target, &bins, &dir.0, &authorization, timing).await;
             match &outcome {
                 Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
                 Err(e) => eprintln!("error: {e:#}"),
             }
-            results.record(&scenario.name(), scenario.metrics(), target, &outcome);
+            rounds.push(outcome);
         }
+    }
+    for ((scenario, target), rounds) in cells.into_iter().zip(outcomes) {
+        results.record(&scenario.name(), scenario.metrics(), target, &load::median(rounds));
     }
     if targets.contains(&Target::Direct) && scenarios.contains(&Scenario::IdleRss) {
         results.note("direct RSS is that of the two echo backends together; proxied RSS is the proxy's alone.".into());
@@ -220,7 +234,7 @@ fn select_scenarios(names: &[String]) -> anyhow::Result<Vec<Scenario>> {
     Ok(Scenario::ALL.into_iter().filter(|s| chosen.contains(s)).collect())
 }
 
-fn header(bins: &Binaries, targets: &[Target], timing: Timing, nofile: u64) -> String {
+fn header(bins: &Binaries, targets: &[Target], timing: Timing, rounds: u32, nofile: u64) -> String {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut paths = Vec::new();
     let versions = bins.versions(targets);
@@ -248,11 +262,15 @@ fn header(bins: &Binaries, targets: &[Target], timing: Timing, nofile: u64) -> S
     format!(
         "## wasmgate benchmark\n\n{}\n\n{}\n\n\
          Timed scenarios: {:.1} s warm-up, then {:.1} s measured; fresh backends and proxy for \
-         every cell. Load generator: tokio-tungstenite, {workers} runtime threads, on the same \
+         every cell{}. Load generator: tokio-tungstenite, {workers} runtime threads, on the same \
          cores as the proxy and backends; open-file limit {nofile}.\n",
         machine::describe(),
         paths.join(" "),
         timing.warmup.as_secs_f64(),
         timing.duration.as_secs_f64(),
+        match rounds {
+            1 => String::new(),
+            n => format!("; every value is the median of {n} rounds, run one after another over all cells"),
+        },
     )
 }
