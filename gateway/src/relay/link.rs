@@ -201,6 +201,7 @@ impl Link {
     /// Moves queued gateway frames into `out` if the stream is at a frame boundary.
     pub fn flush_pending(&mut self) {
         if !self.pending.is_empty() && !self.mid_frame() {
+            self.ensure_out();
             self.out.extend_from_slice(&self.pending);
             self.pending.clear();
         }
@@ -288,6 +289,7 @@ impl Link {
                 return (pos, Some(event));
             }
             if self.delivering && !self.reads_messages {
+                self.ensure_out();
                 self.out.extend_from_slice(&input[pos..pos + header.header_len]);
             }
             pos += header.header_len;
@@ -362,6 +364,7 @@ impl Link {
             }
         }
         if self.delivering && !self.reads_messages {
+            self.ensure_out();
             self.out.extend_from_slice(chunk);
         }
         self.payload_offset += chunk.len();
@@ -430,6 +433,7 @@ impl Link {
     /// An uncompressed message (RSV1 clear) leaves the deflate context as it was.
     fn emit(&mut self, opcode: OpCode, payload: &[u8], compress: bool) {
         let mask = self.dest_mask();
+        self.ensure_out();
         match &mut self.deflater {
             Some(deflater) if compress && payload.len() >= self.compress_min => {
                 let mut compressed = Vec::with_capacity(payload.len() / 2 + 16);
@@ -488,6 +492,7 @@ impl Link {
         if let Some(key) = h.mask {
             apply_mask(payload, key, 0);
         }
+        self.ensure_out();
         self.out.extend_from_slice(head);
         self.out.extend_from_slice(payload);
     }
@@ -524,10 +529,19 @@ impl Link {
         }
     }
 
+    /// Output goes into a buffer from the per-thread pool, taken when there is something to
+    /// write and given back once it is written: no allocation per message, and none held
+    /// while idle.
+    fn ensure_out(&mut self) {
+        if self.out.capacity() == 0 {
+            self.out = super::pool::take();
+        }
+    }
+
     /// Releases buffers an idle connection does not need.
     pub fn shrink_when_idle(&mut self) {
         if self.out.is_empty() && self.out.capacity() > 0 {
-            self.out = Vec::new();
+            super::pool::give(std::mem::take(&mut self.out));
         }
         if self.message.is_empty() && self.message.capacity() > 0 && !self.in_message {
             self.message = Vec::new();
