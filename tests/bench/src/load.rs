@@ -153,9 +153,15 @@ pub fn median(rounds: Vec<anyhow::Result<Outcome>>) -> anyhow::Result<Outcome> {
     let total = rounds.len();
     let mut ok = Vec::new();
     let mut errors = Vec::new();
-    for round in rounds {
+    let mut troubles = Vec::new();
+    for (n, round) in rounds.into_iter().enumerate() {
         match round {
-            Ok(outcome) => ok.push(outcome),
+            Ok(outcome) => {
+                if let Some(trouble) = &outcome.trouble {
+                    troubles.push(format!("round {}: {trouble}", n + 1));
+                }
+                ok.push(outcome)
+            }
             Err(e) => errors.push(e),
         }
     }
@@ -173,7 +179,6 @@ pub fn median(rounds: Vec<anyhow::Result<Outcome>>) -> anyhow::Result<Outcome> {
             if column.len() % 2 == 1 { column[mid] } else { (column[mid - 1] + column[mid]) / 2.0 }
         })
         .collect();
-    let mut troubles: Vec<String> = ok.iter().filter_map(|o| o.trouble.clone()).collect();
     if !errors.is_empty() {
         troubles.push(format!("{} of {total} rounds failed ({:#})", errors.len(), errors[0]));
     }
@@ -438,7 +443,7 @@ mod tests {
     fn median_is_per_metric_and_keeps_troubles() {
         let m = median(vec![ok(&[3.0, 10.0], None), ok(&[1.0, 30.0], Some("x")), ok(&[2.0, 20.0], None)]).unwrap();
         assert_eq!(m.values, [2.0, 20.0]);
-        assert_eq!(m.trouble.as_deref(), Some("x"));
+        assert_eq!(m.trouble.as_deref(), Some("round 2: x"));
         let even = median(vec![ok(&[1.0], None), ok(&[4.0], None)]).unwrap();
         assert_eq!(even.values, [2.5]);
     }
