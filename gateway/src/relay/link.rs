@@ -357,6 +357,9 @@ impl Link {
                 return Some(self.fail(code::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
             }
             if self.reads_messages {
+                if self.message.capacity() == 0 {
+                    self.message = super::pool::take();
+                }
                 self.message.extend_from_slice(chunk);
             } else if let Some(key) = self.mask {
                 // Restore the sender's masking: the bytes go on exactly as they came.
@@ -531,7 +534,7 @@ impl Link {
 
     /// Output goes into a buffer from the per-thread pool, taken when there is something to
     /// write and given back once it is written: no allocation per message, and none held
-    /// while idle.
+    /// while idle. Messages assembled for plugins use the pool the same way.
     fn ensure_out(&mut self) {
         if self.out.capacity() == 0 {
             self.out = super::pool::take();
@@ -544,7 +547,7 @@ impl Link {
             super::pool::give(std::mem::take(&mut self.out));
         }
         if self.message.is_empty() && self.message.capacity() > 0 && !self.in_message {
-            self.message = Vec::new();
+            super::pool::give(std::mem::take(&mut self.message));
         }
     }
 }
