@@ -124,9 +124,27 @@ async fn slow_handshake_is_cut_off() {
     let mut stream = tokio::net::TcpStream::connect(gw.listen_addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-    // Never finish the headers: the gateway must close the socket on its own.
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    // Never finish the headers: the gateway must answer 408 and close the socket on its own.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "connection with unfinished headers was not closed");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_heads_and_bodies_are_refused_with_a_status() {
+    let backends = echo_backends(1).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "")).await;
+    let huge = format!("X-Big: {}\r\n", "a".repeat(70_000));
+    let (status, text) = raw_http(gw.listen_addr, &upgrade_request("GET", &format!("Sec-WebSocket-Version: 13\r\n{KEY}{huge}"))).await;
+    assert_eq!(status, 431, "{text}");
+    let body = format!("Sec-WebSocket-Version: 13\r\n{KEY}Content-Length: 5\r\n");
+    let mut request = upgrade_request("GET", &body);
+    request.push_str("hello");
+    let (status, text) = raw_http(gw.listen_addr, &request).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("no body"), "{text}");
     gw.shutdown().await;
 }
