@@ -1,5 +1,5 @@
-//! The accept loop: every client socket gets a task that reads its upgrade request
-//! (`proxy::serve`); after the 101 the socket is handed to the relay.
+//! The accept loop: every client socket gets one task (`proxy::serve`) that answers its
+//! upgrade request and then relays until the connection closes.
 
 use std::sync::Arc;
 use std::time::Duration;
