@@ -33,8 +33,8 @@ enum Command {
 /// the rest overflow to the global queue, which a busy worker visits once per 61 tasks while
 /// new turns keep refilling its local queue. With a thousand busy connections that starved
 /// some of them: p99 was 1.3-2x nginx's at the same median. Taking 32 at a time leaves the
-/// rest on epoll's ready list, which hands them out in order, and brought p99 to 0.7-0.9x
-/// nginx's (BENCHMARKS.md).
+/// rest on epoll's ready list, which hands them out in order: p99 0.7-0.9x nginx's in A/B
+/// runs (BENCHMARKS.md has the spread over full runs).
 const IO_EVENTS_PER_TICK: usize = 32;
 
 fn main() -> ExitCode {
