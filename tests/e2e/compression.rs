@@ -122,44 +122,6 @@ async fn decompression_bomb_is_refused_with_1009_and_memory_stays_flat() {
     child.wait().unwrap();
 }
 
-/// A masked client text frame, uncompressed (RSV1 clear), shorter than 64 KiB.
-fn client_text(text: &str) -> Vec<u8> {
-    let mut frame = vec![0x81];
-    // RFC 6455 §5.2: the length in the fewest bytes that hold it.
-    match text.len() {
-        n @ 0..=125 => frame.push(0x80 | n as u8),
-        n => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&[0, 0, 0, 0]); // mask key 0: the payload goes as is
-    frame.extend_from_slice(text.as_bytes());
-    frame
-}
-
-/// Reads one unmasked server frame: (RSV1 set, opcode, payload).
-async fn server_frame(stream: &mut tokio::net::TcpStream) -> (bool, u8, Vec<u8>) {
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).await.unwrap();
-    let len = match head[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            stream.read_exact(&mut b).await.unwrap();
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            stream.read_exact(&mut b).await.unwrap();
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await.unwrap();
-    (head[0] & 0x40 != 0, head[0] & 0x0F, payload)
-}
-
 /// Inflates one permessage-deflate message (RFC 7692 §7.2.2: append 00 00 ff ff).
 fn inflate(payload: &[u8]) -> Vec<u8> {
     use std::io::Read;

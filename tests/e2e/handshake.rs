@@ -148,3 +148,25 @@ async fn oversized_heads_and_bodies_are_refused_with_a_status() {
     assert!(text.contains("no body"), "{text}");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_frame_sent_right_behind_the_request_is_relayed() {
+    // Some clients do not wait for the 101; the bytes after the request head are frames.
+    let backends = echo_backends(1).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "")).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.listen_addr).await.unwrap();
+    let mut bytes = upgrade_request("GET", &format!("Sec-WebSocket-Version: 13\r\n{KEY}")).into_bytes();
+    bytes.extend_from_slice(&client_text("early"));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(&bytes).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
+    let (_, opcode, payload) = tokio::time::timeout(Duration::from_secs(5), server_frame(&mut stream)).await.unwrap();
+    assert_eq!((opcode, payload.as_slice()), (1, &b"early"[..]));
+    gw.shutdown().await;
+}
