@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Largest request head accepted (request line and headers).
-pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 /// Most headers accepted in one request.
 const MAX_HEADERS: usize = 100;
 
@@ -59,7 +59,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<RequestHead, ReadError> {
             Ok(0) | Err(_) => return Err(ReadError::Gone),
             Ok(_) => {}
         }
-        if let Some(head) = parse_head(&mut buf).map_err(ReadError::Refused)? {
+        if let Some(head) = parse_head(&buf).map_err(ReadError::Refused)? {
             return Ok(head);
         }
         if buf.len() >= MAX_HEAD {
@@ -73,7 +73,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<RequestHead, ReadError> {
 }
 
 /// Parses a complete head from the start of `buf`; `None` while it is incomplete.
-fn parse_head(buf: &mut Vec<u8>) -> Result<Option<RequestHead>, Refusal> {
+fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, Refusal> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut slots);
     let head_len = match request.parse(buf) {
@@ -393,7 +393,7 @@ mod tests {
     }
 
     fn parse(bytes: &[u8]) -> Result<Option<RequestHead>, Refusal> {
-        parse_head(&mut bytes.to_vec())
+        parse_head(bytes)
     }
 
     #[test]
