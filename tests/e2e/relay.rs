@@ -61,6 +61,124 @@ async fn close_codes_propagate_both_ways() {
     gw.shutdown().await;
 }
 
+/// RFC 6455 §5.5.1: each side of a close handshake gets one close frame back, and it is the
+/// peer's own answer (its code and reason), not one the gateway made up.
+#[tokio::test]
+async fn each_close_is_answered_once_by_the_peer() {
+    // Client first: tungstenite's echo backend answers with the client's code and reason.
+    let backends = echo_backends(1).await;
+    let gw = start_gateway(&basic_config(&server_list(&backends), "")).await;
+    let mut client = raw_websocket(&gw).await;
+    client.write_all(&masked_frame(0x8, &close_payload(4001, "client bye"))).await.unwrap();
+    let answer = frames(&read_to_eof(&mut client).await);
+    assert_eq!(answer, vec![(0x8, close_payload(4001, "client bye"))]);
+    gw.shutdown().await;
+
+    // Upstream first: a hand-made backend closes and records everything the gateway sends.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        accept_upgrade(&mut s).await;
+        let mut close = vec![0x88, 12];
+        close.extend_from_slice(&close_payload(4002, "server bye"));
+        s.write_all(&close).await.unwrap();
+        frames(&read_to_eof(&mut s).await)
+    });
+    let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
+    let mut client = raw_websocket(&gw).await;
+    assert_eq!(server_frame(&mut client).await, (false, 0x8, close_payload(4002, "server bye")));
+    client.write_all(&masked_frame(0x8, &close_payload(4002, "client ack"))).await.unwrap();
+    assert_eq!(frames(&read_to_eof(&mut client).await), vec![], "nothing follows the close");
+    let seen = tokio::time::timeout(Duration::from_secs(5), backend).await.unwrap().unwrap();
+    assert_eq!(seen, vec![(0x8, close_payload(4002, "client ack"))]);
+    gw.shutdown().await;
+}
+
+/// An upstream that never answers a forwarded close: when the close timeout runs out, the
+/// client still gets its answer (its own code) before the FIN.
+#[tokio::test]
+async fn an_unanswered_close_is_answered_by_the_gateway_at_the_deadline() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        accept_upgrade(&mut s).await;
+        frames(&read_to_eof(&mut s).await) // reads, never answers
+    });
+    let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "close_timeout_secs = 1")).await;
+    let mut client = raw_websocket(&gw).await;
+    client.write_all(&masked_frame(0x8, &close_payload(4003, "leaving"))).await.unwrap();
+    assert_eq!(frames(&read_to_eof(&mut client).await), vec![(0x8, close_payload(4003, ""))]);
+    let seen = tokio::time::timeout(Duration::from_secs(5), backend).await.unwrap().unwrap();
+    assert_eq!(seen, vec![(0x8, close_payload(4003, "leaving"))], "the close was forwarded");
+    gw.shutdown().await;
+}
+
+/// A hand-made backend's side of the upgrade: reads the gateway's request, answers 101.
+async fn accept_upgrade(s: &mut tokio::net::TcpStream) {
+    let head = String::from_utf8(read_head(s).await).unwrap();
+    let key = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .expect("the gateway sends a key");
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+    s.write_all(reply.as_bytes()).await.unwrap();
+}
+
+fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason.as_bytes());
+    p
+}
+
+/// A short (< 126 bytes) final frame, masked as a client's must be.
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Short frames, masked or not, as (opcode, unmasked payload).
+fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (masked, len) = (bytes[1] & 0x80 != 0, (bytes[1] & 0x7f) as usize);
+        assert!(len < 126, "a short frame");
+        let mask_len = if masked { 4 } else { 0 };
+        let mask = bytes[2..2 + mask_len].to_vec();
+        let payload = &bytes[2 + mask_len..2 + mask_len + len];
+        let payload = payload.iter().enumerate().map(|(i, b)| if masked { b ^ mask[i % 4] } else { *b });
+        out.push((bytes[0] & 0x0f, payload.collect()));
+        bytes = &bytes[2 + mask_len + len..];
+    }
+    out
+}
+
+async fn read_to_eof(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut all))
+        .await
+        .expect("the gateway ends the connection after the close handshake")
+        .unwrap();
+    all
+}
+
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    head
+}
+
 #[tokio::test]
 async fn oversize_message_closes_with_1009() {
     let backends = echo_backends(1).await;
@@ -102,12 +220,7 @@ async fn raw_websocket(gw: &Gateway) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(gw.listen_addr).await.unwrap();
     let request = upgrade_request("GET", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut stream).await;
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     stream
 }

@@ -76,6 +76,8 @@ pub struct RelayOutcome {
 struct SideState {
     /// Nothing more is read from this side: it sent a close frame, or broke the protocol.
     reading_done: bool,
+    /// The code of the close frame this side sent (1005 for none in the frame).
+    close_heard: Option<u16>,
     /// A close frame to this side is queued or written.
     close_sent: bool,
     /// Its socket reached EOF or failed; nothing can be read or written any more.
@@ -333,15 +335,16 @@ impl<'a> Relay<'a> {
         match event {
             LinkEvent::Closed { code } => {
                 self.first_close_code.get_or_insert(code);
-                self.state_mut(from).reading_done = true;
-                let forwarded = self.links(from).0.delivering();
-                if forwarded {
+                let state = self.state_mut(from);
+                state.reading_done = true;
+                state.close_heard = Some(code);
+                if self.links(from).0.delivering() {
+                    // Forwarded: the other side's reply is this close's answer and comes
+                    // back the same way. Answering too would send `from` two close frames.
                     self.state_mut(from.other()).close_sent = true;
-                }
-                if !self.state(from).close_sent {
+                } else {
                     // The other side is gone or was closed by us: answer this close ourselves.
-                    let echo = if code == code::NO_STATUS { code::NORMAL } else { code };
-                    self.send_close(from, echo, "");
+                    self.answer_close(from);
                 }
                 self.arm_close_deadline();
             }
@@ -409,14 +412,29 @@ impl<'a> Relay<'a> {
             return;
         }
         tracing::debug!(?side, "peer went away without a close");
-        let (code, reason) = match side {
-            Side::Client => (code::GOING_AWAY, "client went away"),
-            Side::Upstream => (code::INTERNAL_ERROR, "upstream went away"),
-        };
         let other = side.other();
         self.links(side).0.stop_delivering();
-        self.send_close(other, code, reason);
+        if self.state(other).close_heard.is_some() {
+            // `other` started closing and its answer will never come: answer it as the
+            // peer would have, so a clean close stays clean.
+            self.answer_close(other);
+        } else {
+            let (code, reason) = match side {
+                Side::Client => (code::GOING_AWAY, "client went away"),
+                Side::Upstream => (code::INTERNAL_ERROR, "upstream went away"),
+            };
+            self.send_close(other, code, reason);
+        }
         self.arm_close_deadline();
+    }
+
+    /// Answers the close frame `side` sent with its own code (RFC 6455 §5.5.1), unless a
+    /// close frame went to `side` already.
+    fn answer_close(&mut self, side: Side) {
+        if let Some(code) = self.state(side).close_heard {
+            let echo = if code == code::NO_STATUS { code::NORMAL } else { code };
+            self.send_close(side, echo, "");
+        }
     }
 
     fn write(&mut self, to: Side) {
@@ -540,6 +558,12 @@ impl<'a> Relay<'a> {
 
     /// Ends both TCP connections with a FIN after everything written.
     fn finish(&mut self) {
+        // A close whose forwarded copy the other side never answered (the close deadline
+        // passed) still gets an answer, written if the socket takes it now.
+        for side in [Side::Client, Side::Upstream] {
+            self.answer_close(side);
+        }
+        self.flush_all();
         for side in [Side::Client, Side::Upstream] {
             if !self.state(side).gone {
                 let _ = shutdown_write(self.stream(side));
