@@ -115,6 +115,25 @@ async fn an_unanswered_close_is_answered_by_the_gateway_at_the_deadline() {
     gw.shutdown().await;
 }
 
+/// An upstream that hangs up on a forwarded close instead of answering: the client's close
+/// still completes cleanly, with its own code, not as an upstream failure (1011).
+#[tokio::test]
+async fn a_close_the_upstream_hangs_up_on_is_answered_by_the_gateway() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        accept_upgrade(&mut s).await;
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await; // the close, then gone without an answer
+    });
+    let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
+    let mut client = raw_websocket(&gw).await;
+    client.write_all(&masked_frame(0x8, &close_payload(1000, "done"))).await.unwrap();
+    assert_eq!(frames(&read_to_eof(&mut client).await), vec![(0x8, close_payload(1000, ""))]);
+    gw.shutdown().await;
+}
+
 /// A hand-made backend's side of the upgrade: reads the gateway's request, answers 101.
 async fn accept_upgrade(s: &mut tokio::net::TcpStream) {
     let head = String::from_utf8(read_head(s).await).unwrap();
