@@ -151,6 +151,25 @@ fn plugin_call_costs() {
                 .unwrap();
         }),
     ));
+    // Two threads calling one plugin at once, as two runtime workers do: what sharing the
+    // plugin's instances between cores costs (the mean of the two threads' figures).
+    rows.push((
+        "on-message no-op, Plugin::on_message, 2 threads at once",
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let conn = ConnContext::new(2, "10.0.0.2:40000", "/");
+                        per_call(400_000, || {
+                            noop.on_message(&conn, Direction::ClientToUpstream, Opcode::Text, b"hello")
+                                .unwrap();
+                        })
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum::<Duration>() / 2
+        }),
+    ));
 
     let least = rt
         .load(&PluginSpec::new("least", wasm("least_conn")))
