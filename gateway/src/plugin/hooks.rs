@@ -135,7 +135,7 @@ impl Plugin {
         );
         let (first, flags) = pool.make().map_err(anyhow::Error::msg)?;
         let hooks = effective_hooks(&spec.name, pool.indices(), flags);
-        pool.put(first);
+        pool.put_first(first);
         Ok(Arc::new(Plugin {
             handshake_ticks: deadline_ticks(spec.handshake_timeout),
             message_ticks: deadline_ticks(spec.message_timeout),
