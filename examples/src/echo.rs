@@ -65,6 +65,8 @@ fn config() -> WebSocketConfig {
 
 async fn serve_connection(stream: TcpStream, name: String, closes: Arc<Mutex<Vec<u16>>>) {
     let mut request_headers = String::new();
+    // The callback's signature (its large error type included) is tungstenite's.
+    #[allow(clippy::result_large_err)]
     let capture = |req: &Request, resp: Response| {
         for (k, v) in req.headers() {
             request_headers.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));

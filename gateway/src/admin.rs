@@ -65,22 +65,23 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<By
 fn upstream_action(method: &Method, path: &str, query: Option<&str>, shared: &Shared) -> Response<Full<Bytes>> {
     let segments: Vec<String> = path.trim_start_matches("/upstreams/").split('/').map(percent_decode).collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let param = |name: &str| -> Result<Option<f64>, Response<Full<Bytes>>> {
+    // The error is the message of a 400.
+    let param = |name: &str| -> Result<Option<f64>, String> {
         let value = query.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
         value
             .map(|v| v.parse::<f64>().ok().filter(|n| n.is_finite() && *n > 0.0))
-            .map(|parsed| parsed.ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("{name} must be a number above 0"))))
+            .map(|parsed| parsed.ok_or_else(|| format!("{name} must be a number above 0")))
             .transpose()
     };
     let result = match segments.as_slice() {
         [pool, "servers", address, "drain"] if method == Method::POST => match param("rate") {
             Ok(rate) => shared.drain_server(pool, address, rate),
-            Err(response) => return response,
+            Err(message) => return error(StatusCode::BAD_REQUEST, message),
         },
         [pool, "servers", address, "undrain"] if method == Method::POST => shared.undrain_server(pool, address),
         [pool, "rebalance"] if method == Method::POST => match (param("rate"), param("target")) {
             (Ok(rate), Ok(target)) => shared.rebalance(pool, rate.unwrap_or(10.0), target.unwrap_or(1.2)),
-            (Err(response), _) | (_, Err(response)) => return response,
+            (Err(message), _) | (_, Err(message)) => return error(StatusCode::BAD_REQUEST, message),
         },
         [_, "servers", _, "drain" | "undrain"] | [_, "rebalance"] => {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())

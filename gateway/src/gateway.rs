@@ -282,7 +282,8 @@ impl Shared {
     /// most loaded servers, `rate` per second, until max/min load ≤ `target`. Runs in the
     /// background; each move counts in `wasmgate_upstream_drained_connections_total`.
     pub fn rebalance(&self, pool: &str, rate: f64, target: f64) -> Result<serde_json::Value, AdminError> {
-        if !(rate > 0.0 && rate.is_finite()) || !(target >= 1.0 && target.is_finite()) {
+        let valid = rate > 0.0 && rate.is_finite() && target >= 1.0 && target.is_finite();
+        if !valid {
             return Err(AdminError::BadRequest("rate must be above 0 and target at least 1".into()));
         }
         let routing = self.routing.load();

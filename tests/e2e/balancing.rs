@@ -14,6 +14,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use wasmgate_tests::*;
 
+/// When a connection attempt was made, and the backend it reached or the error.
+type Outcome = (Instant, Result<String, String>);
+/// A connection's backend, the close code it ended with (None while open), and when.
+type Ending = (String, Option<u16>, Option<Instant>);
+
 /// The tests here measure timings and distributions: they run one at a time, so that they
 /// do not compete for the CPU with each other.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -304,7 +309,7 @@ async fn a_killed_server_fails_over_is_ejected_and_comes_back() {
     let gw = Arc::new(start_gateway(&config(&server_list(&backends), &health, "", "")).await);
     let url = ws_url(&gw, "/");
     let stop = Arc::new(AtomicBool::new(false));
-    let seen: Arc<Mutex<Vec<(Instant, Result<String, String>)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let mut workers = Vec::new();
     for _ in 0..2 {
         let (url, stop, seen) = (url.clone(), stop.clone(), seen.clone());
@@ -343,7 +348,7 @@ async fn a_killed_server_fails_over_is_ejected_and_comes_back() {
     for w in workers {
         w.await.unwrap();
     }
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     let errors: Vec<_> = seen.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
     let b1_after = seen.iter().filter(|(t, r)| *t > back && r.as_deref() == Ok("b1")).count();
     let b1_while_down = seen.iter().filter(|(t, r)| *t > killed + down_after && *t < restarted && r.as_deref() == Ok("b1")).count();
@@ -395,12 +400,12 @@ async fn passive_ejection_and_all_servers_down() {
 /// 1012. Records each connection's backend and how it ended.
 struct Client {
     /// (backend, close code it ended with or None while open, when it ended).
-    history: Arc<Mutex<Vec<(String, Option<u16>, Option<Instant>)>>>,
+    history: Arc<Mutex<Vec<Ending>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 fn reconnecting_client(url: String, stop: Arc<AtomicBool>) -> Client {
-    let history: Arc<Mutex<Vec<(String, Option<u16>, Option<Instant>)>>> = Arc::default();
+    let history: Arc<Mutex<Vec<Ending>>> = Arc::default();
     let log = history.clone();
     let task = tokio::spawn(async move {
         while !stop.load(Ordering::Relaxed) {

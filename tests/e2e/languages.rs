@@ -2,7 +2,7 @@
 //! (wit-bindgen + clang), built by `examples/plugins/build.sh`, running in real gateways.
 //! Each language's own unit tests run here too.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::Message;
@@ -19,7 +19,7 @@ fn example_wasm(lang: &str, file: &str) -> PathBuf {
     path
 }
 
-fn plugin(name: &str, wasm: &PathBuf, config: &str) -> String {
+fn plugin(name: &str, wasm: &Path, config: &str) -> String {
     format!("[[plugin]]\nname = \"{name}\"\nwasm = \"{}\"\nconfig = {config}\n\n", wasm.display())
 }
 
