@@ -20,6 +20,9 @@
 //!   a Wasm handshake and a Wasm balancer call per connection. Two plugins.
 //! - `wasmgate-3`: `jwt-auth` + `noop-messages` on the route, `least-conn` balancer. Three.
 //! - `nginx`, `haproxy`: round robin.
+//! - `haproxy-tcp`: HAProxy in `mode tcp`, a byte relay that never parses the handshake or a
+//!   frame: what the kernel work of proxying costs with next to nothing on top, the floor
+//!   for every other column.
 //!
 //! Every handshake, to every target, carries `Authorization: Bearer <HS256 JWT>` signed with
 //! the secret the generated jwt-auth config checks (see `jwt`), so all targets get the same
@@ -61,7 +64,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,wasmgate,wasmgate-hook,wasmgate-auth,wasmgate-3,nginx,haproxy"
+        default_value = "direct,wasmgate,wasmgate-hook,wasmgate-auth,wasmgate-3,nginx,haproxy,haproxy-tcp"
     )]
     only: Vec<Target>,
     /// Scenarios, comma separated: echo (all four echo-SIZE-CONNS), echo-64-50, echo-64-1000,

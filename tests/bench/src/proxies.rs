@@ -35,6 +35,10 @@ pub enum Target {
     Wasmgate3,
     Nginx,
     Haproxy,
+    /// HAProxy relaying bytes (`mode tcp`): no HTTP, no WebSocket, not even the handshake
+    /// looked at. The least any proxy can cost on this machine, for scale.
+    #[value(name = "haproxy-tcp")]
+    HaproxyTcp,
 }
 
 impl Target {
@@ -45,7 +49,7 @@ impl Target {
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
             Target::WasmgateAuth => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
-            Target::Direct | Target::Nginx | Target::Haproxy => None,
+            Target::Direct | Target::Nginx | Target::Haproxy | Target::HaproxyTcp => None,
         }
     }
 }
@@ -60,6 +64,7 @@ impl fmt::Display for Target {
             Target::Wasmgate3 => "wasmgate-3",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
+            Target::HaproxyTcp => "haproxy-tcp",
         })
     }
 }
@@ -102,8 +107,9 @@ impl Binaries {
         if targets.contains(&Target::Nginx) {
             versions.push(format!("{} (2 workers)", first_line(Command::new(NGINX).arg("-v"))));
         }
-        if targets.contains(&Target::Haproxy) {
-            versions.push(format!("{} (nbthread 2)", first_line(Command::new(HAPROXY).arg("-v"))));
+        if targets.contains(&Target::Haproxy) || targets.contains(&Target::HaproxyTcp) {
+            let tcp = if targets.contains(&Target::HaproxyTcp) { "; haproxy-tcp: the same in mode tcp" } else { "" };
+            versions.push(format!("{} (nbthread 2{tcp})", first_line(Command::new(HAPROXY).arg("-v"))));
         }
         versions
     }
@@ -124,11 +130,16 @@ fn first_line(cmd: &mut Command) -> String {
 
 /// Installs nginx and HAProxy from Debian's packages when a selected one is missing.
 pub fn ensure_installed(targets: &[Target]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = [(Target::Nginx, NGINX, "nginx-light"), (Target::Haproxy, HAPROXY, "haproxy")]
-        .into_iter()
-        .filter(|(t, bin, _)| targets.contains(t) && !Path::new(bin).exists())
-        .map(|(_, _, package)| package)
-        .collect();
+    let mut missing: Vec<&str> = [
+        (Target::Nginx, NGINX, "nginx-light"),
+        (Target::Haproxy, HAPROXY, "haproxy"),
+        (Target::HaproxyTcp, HAPROXY, "haproxy"),
+    ]
+    .into_iter()
+    .filter(|(t, bin, _)| targets.contains(t) && !Path::new(bin).exists())
+    .map(|(_, _, package)| package)
+    .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
@@ -199,8 +210,9 @@ impl Running {
                 cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(config);
                 cmd
             }
-            Target::Haproxy => {
-                let config = write(dir, "haproxy.cfg", &haproxy_config(listen, &servers))?;
+            Target::Haproxy | Target::HaproxyTcp => {
+                let mode = if target == Target::HaproxyTcp { "tcp" } else { "http" };
+                let config = write(dir, "haproxy.cfg", &haproxy_config(listen, &servers, mode))?;
                 let mut cmd = Command::new(HAPROXY);
                 cmd.arg("-db").arg("-f").arg(config);
                 cmd
@@ -286,7 +298,7 @@ http {{
 
 /// HAProxy sizes its file limit from maxconn (two sockets per proxied connection plus a
 /// margin), so maxconn stays under half the hard limit of 20,000.
-fn haproxy_config(listen: SocketAddr, servers: &[SocketAddr]) -> String {
+fn haproxy_config(listen: SocketAddr, servers: &[SocketAddr], mode: &str) -> String {
     let servers: String = servers.iter().enumerate().map(|(i, s)| format!("    server s{} {s}\n", i + 1)).collect();
     format!(
         r#"global
@@ -294,7 +306,7 @@ fn haproxy_config(listen: SocketAddr, servers: &[SocketAddr]) -> String {
     maxconn 9800
 
 defaults
-    mode http
+    mode {mode}
     maxconn 9800
     timeout connect 5s
     timeout client 1h
