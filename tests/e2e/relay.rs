@@ -75,16 +75,13 @@ async fn each_close_is_answered_once_by_the_peer() {
     gw.shutdown().await;
 
     // Upstream first: a hand-made backend closes and records everything the gateway sends.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let backend = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        accept_upgrade(&mut s).await;
+    let (addr, backend) = raw_backend(|mut s| async move {
         let mut close = vec![0x88, 12];
         close.extend_from_slice(&close_payload(4002, "server bye"));
         s.write_all(&close).await.unwrap();
         frames(&read_to_eof(&mut s).await)
-    });
+    })
+    .await;
     let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
     let mut client = raw_websocket(&gw).await;
     assert_eq!(server_frame(&mut client).await, (false, 0x8, close_payload(4002, "server bye")));
@@ -99,13 +96,8 @@ async fn each_close_is_answered_once_by_the_peer() {
 /// client still gets its answer (its own code) before the FIN.
 #[tokio::test]
 async fn an_unanswered_close_is_answered_by_the_gateway_at_the_deadline() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let backend = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        accept_upgrade(&mut s).await;
-        frames(&read_to_eof(&mut s).await) // reads, never answers
-    });
+    // Reads, never answers.
+    let (addr, backend) = raw_backend(|mut s| async move { frames(&read_to_eof(&mut s).await) }).await;
     let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "close_timeout_secs = 1")).await;
     let mut client = raw_websocket(&gw).await;
     client.write_all(&masked_frame(0x8, &close_payload(4003, "leaving"))).await.unwrap();
@@ -119,19 +111,33 @@ async fn an_unanswered_close_is_answered_by_the_gateway_at_the_deadline() {
 /// still completes cleanly, with its own code, not as an upstream failure (1011).
 #[tokio::test]
 async fn a_close_the_upstream_hangs_up_on_is_answered_by_the_gateway() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        accept_upgrade(&mut s).await;
-        let mut buf = [0u8; 64];
-        let _ = s.read(&mut buf).await; // the close, then gone without an answer
-    });
+    // Reads the close, then is gone without an answer.
+    let (addr, _backend) = raw_backend(|mut s| async move {
+        let _ = s.read(&mut [0u8; 64]).await;
+    })
+    .await;
     let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
     let mut client = raw_websocket(&gw).await;
     client.write_all(&masked_frame(0x8, &close_payload(1000, "done"))).await.unwrap();
     assert_eq!(frames(&read_to_eof(&mut client).await), vec![(0x8, close_payload(1000, ""))]);
     gw.shutdown().await;
+}
+
+/// A hand-made backend for one connection: it accepts the gateway's, answers the upgrade,
+/// then hands the socket to `then`, whose result the handle gives.
+async fn raw_backend<T, F>(then: impl FnOnce(tokio::net::TcpStream) -> F + Send + 'static) -> (std::net::SocketAddr, tokio::task::JoinHandle<T>)
+where
+    F: std::future::Future<Output = T> + Send,
+    T: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        accept_upgrade(&mut s).await;
+        then(s).await
+    });
+    (addr, task)
 }
 
 /// A hand-made backend's side of the upgrade: reads the gateway's request, answers 101.
