@@ -237,6 +237,13 @@ pub fn validate(method: &Method, version: Version, uri: &Uri, headers: HeaderMap
     if !has_token(&headers, header::CONNECTION, "upgrade") {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "Connection header must include upgrade"));
     }
+    // Two of these would leave it to each hop which one counts: the route and the plugins
+    // could read one Host and the upstream the other (RFC 9112 §3.2, RFC 6455 §11.3).
+    for name in [header::HOST, header::SEC_WEBSOCKET_KEY, header::SEC_WEBSOCKET_VERSION] {
+        if headers.get_all(&name).iter().nth(1).is_some() {
+            return Err(Refusal::new(StatusCode::BAD_REQUEST, format!("more than one {name} header")));
+        }
+    }
     let version_ok = headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v.as_bytes().trim_ascii() == b"13");
@@ -255,11 +262,20 @@ pub fn validate(method: &Method, version: Version, uri: &Uri, headers: HeaderMap
             Refusal::new(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
         })?
         .to_string();
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or(uri.host())
-        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "Host header missing"))?;
+    let host_header = headers.get(header::HOST).map(|v| v.to_str().unwrap_or(""));
+    let host = match (uri.host(), host_header) {
+        // An absolute request target names the host itself (RFC 9112 §3.2.2); one that
+        // disagrees with Host is refused rather than routed by one and forwarded with the other.
+        (Some(target), Some(h)) if !strip_port(target).eq_ignore_ascii_case(strip_port(h)) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("the request target names host {target} but the Host header {h}"),
+            ));
+        }
+        (Some(target), _) => target,
+        (None, Some(h)) if !h.is_empty() => h,
+        (None, _) => return Err(Refusal::new(StatusCode::BAD_REQUEST, "Host header missing")),
+    };
     let host = strip_port(host).to_ascii_lowercase();
     let subprotocols = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -390,6 +406,30 @@ mod tests {
         assert_eq!(request(&[("sec-websocket-key", "c2hvcnQ=")], &[]).unwrap_err().status, 400);
         assert_eq!(request(&[("sec-websocket-version", "8")], &[]).unwrap_err().status, 426);
         assert_eq!(request(&[], &["connection"]).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn refuses_doubled_headers_and_a_target_that_names_another_host() {
+        for name in ["host", "sec-websocket-key", "sec-websocket-version"] {
+            let mut extra = HeaderMap::new();
+            extra.append(header::HeaderName::from_static(name), HeaderValue::from_static("x"));
+            let refusal = request_with(&"/".parse().unwrap(), extra).unwrap_err();
+            assert_eq!(refusal.status, 400);
+            assert_eq!(refusal.reason, format!("more than one {name} header"));
+        }
+        let absolute = |target: &str| request_with(&target.parse().unwrap(), HeaderMap::new());
+        assert_eq!(absolute("http://Example.com/chat").unwrap().host, "example.com");
+        assert_eq!(absolute("http://other.example/chat").unwrap_err().status, 400);
+    }
+
+    /// The base request, as `request` builds it, with `extra` appended and `target` as its
+    /// request target.
+    fn request_with(target: &Uri, extra: HeaderMap) -> Result<ClientUpgrade, Refusal> {
+        let mut headers = request(&[], &[]).unwrap().headers;
+        for (name, value) in &extra {
+            headers.append(name, value.clone());
+        }
+        validate(&Method::GET, Version::HTTP_11, target, headers)
     }
 
     fn parse(bytes: &[u8]) -> Result<Option<RequestHead>, Refusal> {

@@ -21,6 +21,13 @@ async fn malformed_handshakes_get_4xx_with_a_reason() {
         ("not GET", upgrade_request("POST", &format!("Sec-WebSocket-Version: 13\r\n{KEY}")), 405),
         ("plain HTTP", "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 426),
         ("garbage", "HELLO THERE\r\n\r\n".to_string(), 400),
+        ("two Hosts", upgrade_request("GET", &format!("Host: other\r\nSec-WebSocket-Version: 13\r\n{KEY}")), 400),
+        ("two keys", upgrade_request("GET", &format!("Sec-WebSocket-Version: 13\r\n{KEY}{KEY}")), 400),
+        (
+            "target naming another host",
+            upgrade_request("GET", &format!("Sec-WebSocket-Version: 13\r\n{KEY}")).replacen("GET /", "GET http://other/", 1),
+            400,
+        ),
     ];
     for (what, request, expected) in cases {
         let (status, text) = raw_http(addr, &request).await;
