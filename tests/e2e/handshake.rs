@@ -65,6 +65,46 @@ async fn dead_upstream_gives_502_not_an_accepted_socket() {
     gw.shutdown().await;
 }
 
+/// An upstream whose 101 breaks RFC 6455 §4.1 is not a WebSocket: the client gets a 502,
+/// never a 101 over a connection nobody can speak to.
+#[tokio::test]
+async fn an_upstream_101_that_is_not_a_websocket_answer_gives_502() {
+    let answers = [
+        ("wrong accept", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n"),
+        ("no Upgrade", "Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"),
+        ("no Connection: upgrade", "Upgrade: websocket\r\nConnection: keep-alive\r\nSec-WebSocket-Accept: {accept}\r\n"),
+    ];
+    for (what, headers) in answers {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                s.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let key = head
+                .lines()
+                .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-key")))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap();
+            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let answer = format!("HTTP/1.1 101 Switching Protocols\r\n{}\r\n", headers.replace("{accept}", &accept));
+            s.write_all(answer.as_bytes()).await.unwrap();
+            let _ = s.read(&mut [0u8; 16]).await;
+        });
+        let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
+        let request = upgrade_request("GET", &format!("Sec-WebSocket-Version: 13\r\n{KEY}"));
+        let (status, text) = raw_http(gw.listen_addr, &request).await;
+        assert_eq!(status, 502, "{what}: {text}");
+        gw.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn connect_failure_fails_over_to_the_next_server() {
     let backends = echo_backends(1).await;

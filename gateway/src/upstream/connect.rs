@@ -142,9 +142,17 @@ async fn open_inner(server: &ServerAddress, request: &UpstreamRequest) -> Result
             }
             return Err(ConnectError::BadHandshake(format!("answered {status} instead of 101")));
         }
+        // RFC 6455 §4.1: Upgrade names websocket, Connection holds the upgrade token (a
+        // comma-separated list), and the accept answers our key.
         let upgrade_ok = find("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        let connection_ok = response
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
         let accept_ok = find("sec-websocket-accept").is_some_and(|v| v == accept_key(&key));
-        if !upgrade_ok || !accept_ok {
+        if !upgrade_ok || !connection_ok || !accept_ok {
             return Err(ConnectError::BadHandshake("101 without a valid WebSocket accept".into()));
         }
         let subprotocol = find("sec-websocket-protocol");
