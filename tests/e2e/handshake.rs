@@ -80,19 +80,7 @@ async fn an_upstream_101_that_is_not_a_websocket_answer_gives_502() {
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                let mut byte = [0u8; 1];
-                s.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8(head).unwrap();
-            let key = head
-                .lines()
-                .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-key")))
-                .map(|(_, v)| v.trim().to_string())
-                .unwrap();
-            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let accept = accept_for(&read_head(&mut s).await);
             let answer = format!("HTTP/1.1 101 Switching Protocols\r\n{}\r\n", headers.replace("{accept}", &accept));
             s.write_all(answer.as_bytes()).await.unwrap();
             let _ = s.read(&mut [0u8; 16]).await;

@@ -142,14 +142,7 @@ where
 
 /// A hand-made backend's side of the upgrade: reads the gateway's request, answers 101.
 async fn accept_upgrade(s: &mut tokio::net::TcpStream) {
-    let head = String::from_utf8(read_head(s).await).unwrap();
-    let key = head
-        .lines()
-        .find(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
-        .expect("the gateway sends a key");
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let accept = accept_for(&read_head(s).await);
     let reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
     s.write_all(reply.as_bytes()).await.unwrap();
 }
@@ -194,16 +187,6 @@ async fn read_to_eof(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
     all
 }
 
-async fn read_head(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    head
-}
-
 #[tokio::test]
 async fn oversize_message_closes_with_1009() {
     let backends = echo_backends(1).await;
@@ -246,7 +229,7 @@ async fn raw_websocket(gw: &Gateway) -> tokio::net::TcpStream {
     let request = upgrade_request("GET", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let head = read_head(&mut stream).await;
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     stream
 }
 

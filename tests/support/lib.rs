@@ -266,3 +266,26 @@ pub async fn server_frame(stream: &mut TcpStream) -> (bool, u8, Vec<u8>) {
     stream.read_exact(&mut payload).await.unwrap();
     (head[0] & 0x40 != 0, head[0] & 0x0F, payload)
 }
+
+/// Reads an HTTP head byte by byte, up to and including the blank line, so nothing after
+/// it is consumed.
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// The Sec-WebSocket-Accept that answers the key in an upgrade request's head, for
+/// hand-made backends.
+pub fn accept_for(request_head: &str) -> String {
+    let key = request_head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-key")))
+        .map(|(_, value)| value.trim())
+        .expect("the request carries a key");
+    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
+}
