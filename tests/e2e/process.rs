@@ -1,37 +1,12 @@
 //! The `wasmgate` binary as operators run it: config checking, signals, and memory under a
 //! slow consumer, measured on the real process.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use wasmgate_tests::*;
-
-fn write_config(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmgate-process-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Starts `wasmgate run` and waits for its "listening on ws://ADDR" line.
-fn spawn_gateway(config: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(gateway_binary())
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit("ws://").next().unwrap().to_string();
-    assert!(addr.contains(':'), "unexpected first line {line:?}");
-    (child, addr)
-}
 
 #[test]
 fn check_names_file_line_and_key() {

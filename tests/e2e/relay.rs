@@ -68,7 +68,7 @@ async fn each_close_is_answered_once_by_the_peer() {
     // Client first: tungstenite's echo backend answers with the client's code and reason.
     let backends = echo_backends(1).await;
     let gw = start_gateway(&basic_config(&server_list(&backends), "")).await;
-    let mut client = raw_websocket(&gw).await;
+    let mut client = raw_websocket(gw.listen_addr, "/").await;
     client.write_all(&masked_frame(0x8, &close_payload(4001, "client bye"))).await.unwrap();
     let answer = frames(&read_to_eof(&mut client).await);
     assert_eq!(answer, vec![(0x8, close_payload(4001, "client bye"))]);
@@ -83,7 +83,7 @@ async fn each_close_is_answered_once_by_the_peer() {
     })
     .await;
     let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
-    let mut client = raw_websocket(&gw).await;
+    let mut client = raw_websocket(gw.listen_addr, "/").await;
     assert_eq!(server_frame(&mut client).await, (false, 0x8, close_payload(4002, "server bye")));
     client.write_all(&masked_frame(0x8, &close_payload(4002, "client ack"))).await.unwrap();
     assert_eq!(frames(&read_to_eof(&mut client).await), vec![], "nothing follows the close");
@@ -99,7 +99,7 @@ async fn an_unanswered_close_is_answered_by_the_gateway_at_the_deadline() {
     // Reads, never answers.
     let (addr, backend) = raw_backend(|mut s| async move { frames(&read_to_eof(&mut s).await) }).await;
     let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "close_timeout_secs = 1")).await;
-    let mut client = raw_websocket(&gw).await;
+    let mut client = raw_websocket(gw.listen_addr, "/").await;
     client.write_all(&masked_frame(0x8, &close_payload(4003, "leaving"))).await.unwrap();
     assert_eq!(frames(&read_to_eof(&mut client).await), vec![(0x8, close_payload(4003, ""))]);
     let seen = tokio::time::timeout(Duration::from_secs(5), backend).await.unwrap().unwrap();
@@ -117,7 +117,7 @@ async fn a_close_the_upstream_hangs_up_on_is_answered_by_the_gateway() {
     })
     .await;
     let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), "")).await;
-    let mut client = raw_websocket(&gw).await;
+    let mut client = raw_websocket(gw.listen_addr, "/").await;
     client.write_all(&masked_frame(0x8, &close_payload(1000, "done"))).await.unwrap();
     assert_eq!(frames(&read_to_eof(&mut client).await), vec![(0x8, close_payload(1000, ""))]);
     gw.shutdown().await;
@@ -212,7 +212,7 @@ async fn invalid_utf8_closes_with_1007_and_bad_frames_with_1002() {
         // Unmasked client frame.
         (vec![0x81, 0x01, b'a'], 1002),
     ] {
-        let mut stream = raw_websocket(&gw).await;
+        let mut stream = raw_websocket(gw.listen_addr, "/").await;
         stream.write_all(&frame).await.unwrap();
         let mut buf = vec![0u8; 64];
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
@@ -221,16 +221,6 @@ async fn invalid_utf8_closes_with_1007_and_bad_frames_with_1002() {
         assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), expected);
     }
     gw.shutdown().await;
-}
-
-/// A completed handshake over a raw socket, for sending hand-made frames.
-async fn raw_websocket(gw: &Gateway) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(gw.listen_addr).await.unwrap();
-    let request = upgrade_request("GET", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    stream
 }
 
 #[tokio::test]
@@ -275,7 +265,7 @@ async fn keepalive_keeps_live_peers_and_drops_dead_ones() {
     // tokio-tungstenite answers pings while it reads: a live client.
     let mut live = connect(&ws_url(&gw, "/")).await;
     // A raw client that never answers: a dead peer.
-    let mut dead = raw_websocket(&gw).await;
+    let mut dead = raw_websocket(gw.listen_addr, "/").await;
     let reader = tokio::spawn(async move {
         let mut got_ping = false;
         let mut buf = [0u8; 256];

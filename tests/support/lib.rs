@@ -289,3 +289,56 @@ pub fn accept_for(request_head: &str) -> String {
         .expect("the request carries a key");
     tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
 }
+
+/// Writes a config file into a per-test-process temporary directory.
+pub fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasmgate-configs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A child process that is killed when dropped, so a failing test leaves no process behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `wasmgate run` binary and waits for its "listening on ws://ADDR" line.
+pub fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = std::process::Command::new(gateway_binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit("ws://").next().unwrap().to_string();
+    assert!(addr.contains(':'), "unexpected first line {line:?}");
+    (child, addr)
+}
+
+/// A completed handshake over a raw socket to `path`, for sending hand-made frames.
+pub async fn raw_websocket(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = upgrade_request("GET", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+        .replacen("GET / ", &format!("GET {path} "), 1);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
