@@ -64,6 +64,10 @@ pub struct GatewaySection {
     /// A peer that sends nothing for this long after a keepalive ping is considered dead.
     #[serde(default = "defaults::pong_timeout_secs")]
     pub pong_timeout_secs: u64,
+    /// A message assembled in memory (for plugins or permessage-deflate) must arrive whole
+    /// within this long of its first frame, or its sender is closed with 1008; 0 = no limit.
+    #[serde(default = "defaults::message_assembly_timeout_secs")]
+    pub message_assembly_timeout_secs: u64,
     /// How long to wait for the other side's close frame once a close has started.
     #[serde(default = "defaults::close_timeout_secs")]
     pub close_timeout_secs: u64,
@@ -209,6 +213,9 @@ mod defaults {
     }
     pub fn close_timeout_secs() -> u64 {
         5
+    }
+    pub fn message_assembly_timeout_secs() -> u64 {
+        60
     }
     pub fn handshake_timeout_secs() -> u64 {
         10

@@ -406,7 +406,12 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Ar
     let Chain { slots: chain, conn, reads_messages } = chain;
     let hook = match (&conn, reads_messages) {
         (Some(conn), true) => {
-            Some(ChainHook { conn: conn.clone(), chain: chain.clone(), errors: metrics.plugin_errors.clone() })
+            Some(ChainHook {
+                conn: conn.clone(),
+                chain: chain.clone(),
+                errors: metrics.plugin_errors.clone(),
+                max_message_size: settings.max_message_size,
+            })
         }
         _ => None,
     };
@@ -453,6 +458,8 @@ struct ChainHook {
     conn: Arc<ConnContext>,
     chain: Vec<Arc<PluginSlot>>,
     errors: Counter,
+    /// What a plugin makes (a new payload, a reply) obeys the limit relayed messages do.
+    max_message_size: u64,
 }
 
 impl MessageHook for ChainHook {
@@ -473,7 +480,17 @@ impl MessageHook for ChainHook {
                 continue;
             }
             let current = replaced.as_deref().unwrap_or(payload);
-            match plugin.on_message(&self.conn, dir, op, current) {
+            let too_big = |bytes: &[u8]| bytes.len() as u64 > self.max_message_size;
+            let result = match plugin.on_message(&self.conn, dir, op, current) {
+                Ok(Action::Forward { payload: Some(p), .. } | Action::Reply(p)) if too_big(&p) => Err(format!(
+                    "its message of {} bytes is over max_message_size ({})",
+                    p.len(),
+                    self.max_message_size
+                )),
+                Ok(action) => Ok(action),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
                 Ok(Action::Forward { payload, compress: c }) => {
                     // One plugin asking for an uncompressed message is enough.
                     compress &= c;
@@ -485,6 +502,8 @@ impl MessageHook for ChainHook {
                 Ok(Action::Reply(reply)) => return MessageAction::Reply(reply),
                 Ok(Action::Close(frame)) => return MessageAction::Close(frame.code, frame.reason),
                 Err(e) => {
+                    // The plugin's failure: the message goes on as the plugins before it
+                    // left it, or the connection closes, as its on_error says.
                     self.errors.inc();
                     tracing::warn!(plugin = plugin.name(), error = %e, "message hook failed");
                     if plugin.on_error() == Some(OnError::Deny) {

@@ -120,6 +120,13 @@ pub struct Link {
     pub out_written: usize,
     /// The gateway's own frames for the other side, queued until `out` is at a frame boundary.
     pub pending: Vec<u8>,
+    /// Frames the gateway made itself (pongs, pings, replies, closes) are in `out` or
+    /// `pending`: the relay reads no more from this link's destination until they are
+    /// written, so a peer that provokes them without reading cannot grow them.
+    own_frames_queued: bool,
+    /// A close frame from the source is not forwarded: the relay answers the destination
+    /// with a close of its own (it failed the destination and waits for this side's close).
+    hold_close: bool,
     /// A keepalive ping was sent to this link's source and no pong has come yet.
     pub awaiting_pong: bool,
     pub messages: u64,
@@ -152,6 +159,8 @@ impl Link {
             out: Vec::new(),
             out_written: 0,
             pending: Vec::new(),
+            own_frames_queued: false,
+            hold_close: false,
             awaiting_pong: false,
             messages: 0,
             bytes: 0,
@@ -198,9 +207,30 @@ impl Link {
         self.out_written < self.out.len()
     }
 
+    /// Gateway-made frames toward the destination are not all written yet. Frames still
+    /// waiting for a frame boundary count only past a few KiB: a keepalive ping behind a
+    /// large streamed frame must not stop the destination from being read (its peer may be
+    /// blocked writing to us until we read it).
+    pub fn holds_own_frames(&self) -> bool {
+        const PENDING_ALLOWANCE: usize = 4096;
+        self.own_frames_queued || self.pending.len() > PENDING_ALLOWANCE
+    }
+
+    /// Keeps a close frame from the source from being forwarded (see `hold_close`).
+    pub fn hold_close(&mut self) {
+        self.hold_close = true;
+    }
+
+    /// A message is being assembled (for plugins or deflate): its bytes are held in memory
+    /// until its last frame arrives.
+    pub fn assembling(&self) -> bool {
+        self.reads_messages && self.in_message
+    }
+
     /// Moves queued gateway frames into `out` if the stream is at a frame boundary.
     pub fn flush_pending(&mut self) {
         if !self.pending.is_empty() && !self.mid_frame() {
+            self.own_frames_queued = true;
             self.ensure_out();
             self.out.extend_from_slice(&self.pending);
             self.pending.clear();
@@ -241,8 +271,9 @@ impl Link {
     }
 
     /// Processes `input` from the start. Returns how many bytes were consumed and the event
-    /// that stopped processing, if any. Unconsumed bytes (a partial header or control frame)
-    /// must be offered again with more data behind them.
+    /// that stopped processing, if any. Unconsumed bytes (a partial header or control frame,
+    /// or input held back while `toward_source` holds the gateway's own frames) must be
+    /// offered again, with more data behind them or once those frames are written.
     pub fn process(
         &mut self,
         input: &mut [u8],
@@ -260,6 +291,11 @@ impl Link {
                 }
                 pos += take;
                 continue;
+            }
+            if toward_source.holds_own_frames() {
+                // What the gateway answered the source (a reply, pongs) must reach it before
+                // more of its input is taken: the relay resumes this input once written.
+                break;
             }
             let header = match FrameHeader::parse(&input[pos..], self.rules.allow_rsv1) {
                 Ok(Some(h)) => h,
@@ -463,7 +499,7 @@ impl Link {
                     Ok(code) => code,
                     Err(code) => return Some(self.fail(code, "invalid close frame")),
                 };
-                if self.delivering {
+                if self.delivering && !self.hold_close {
                     self.forward_control(h, head, payload);
                 }
                 Some(LinkEvent::Closed { code })
@@ -510,6 +546,7 @@ impl Link {
         if self.out_written >= self.out.len() {
             self.out.clear();
             self.out_written = 0;
+            self.own_frames_queued = !self.pending.is_empty();
             if self.out.capacity() > super::READ_CHUNK * 2 {
                 self.out = Vec::new();
             }
@@ -626,10 +663,37 @@ mod tests {
         let mut other = Link::new(Side::Upstream, rules(), false);
         link.ping_source(&mut other);
         assert!(!other.out.is_empty(), "ping queued toward the client");
+        let queued = other.out.len();
+        other.written(queued);
         let (_, ev) = run(&mut link, &mut other, masked(OpCode::Pong, true, KEEPALIVE_PAYLOAD));
         assert_eq!(ev, None);
         assert!(!link.awaiting_pong);
         assert!(link.out.is_empty());
+    }
+
+    struct ReplyBig;
+    impl MessageHook for ReplyBig {
+        fn on_message(&self, _: Side, _: DataKind, _: &[u8]) -> MessageAction {
+            MessageAction::Reply(vec![b'x'; 1 << 20])
+        }
+    }
+
+    #[test]
+    fn input_waits_while_the_gateways_own_frames_to_its_source_are_unwritten() {
+        let mut link = Link::new(Side::Client, rules(), true);
+        let mut other = Link::new(Side::Upstream, rules(), false);
+        let mut wire = masked(OpCode::Text, true, b"a");
+        wire.extend(masked(OpCode::Text, true, b"b"));
+        let one = wire.len() / 2;
+        // The first message's reply is queued; the second waits for it to be written.
+        let (used, ev) = link.process(&mut wire, Some(&ReplyBig), &mut other);
+        assert_eq!((used, ev), (one, None));
+        assert!(other.holds_own_frames());
+        let queued = other.out.len();
+        assert!(!other.written(queued - 1) && other.holds_own_frames(), "partly written still holds");
+        assert!(other.written(1) && !other.holds_own_frames());
+        let (used, ev) = link.process(&mut wire[one..], Some(&ReplyBig), &mut other);
+        assert_eq!((used, ev), (one, None));
     }
 
     struct Upper;

@@ -51,6 +51,10 @@ pub struct RelaySettings {
     pub idle_timeout: Option<Duration>,
     /// How long to wait for close replies once closing started.
     pub close_timeout: Duration,
+    /// A message assembled in memory (for plugins, or to inflate it) must be complete this
+    /// long after its first frame, or its sender is closed with 1008: a peer trickling a
+    /// large message cannot hold its buffer for ever.
+    pub message_assembly_timeout: Option<Duration>,
 }
 
 /// One end of the relay: its socket and bytes already read from it during the handshake.
@@ -84,6 +88,11 @@ struct SideState {
     gone: bool,
     /// Bytes read from it but not yet processed (a partial frame header or control frame).
     unprocessed: Vec<u8>,
+    /// `unprocessed` holds whole frames, held back until the gateway's own frames to this
+    /// side are written (see `Link::holds_own_frames`).
+    input_paused: bool,
+    /// When the message being assembled from this side started.
+    assembling_since: Option<Instant>,
     last_heard: Option<Instant>,
     ping_sent_at: Option<Instant>,
 }
@@ -100,6 +109,10 @@ struct Relay<'a> {
     hook: Option<&'a dyn MessageHook>,
     settings: &'a RelaySettings,
     first_close_code: Option<u16>,
+    /// The close owed to a side that broke the protocol, sent once the other side answered
+    /// the close the gateway sent it: what that side had sent before reaches the failed
+    /// side first (RFC 6455 §7.1.7 lets an endpoint finish what it was sending).
+    deferred_close: Option<(Side, u16, &'static str)>,
     /// Set when closing started: after it, everything is dropped.
     close_deadline: Option<Instant>,
     last_data: Instant,
@@ -156,6 +169,7 @@ pub async fn run(
         hook,
         settings,
         first_close_code: None,
+        deferred_close: None,
         close_deadline: None,
         last_data: now,
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
@@ -184,6 +198,9 @@ pub async fn run(
             }
         }
         relay.flush_all();
+        while relay.resume_paused_input() {
+            relay.flush_all();
+        }
     }
     relay.finish();
     RelayOutcome {
@@ -232,12 +249,13 @@ impl<'a> Relay<'a> {
 
     fn wants_read(&self, side: Side) -> bool {
         let state = self.state(side);
-        let link = match side {
-            Side::Client => &self.c2u,
-            Side::Upstream => &self.u2c,
+        let (from, toward) = match side {
+            Side::Client => (&self.c2u, &self.u2c),
+            Side::Upstream => (&self.u2c, &self.c2u),
         };
-        // Backpressure: read more only when what was read before has been written.
-        !state.gone && !state.reading_done && !link.has_output()
+        // Backpressure: read more only when what was read before has been written, and
+        // when what the gateway itself answered this side (pongs, replies) has reached it.
+        !state.gone && !state.reading_done && !from.has_output() && !toward.holds_own_frames()
     }
 
     fn wants_write(&self, side: Side) -> bool {
@@ -321,8 +339,19 @@ impl<'a> Relay<'a> {
                 pos = input.len();
             }
         }
+        let assembling = self.links(side).0.assembling();
+        match (assembling, self.state(side).assembling_since) {
+            (true, None) => {
+                self.state_mut(side).assembling_since = Some(Instant::now());
+                self.arm_assembly_deadline();
+            }
+            (false, Some(_)) => self.state_mut(side).assembling_since = None,
+            _ => {}
+        }
+        let paused = pos < input.len() && self.link_to(side).holds_own_frames();
         let rest = &input[pos..];
         let state = self.state_mut(side);
+        state.input_paused = paused;
         state.unprocessed.clear();
         state.unprocessed.extend_from_slice(rest);
         if state.unprocessed.capacity() > 256 && state.unprocessed.is_empty() {
@@ -338,7 +367,9 @@ impl<'a> Relay<'a> {
                 let state = self.state_mut(from);
                 state.reading_done = true;
                 state.close_heard = Some(code);
-                if self.links(from).0.delivering() {
+                if self.send_deferred_close(from.other()) {
+                    // The side we failed gets its close now, after what `from` sent before.
+                } else if self.links(from).0.delivering() {
                     // Forwarded: the other side's reply is this close's answer and comes
                     // back the same way. Answering too would send `from` two close frames.
                     self.state_mut(from.other()).close_sent = true;
@@ -352,6 +383,16 @@ impl<'a> Relay<'a> {
                 tracing::debug!(side = ?from, code, reason, "failing connection");
                 // The stream from this side cannot be parsed any further.
                 self.state_mut(from).reading_done = true;
+                if from == Side::Client && self.deferred_close.is_none() && self.can_defer_close() {
+                    // Close the upstream first and relay its answers to the client's earlier
+                    // messages; the client's close follows the upstream's.
+                    self.deferred_close = Some((Side::Client, code, reason));
+                    self.c2u.stop_delivering();
+                    self.u2c.hold_close();
+                    self.send_close(Side::Upstream, code::GOING_AWAY, "client protocol error");
+                    self.arm_close_deadline();
+                    return;
+                }
                 let (to_client, to_upstream) = match from {
                     Side::Client => ((code, reason), (code::GOING_AWAY, "client protocol error")),
                     Side::Upstream => ((code::INTERNAL_ERROR, "upstream protocol error"), (code, reason)),
@@ -362,6 +403,22 @@ impl<'a> Relay<'a> {
                 self.start_close(Some((code, &reason)), Some((code, &reason)));
             }
         }
+    }
+
+    /// Takes up input held back for the gateway's own frames once they are written; true if
+    /// there was some. Such input is already off the socket: no readiness event would bring
+    /// it back.
+    fn resume_paused_input(&mut self) -> bool {
+        let mut resumed = false;
+        for side in [Side::Client, Side::Upstream] {
+            if self.state(side).input_paused && self.wants_read(side) {
+                self.state_mut(side).input_paused = false;
+                let input = std::mem::take(&mut self.state_mut(side).unprocessed);
+                self.take_input(side, input);
+                resumed = true;
+            }
+        }
+        resumed
     }
 
     /// Starts the gateway's own close toward each side given; frames from a side we close
@@ -414,7 +471,9 @@ impl<'a> Relay<'a> {
         tracing::debug!(?side, "peer went away without a close");
         let other = side.other();
         self.links(side).0.stop_delivering();
-        if self.state(other).close_heard.is_some() {
+        if self.send_deferred_close(other) {
+            // The failed side gets the close it was owed.
+        } else if self.state(other).close_heard.is_some() {
             // `other` started closing and its answer will never come: answer it as the
             // peer would have, so a clean close stays clean.
             self.answer_close(other);
@@ -426,6 +485,26 @@ impl<'a> Relay<'a> {
             self.send_close(other, code, reason);
         }
         self.arm_close_deadline();
+    }
+
+    /// The upstream may still be talking to the client: it has not closed or gone, and it is
+    /// not cut mid-frame toward the client.
+    fn can_defer_close(&self) -> bool {
+        let up = &self.upstream_state;
+        !up.gone && !up.reading_done && !up.close_sent && self.u2c.delivering() && !self.c2u.mid_frame()
+    }
+
+    /// Sends `side` the close deferred for it, if any; true when there was one.
+    fn send_deferred_close(&mut self, side: Side) -> bool {
+        match self.deferred_close {
+            Some((owed, code, reason)) if owed == side => {
+                self.deferred_close = None;
+                self.links(side.other()).0.stop_delivering();
+                self.send_close(side, code, reason);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Answers the close frame `side` sent with its own code (RFC 6455 §5.5.1), unless a
@@ -511,8 +590,22 @@ impl<'a> Relay<'a> {
             if let Some(idle) = self.settings.idle_timeout {
                 next = next.min(self.last_data + idle);
             }
+            if let Some(limit) = self.settings.message_assembly_timeout {
+                for state in [&self.client_state, &self.upstream_state] {
+                    if let Some(since) = state.assembling_since {
+                        next = next.min(since + limit);
+                    }
+                }
+            }
         }
         next
+    }
+
+    /// Brings the timer forward if a new message assembly ends before its deadline.
+    fn arm_assembly_deadline(&mut self) {
+        if self.settings.message_assembly_timeout.is_some() && self.next_deadline() < self.timer_deadline {
+            self.reset_timer();
+        }
     }
 
     fn reset_timer(&mut self) {
@@ -544,6 +637,22 @@ impl<'a> Relay<'a> {
                     }
                 }
             }
+            if let Some(limit) = self.settings.message_assembly_timeout {
+                for side in [Side::Client, Side::Upstream] {
+                    let late = self.state(side).assembling_since.is_some_and(|since| now >= since + limit);
+                    if late && self.close_deadline.is_none() {
+                        tracing::debug!(?side, "a message took too long to arrive");
+                        self.state_mut(side).assembling_since = None;
+                        self.state_mut(side).reading_done = true;
+                        let reason = "message took too long to arrive";
+                        let (to_client, to_upstream) = match side {
+                            Side::Client => ((code::POLICY_VIOLATION, reason), (code::GOING_AWAY, "client too slow")),
+                            Side::Upstream => ((code::INTERNAL_ERROR, "upstream too slow"), (code::POLICY_VIOLATION, reason)),
+                        };
+                        self.start_close(Some(to_client), Some(to_upstream));
+                    }
+                }
+            }
             if let Some(idle) = self.settings.idle_timeout {
                 if now >= self.last_data + idle {
                     self.start_close(
@@ -559,9 +668,12 @@ impl<'a> Relay<'a> {
     /// Ends both TCP connections with a FIN after everything written.
     fn finish(&mut self) {
         // A close whose forwarded copy the other side never answered (the close deadline
-        // passed) still gets an answer, written if the socket takes it now.
+        // passed) still gets an answer, written if the socket takes it now; so does a
+        // deferred one.
         for side in [Side::Client, Side::Upstream] {
-            self.answer_close(side);
+            if !self.send_deferred_close(side) {
+                self.answer_close(side);
+            }
         }
         self.flush_all();
         for side in [Side::Client, Side::Upstream] {

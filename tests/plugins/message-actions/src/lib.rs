@@ -3,7 +3,8 @@
 //!
 //! From the client: `drop` → drop; `close` → close 4000 "asked to close"; `echo` → reply
 //! with the message itself (no payload set); `reply:X` → reply X; `upper:…` → replace with
-//! the upper-cased message; `raw:…` → forward uncompressed; anything else → forward.
+//! the upper-cased message; `raw:…` → forward uncompressed; `big:N` → reply with N bytes;
+//! `grow:N` → replace with N bytes; anything else → forward.
 //!
 //! From the upstream: messages of 1,000 bytes or more are forwarded on their length alone,
 //! without reading the payload; shorter ones starting with `raw:` go uncompressed.
@@ -38,12 +39,18 @@ impl Plugin for MessageActions {
             "close" => Action::close(4000, "asked to close"),
             "echo" => Action::Echo,
             t if t.starts_with("upper:") => Action::Replace(t.to_uppercase().into_bytes()),
+            t if t.starts_with("big:") => Action::Reply(vec![b'x'; size(&t[4..])]),
+            t if t.starts_with("grow:") => Action::Replace(vec![b'x'; size(&t[5..])]),
             t => match t.strip_prefix("reply:") {
                 Some(reply) => Action::Reply(reply.as_bytes().to_vec()),
                 None => Action::Forward,
             },
         }
     }
+}
+
+fn size(digits: &str) -> usize {
+    digits.parse().unwrap_or(0)
 }
 
 wasmgate_sdk::export_plugin!(MessageActions);
