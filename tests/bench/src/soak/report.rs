@@ -237,6 +237,63 @@ impl Report<'_> {
 mod tests {
     use super::*;
 
+    /// A 3-minute run whose last three samples have `end_rss_kib`, `end_fds` and `end_open`.
+    fn verdict(end_rss_kib: u64, end_fds: usize, end_open: u64, counters: &Counters) -> (String, bool) {
+        let sample = |secs: u64, rss_kib: u64, fds: usize, pool_open: u64| Sample {
+            at: Duration::from_secs(secs),
+            rss_kib,
+            fds,
+            gateway_conns: Some(pool_open),
+            pool_open,
+            churned: secs * 40,
+            echoes: secs * 200,
+            reloads: secs / 60,
+            kills: 0,
+            errors: 0,
+        };
+        let samples = (0..=18)
+            .map(|n| match n {
+                16.. => sample(n * 10, end_rss_kib, end_fds, end_open),
+                _ => sample(n * 10, 40_000, 400, 200),
+            })
+            .collect();
+        let report = Report {
+            header: "## soak".into(),
+            samples,
+            idle_before: sample(0, 39_000, 16, 0),
+            idle_after: sample(180, 39_500, 16, 0),
+            counters,
+            connections: 200,
+            cpu_percent: 5.0,
+            plugin_failures: Some(0),
+            connect_failures: Some(0),
+            gateway_log: "no warnings or errors".into(),
+        };
+        report.render()
+    }
+
+    #[test]
+    fn verdict_needs_every_condition() {
+        let quiet = Counters::default();
+        let (text, passed) = verdict(43_000, 430, 200, &quiet);
+        assert!(passed, "{text}");
+        assert!(text.contains("| 1:00 | 39.1 | 400 | 200 | 200 | 2,400 | 12,000 | 1 | 0 | 0 | start |"), "{text}");
+        assert!(text.contains("RSS: start 39.1 MiB, end 42.0 MiB (+7.5%): within 10%"), "{text}");
+
+        let (text, passed) = verdict(45_000, 400, 200, &quiet);
+        assert!(!passed && text.contains("FAIL: RSS did not end within 10%"), "{text}");
+        let (text, passed) = verdict(40_000, 355, 200, &quiet);
+        assert!(!passed && text.contains("FAIL: open descriptors did not end within 10%"), "{text}");
+        let (text, passed) = verdict(40_000, 400, 190, &quiet);
+        assert!(!passed && text.contains("190/190/190 of 200 at the end"), "{text}");
+
+        let troubled = Counters::default();
+        troubled.error("long-lived connection", anyhow::anyhow!("no echo within 5s"));
+        let (text, passed) = verdict(40_000, 400, 200, &troubled);
+        assert!(!passed && text.contains("FAIL: 1 unexpected client errors"), "{text}");
+        assert!(text.contains("first: long-lived connection: no echo within 5s"), "{text}");
+    }
+
     #[test]
     fn change_is_relative_to_the_start() {
         assert!(Change { start: 100.0, end: 109.0 }.holds());
