@@ -44,7 +44,8 @@ use crate::proxies::{Binaries, Target};
 use crate::wasmgate::{self, Extra, Plugin};
 use crate::{jwt, machine};
 
-/// The admin token, from the harness's environment; the gateway reads the same variable.
+/// The admin token, from the harness's environment; handed to the gateway in the same
+/// variable, which its config names.
 const ADMIN_TOKEN_ENV: &str = "WASMGATE_ADMIN_TOKEN";
 const PLUGINS: [Plugin; 3] = [Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn];
 const BACKENDS: usize = 3;
@@ -95,6 +96,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let nofile = procs::raise_nofile_limit()?;
     let bins = Binaries::locate(&[Target::Wasmgate3])?;
     let dir = TempDir::new()?;
+    // To always run with a token: `.or_else(|| Some(format!("soak-{}", std::process::id())))`.
     let admin_token = std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty());
     let header = header(&bins, &options, admin_token.is_some(), nofile);
 
@@ -314,6 +316,9 @@ impl Gateway {
         let mut cmd = Command::new(exe);
         // Warnings only, as the benchmark columns run; NO_COLOR keeps escapes out of the log.
         cmd.arg("run").arg("--config").arg(&config.path).env("RUST_LOG", "warn").env("NO_COLOR", "1");
+        if let Some(token) = &admin_token {
+            cmd.env(ADMIN_TOKEN_ENV, token);
+        }
         let mut proc = Proc::spawn("wasmgate", cmd, dir)?;
         proc.wait_listening(listen, STARTUP_LIMIT)?;
         proc.wait_listening(admin, STARTUP_LIMIT)?;
