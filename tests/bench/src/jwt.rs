@@ -21,12 +21,21 @@ const VALID_FOR_SECS: u64 = 24 * 3600;
 
 /// `Bearer <HS256 token>` for user `bench`, valid from now for a day.
 pub fn bearer() -> HeaderValue {
+    bearer_signed_with(SECRET)
+}
+
+/// The same token signed with another secret: jwt-auth refuses it (401, bad signature).
+pub fn forged_bearer() -> HeaderValue {
+    bearer_signed_with("not-the-secret-the-gateway-checks-tokens-with")
+}
+
+fn bearer_signed_with(secret: &str) -> HeaderValue {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
     let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
     let claims = URL_SAFE_NO_PAD
         .encode(format!(r#"{{"sub":"bench","aud":"{AUDIENCE}","iat":{now},"exp":{}}}"#, now + VALID_FOR_SECS));
     let signed = format!("{header}.{claims}");
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("HMAC takes keys of any length");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(signed.as_bytes());
     let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
     HeaderValue::from_str(&format!("Bearer {signed}.{signature}")).expect("base64url is a valid header value")

@@ -6,6 +6,7 @@
 //! cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
 //! cargo run --release -p wasmgate-bench -- [--quick] [--only TARGET,...]
 //!     [--scenario echo,connect,rss] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- soak [--minutes 30] [--out FILE]
 //! ```
 //! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
@@ -28,6 +29,9 @@
 //! the secret the generated jwt-auth config checks (see `jwt`), so all targets get the same
 //! requests.
 //!
+//! `soak` runs something else: one wasmgate under 30 minutes of mixed work, checking that its
+//! memory and descriptors end where they started (see `soak`).
+//!
 //! This file holds the command line and the run order; see the modules for the rest.
 
 mod jwt;
@@ -35,6 +39,7 @@ mod load;
 mod machine;
 mod procs;
 mod proxies;
+mod soak;
 mod table;
 mod wasmgate;
 
@@ -51,8 +56,14 @@ use proxies::{Binaries, Running, Target};
 use table::Results;
 
 #[derive(Parser)]
-#[command(name = "wasmgate-bench", about = "Benchmark wasmgate against nginx, HAProxy and a direct connection")]
+#[command(
+    name = "wasmgate-bench",
+    about = "Benchmark wasmgate against nginx, HAProxy and a direct connection",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Measure 2 s per scenario instead of 5 s.
     #[arg(long)]
     quick: bool,
@@ -81,12 +92,23 @@ struct Args {
     out: Option<PathBuf>,
 }
 
+#[derive(clap::Subcommand)]
+enum Mode {
+    /// Soak wasmgate: mixed work for a while (30 minutes by default), its RSS and open
+    /// descriptors sampled every 10 s; they must end within 10% of where they started.
+    Soak(soak::Options),
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     // The run future owns every child process, so leaving it (done, failed or interrupted)
-    // stops them all.
-    match runtime.block_on(until_signal(run(args))) {
+    // stops them all. It runs on this thread, which children's parent-death signal watches.
+    let result = match args.mode.take() {
+        Some(Mode::Soak(options)) => runtime.block_on(until_signal(soak::run(options))),
+        None => runtime.block_on(until_signal(run(args))),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

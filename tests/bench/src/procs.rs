@@ -110,8 +110,22 @@ impl Proc {
         Ok(())
     }
 
+    /// Descriptors the group leader has open (entries of /proc/PID/fd).
+    pub fn open_fds(&self) -> anyhow::Result<usize> {
+        let dir = format!("/proc/{}/fd", self.child.id());
+        Ok(std::fs::read_dir(&dir).with_context(|| format!("{} is gone: reading {dir}", self.name))?.count())
+    }
+
+    /// Stops the whole group with SIGKILL, as a crash would: no close frames, no FIN from
+    /// the application, the kernel resets its connections.
+    pub fn kill(self) {
+        // Safety: a plain syscall; the group leader is not reaped yet, so the id is still ours.
+        unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        // Drop reaps it.
+    }
+
     /// The last lines of the process's output, for error messages.
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(4).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")

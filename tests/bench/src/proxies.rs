@@ -92,6 +92,19 @@ impl Binaries {
         Ok(bins)
     }
 
+    pub fn wasmgate(&self) -> &Path {
+        &self.wasmgate
+    }
+
+    pub fn echo_backend(&self) -> &Path {
+        &self.echo_backend
+    }
+
+    /// `wasmgate --version`.
+    pub fn wasmgate_version(&self) -> String {
+        first_line(Command::new(&self.wasmgate).arg("--version"))
+    }
+
     /// The version of each selected proxy and how it is set up, for the table header; the
     /// wasmgate columns share one entry that says what each of them runs.
     pub fn versions(&self, targets: &[Target]) -> Vec<String> {

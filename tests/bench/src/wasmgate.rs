@@ -38,12 +38,13 @@ impl Plugin {
     }
 
     /// The `config` table handed to the plugin's `init`, TOML inline.
-    fn config(self) -> String {
+    fn config(self, extra: &Extra) -> String {
         match self {
             Plugin::JwtAuth => format!(
-                r#"{{ secret = "{}", audience = "{}", claims_to_headers = {{ sub = "x-user-id" }} }}"#,
+                r#"{{ secret = "{}", audience = "{}", claims_to_headers = {{ sub = "x-user-id" }}{} }}"#,
                 jwt::SECRET,
-                jwt::AUDIENCE
+                jwt::AUDIENCE,
+                extra.jwt_leeway_secs.map(|secs| format!(", leeway_secs = {secs}")).unwrap_or_default()
             ),
             Plugin::LeastConn | Plugin::NoopMessages => "{}".into(),
         }
@@ -89,6 +90,17 @@ pub fn describe(plugins: &[Plugin]) -> String {
     format!("{count}{route}, {balancing}")
 }
 
+/// What the soak run sets beyond the benchmark columns' config.
+#[derive(Default)]
+pub struct Extra {
+    /// More `[gateway]` lines, e.g. `watch = false`.
+    pub gateway: Vec<String>,
+    /// More `[[upstream]]` lines, e.g. health checks.
+    pub upstream: Vec<String>,
+    /// jwt-auth's `leeway_secs`: a new value makes a reload re-initialise the plugin.
+    pub jwt_leeway_secs: Option<u64>,
+}
+
 /// One route to an upstream of `servers`; `plugins` split into the route's chain (in order)
 /// and the upstream's balancer. Compiled components are cached in `cache` (the run's own
 /// directory), so only the first start of a run compiles them.
@@ -99,14 +111,32 @@ pub fn config(
     plugins: &[Plugin],
     cache: &Path,
 ) -> String {
+    config_with(listen, admin, servers, plugins, cache, &Extra::default())
+}
+
+/// `config` with `extra` settings.
+pub fn config_with(
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    servers: &[SocketAddr],
+    plugins: &[Plugin],
+    cache: &Path,
+    extra: &Extra,
+) -> String {
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     let mut text = format!("[gateway]\nlisten = \"{listen}\"\nplugin_cache = \"{}\"\n", cache.display());
     if let Some(admin) = admin {
         let _ = writeln!(text, "admin = \"{admin}\"");
     }
+    for line in &extra.gateway {
+        let _ = writeln!(text, "{line}");
+    }
     let _ = write!(text, "\n[[upstream]]\nname = \"echo\"\nservers = [{}]\n", servers.join(", "));
     if let Some(balancer) = plugins.iter().find(|p| p.is_balancer()) {
         let _ = writeln!(text, "balancer = \"{}\"", balancer.name());
+    }
+    for line in &extra.upstream {
+        let _ = writeln!(text, "{line}");
     }
     for p in plugins {
         let _ = write!(
@@ -114,7 +144,7 @@ pub fn config(
             "\n[[plugin]]\nname = \"{}\"\nwasm = \"{}\"\nconfig = {}\n",
             p.name(),
             p.component().display(),
-            p.config()
+            p.config(extra)
         );
     }
     let chain: Vec<String> = plugins.iter().filter(|p| !p.is_balancer()).map(|p| format!("\"{}\"", p.name())).collect();
@@ -125,14 +155,33 @@ pub fn config(
 /// Failed plugin calls so far, from /metrics on the gateway's admin address: None when
 /// there were none, else the count and which plugin failed how (see `failures_in`).
 pub fn failed_plugin_calls(admin: SocketAddr) -> anyhow::Result<Option<String>> {
-    let limit = Duration::from_secs(5);
+    let text = admin_request(admin, "GET", "/metrics", None)?;
+    failures_in(&text).with_context(|| format!("reading {admin}/metrics"))
+}
+
+/// One request to the admin API at `admin`, with `token` as a Bearer token if given: the
+/// response body, or an error naming the status if it is not 2xx. `Host` is the admin
+/// address itself, a name the admin API accepts without configuration.
+pub fn admin_request(admin: SocketAddr, method: &str, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+    let limit = Duration::from_secs(10);
     let mut stream = TcpStream::connect_timeout(&admin, limit)?;
     stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
+    let authorization = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     // HTTP/1.0: the server closes the connection after the response, which ends the read.
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: wasmgate\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    failures_in(&text).with_context(|| format!("reading {admin}/metrics"))
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {admin}\r\n{authorization}Content-Length: 0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{method} {path}: no HTTP status in {head:?}"))?;
+    if !(200..300).contains(&status) {
+        bail!("{method} {path}: {status} {}", body.trim());
+    }
+    Ok(body.to_string())
 }
 
 /// From Prometheus text: "3 (noop-messages: 3 timeout)", or None when no call failed.
