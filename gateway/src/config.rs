@@ -92,6 +92,16 @@ pub struct GatewaySection {
     /// Reset compression contexts after every message, so idle connections free them.
     #[serde(default)]
     pub compression_no_context_takeover: bool,
+
+    // The edge: whose word about the client's address is taken (see `forwarding` and
+    // `proxy_protocol`).
+    /// Peers (CIDRs or addresses) whose `X-Forwarded-*` / `Forwarded` headers are kept and
+    /// extended, and who may send PROXY protocol headers. Empty (default): nobody.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// Every client connection opens with a PROXY protocol v1 or v2 header, from a peer in
+    /// `trusted_proxies`; its client address replaces the socket's. Default false.
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,8 +203,9 @@ pub struct RouteSection {
     /// Path prefix; the longest matching prefix wins.
     #[serde(default = "defaults::route_path")]
     pub path: Spanned<String>,
-    /// Exact host (without port) this route is for; any host when absent.
-    pub host: Option<String>,
+    /// Exact host (without port) this route is for; any host when absent. Normalised by
+    /// `validate` (lower case, no trailing dot, canonical IPv6).
+    pub host: Option<Spanned<String>>,
     pub upstream: Spanned<String>,
     /// Plugin chain, in call order.
     #[serde(default)]
@@ -307,6 +318,13 @@ impl GatewaySection {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
     }
+    pub fn trusted_proxies(&self) -> crate::forwarding::TrustedProxies {
+        let networks = self.trusted_proxies.iter().map(|t| crate::forwarding::parse_network(t.get_ref()).expect("validated"));
+        crate::forwarding::TrustedProxies::new(networks.collect())
+    }
+    pub fn proxy_protocol(&self) -> bool {
+        self.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref())
+    }
 }
 
 impl PluginSection {
@@ -360,6 +378,7 @@ impl Config {
         if !(8..=15).contains(&g.compression_window_bits) {
             return Err(ConfigError(format!("{}: compression_window_bits must be 8..=15", at.origin)));
         }
+        validate_edge(at, g)?;
         let plugin_names = unique_names(at, self.plugins.iter().map(|p| &p.name), "plugin")?;
         let upstream_names = unique_names(at, self.upstreams.iter().map(|u| &u.name), "upstream")?;
         for p in &self.plugins {
@@ -390,11 +409,26 @@ impl Config {
             }
         }
         let mut seen_routes = HashSet::new();
-        for r in &self.routes {
+        for r in &mut self.routes {
             if !r.path.get_ref().starts_with('/') {
                 return Err(at.error(r.path.span(), "route path must start with '/'"));
             }
-            if !seen_routes.insert((r.host.clone(), r.path.get_ref().clone())) {
+            // Requests are routed on their normal form (see `normalize`); a route written
+            // otherwise could never match, or could be missed by another spelling.
+            if !crate::normalize::is_plain_route_path(r.path.get_ref()) {
+                return Err(at.error(
+                    r.path.span(),
+                    "route path must be in normal form: letters, digits, '-', '.', '_', '~' and single '/', \
+                     no '.' or '..' segments",
+                ));
+            }
+            if let Some(host) = &mut r.host {
+                let normal = crate::normalize::host(host.get_ref())
+                    .map_err(|e| at.error(host.span(), &format!("route host: {e}")))?;
+                *host = Spanned::new(host.span(), normal);
+            }
+            let host = r.host.as_ref().map(|h| h.get_ref().clone());
+            if !seen_routes.insert((host, r.path.get_ref().clone())) {
                 return Err(at.error(r.path.span(), "duplicate route (same host and path)"));
             }
             if !upstream_names.contains(r.upstream.get_ref().as_str()) {
@@ -444,6 +478,24 @@ fn expand(value: &mut toml::Value, base_dir: &Path, key: &str) -> Result<(), Str
         }
         _ => Ok(()),
     }
+}
+
+/// `trusted_proxies` must be CIDRs; `proxy_protocol` needs someone to trust.
+fn validate_edge(at: &Locator, g: &GatewaySection) -> Result<(), ConfigError> {
+    for entry in &g.trusted_proxies {
+        crate::forwarding::parse_network(entry.get_ref())
+            .map_err(|e| at.error(entry.span(), &format!("trusted_proxies: {e}")))?;
+    }
+    if let Some(p) = &g.proxy_protocol {
+        if *p.get_ref() && g.trusted_proxies.is_empty() {
+            return Err(at.error(
+                p.span(),
+                "proxy_protocol = true needs trusted_proxies: PROXY headers are taken only from them, \
+                 so every connection would be refused",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_health(at: &Locator, health: &Spanned<HealthTable>) -> Result<(), ConfigError> {

@@ -35,6 +35,10 @@ pub struct Routing {
     pub handshake_timeout: Duration,
     /// permessage-deflate when no plugin decides.
     pub compression: Compression,
+    /// Peers whose forwarding headers and PROXY protocol headers are believed.
+    pub trusted_proxies: crate::forwarding::TrustedProxies,
+    /// Every client connection opens with a PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
 impl Routing {
@@ -73,6 +77,8 @@ impl Routing {
                 max_window_bits: g.compression_window_bits,
                 no_context_takeover: g.compression_no_context_takeover,
             },
+            trusted_proxies: g.trusted_proxies(),
+            proxy_protocol: g.proxy_protocol(),
         })
     }
 }

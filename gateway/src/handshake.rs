@@ -11,10 +11,13 @@
 use std::time::Duration;
 
 use base64::Engine;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::forwarding;
+use crate::normalize;
 
 /// Largest request head accepted (request line and headers).
 const MAX_HEAD: usize = 64 * 1024;
@@ -26,7 +29,8 @@ const MAX_HEADERS: usize = 100;
 pub struct RequestHead {
     pub method: Method,
     pub version: Version,
-    pub uri: Uri,
+    /// The request target as sent; [`validate`] normalises it.
+    pub target: String,
     pub headers: HeaderMap,
     /// Bytes after the head: frames a client sent without waiting for the 101.
     pub rest: Vec<u8>,
@@ -41,9 +45,16 @@ pub enum ReadError {
     Refused(Refusal),
 }
 
-/// Reads one request head within `timeout`.
-pub async fn read_request(stream: &mut TcpStream, timeout: Duration) -> Result<RequestHead, ReadError> {
-    match tokio::time::timeout(timeout, read_head(stream)).await {
+/// Reads one request head before `deadline` (`timeout` is how long that was, for the
+/// message); `already_read` holds bytes of it that came off the socket before (behind a
+/// PROXY protocol header).
+pub async fn read_request(
+    stream: &mut TcpStream,
+    already_read: Vec<u8>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<RequestHead, ReadError> {
+    match tokio::time::timeout_at(deadline, read_head(stream, already_read)).await {
         Ok(result) => result,
         Err(_) => Err(ReadError::Refused(Refusal::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -52,23 +63,27 @@ pub async fn read_request(stream: &mut TcpStream, timeout: Duration) -> Result<R
     }
 }
 
-async fn read_head(stream: &mut TcpStream) -> Result<RequestHead, ReadError> {
-    let mut buf = Vec::with_capacity(2048);
+async fn read_head(stream: &mut TcpStream, already_read: Vec<u8>) -> Result<RequestHead, ReadError> {
+    let mut buf = already_read;
+    buf.reserve(2048);
     loop {
+        // Bytes read before this call may hold the whole head already.
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(&buf).map_err(ReadError::Refused)? {
+                return Ok(head);
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(ReadError::Refused(Refusal::new(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    format!("the request head is larger than {MAX_HEAD} bytes"),
+                )));
+            }
+            buf.reserve(buf.len()); // grow geometrically; read_buf fills the spare capacity
+        }
         match stream.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return Err(ReadError::Gone),
             Ok(_) => {}
         }
-        if let Some(head) = parse_head(&buf).map_err(ReadError::Refused)? {
-            return Ok(head);
-        }
-        if buf.len() >= MAX_HEAD {
-            return Err(ReadError::Refused(Refusal::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("the request head is larger than {MAX_HEAD} bytes"),
-            )));
-        }
-        buf.reserve(buf.len()); // grow geometrically; read_buf fills the spare capacity
     }
 }
 
@@ -89,7 +104,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, Refusal> {
     };
     let bad = |what: &str| Refusal::new(StatusCode::BAD_REQUEST, format!("malformed HTTP request: {what}"));
     let method = Method::from_bytes(request.method.unwrap_or("").as_bytes()).map_err(|_| bad("method"))?;
-    let uri: Uri = request.path.unwrap_or("").parse().map_err(|_| bad("request target"))?;
+    let target = request.path.unwrap_or("").to_string();
     let version = if request.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
     let mut headers = HeaderMap::with_capacity(request.headers.len());
     for h in request.headers.iter() {
@@ -104,7 +119,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, Refusal> {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "a WebSocket upgrade request has no body"));
     }
     let rest = buf[head_len..].to_vec();
-    Ok(Some(RequestHead { method, version, uri, headers, rest }))
+    Ok(Some(RequestHead { method, version, target, headers, rest }))
 }
 
 /// How long a refused client may keep sending before the socket closes anyway.
@@ -143,9 +158,11 @@ pub fn accept_key(key: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct ClientUpgrade {
     pub key: String,
+    /// The normal path (see [`normalize`]): what routes match, plugins see and the
+    /// upstream gets.
     pub path: String,
     pub query: String,
-    /// Host without port, lower-cased; "" when absent.
+    /// The normal host, without port: what host routes match.
     pub host: String,
     pub subprotocols: Vec<String>,
     pub headers: HeaderMap,
@@ -214,8 +231,10 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Checks an upgrade request against RFC 6455 §4.2.1.
-pub fn validate(method: &Method, version: Version, uri: &Uri, headers: HeaderMap) -> Result<ClientUpgrade, Refusal> {
+/// Checks an upgrade request against RFC 6455 §4.2.1, and normalises its target and
+/// `Host` (refusing those that have no normal form). The `Host` header in the result is
+/// the normal one, so plugins and the upstream see what the router saw.
+pub fn validate(method: &Method, version: Version, target: &str, mut headers: HeaderMap) -> Result<ClientUpgrade, Refusal> {
     if !headers.contains_key(header::UPGRADE) {
         return Err(Refusal::new(
             StatusCode::UPGRADE_REQUIRED,
@@ -262,21 +281,24 @@ pub fn validate(method: &Method, version: Version, uri: &Uri, headers: HeaderMap
             Refusal::new(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
         })?
         .to_string();
-    let host_header = headers.get(header::HOST).map(|v| v.to_str().unwrap_or(""));
-    let host = match (uri.host(), host_header) {
-        // An absolute request target names the host itself (RFC 9112 §3.2.2); one that
-        // disagrees with Host is refused rather than routed by one and forwarded with the other.
-        (Some(target), Some(h)) if !strip_port(target).eq_ignore_ascii_case(strip_port(h)) => {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                format!("the request target names host {target} but the Host header {h}"),
-            ));
-        }
-        (Some(target), _) => target,
-        (None, Some(h)) if !h.is_empty() => h,
-        (None, _) => return Err(Refusal::new(StatusCode::BAD_REQUEST, "Host header missing")),
+    let host_header = match headers.get(header::HOST) {
+        Some(h) => h.to_str().map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "Host: not ASCII"))?,
+        None => return Err(Refusal::new(StatusCode::BAD_REQUEST, "Host header missing")),
     };
-    let host = strip_port(host).to_ascii_lowercase();
+    let authority = normalize::authority(host_header)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("Host: {e}")))?;
+    let target = normalize::target(target)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("request target: {e}")))?;
+    // An absolute request target names the host itself (RFC 9112 §3.2.2); one that
+    // disagrees with Host is refused rather than routed by one and forwarded with the other.
+    if let Some(named) = target.authority.as_ref().filter(|named| named.host != authority.host) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request target names host {} but the Host header {}", named.host, authority.host),
+        ));
+    }
+    let normal_host = HeaderValue::try_from(authority.to_string()).expect("a normal authority is a header value");
+    headers.insert(header::HOST, normal_host);
     let subprotocols = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -285,22 +307,7 @@ pub fn validate(method: &Method, version: Version, uri: &Uri, headers: HeaderMap
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty())
         .collect();
-    Ok(ClientUpgrade {
-        key,
-        path: uri.path().to_string(),
-        query: uri.query().unwrap_or("").to_string(),
-        host,
-        subprotocols,
-        headers,
-    })
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        // [::1]:8080
-        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+    Ok(ClientUpgrade { key, path: target.path, query: target.query, host: authority.host, subprotocols, headers })
 }
 
 /// Headers that describe one hop and are never forwarded; the gateway writes its own.
@@ -321,33 +328,20 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// The headers to send upstream: the client's end-to-end headers (Origin, cookies,
-/// Authorization, subprotocol offer, ...) plus the X-Forwarded-* / Forwarded family.
+/// Authorization, subprotocol offer, ...; Host in its normal form) plus this hop's
+/// `X-Forwarded-For` / `Forwarded` / `X-Forwarded-Proto` (see [`forwarding`]). Forwarding
+/// headers left in `upgrade.headers` are a trusted proxy's, and are extended.
 pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::with_capacity(upgrade.headers.len() + 4);
-    let mut forwarded_for = None;
-    let mut forwarded = None;
     for (name, value) in &upgrade.headers {
         let name = name.as_str();
         let Ok(value) = value.to_str() else { continue };
-        match name {
-            "x-forwarded-for" => forwarded_for = Some(value.to_string()),
-            "forwarded" => forwarded = Some(value.to_string()),
-            n if HOP_BY_HOP.contains(&n) => {}
-            _ => out.push((name.to_string(), value.to_string())),
+        if !HOP_BY_HOP.contains(&name) && !forwarding::is_rewritten(name) {
+            out.push((name.to_string(), value.to_string()));
         }
     }
-    let ip = client_ip.to_string();
-    out.push((
-        "x-forwarded-for".into(),
-        forwarded_for.map_or_else(|| ip.clone(), |prev| format!("{prev}, {ip}")),
-    ));
-    let node = if client_ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
-    let mut element = format!("for={node};proto=http");
-    if let Some(host) = upgrade.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        element.push_str(&format!(";host=\"{host}\""));
-    }
-    out.push(("forwarded".into(), forwarded.map_or_else(|| element.clone(), |prev| format!("{prev}, {element}"))));
-    out.push(("x-forwarded-proto".into(), "http".into()));
+    let host = upgrade.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(&upgrade.host);
+    out.extend(forwarding::forwarding_headers(&upgrade.headers, client_ip, host));
     out
 }
 
@@ -393,7 +387,7 @@ mod tests {
                 headers.insert(header::HeaderName::from_static(k), HeaderValue::from_static(v));
             }
         }
-        validate(&Method::GET, Version::HTTP_11, &"/chat?x=1".parse().unwrap(), headers)
+        validate(&Method::GET, Version::HTTP_11, "/chat?x=1", headers)
     }
 
     #[test]
@@ -413,18 +407,18 @@ mod tests {
         for name in ["host", "sec-websocket-key", "sec-websocket-version"] {
             let mut extra = HeaderMap::new();
             extra.append(header::HeaderName::from_static(name), HeaderValue::from_static("x"));
-            let refusal = request_with(&"/".parse().unwrap(), extra).unwrap_err();
+            let refusal = request_with("/", extra).unwrap_err();
             assert_eq!(refusal.status, 400);
             assert_eq!(refusal.reason, format!("more than one {name} header"));
         }
-        let absolute = |target: &str| request_with(&target.parse().unwrap(), HeaderMap::new());
+        let absolute = |target: &str| request_with(target, HeaderMap::new());
         assert_eq!(absolute("http://Example.com/chat").unwrap().host, "example.com");
         assert_eq!(absolute("http://other.example/chat").unwrap_err().status, 400);
     }
 
     /// The base request, as `request` builds it, with `extra` appended and `target` as its
     /// request target.
-    fn request_with(target: &Uri, extra: HeaderMap) -> Result<ClientUpgrade, Refusal> {
+    fn request_with(target: &str, extra: HeaderMap) -> Result<ClientUpgrade, Refusal> {
         let mut headers = request(&[], &[]).unwrap().headers;
         for (name, value) in &extra {
             headers.append(name, value.clone());
@@ -444,7 +438,7 @@ mod tests {
         bytes.extend_from_slice(b"\x81\x80early");
         let parsed = parse(&bytes).unwrap().unwrap();
         assert_eq!((parsed.method, parsed.version), (Method::GET, Version::HTTP_11));
-        assert_eq!(parsed.uri.path(), "/chat");
+        assert_eq!(parsed.target, "/chat?x=1");
         assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
         assert_eq!(parsed.rest, b"\x81\x80early");
     }
@@ -477,5 +471,119 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
         assert!(text.contains("www-authenticate: Bearer\r\n") && text.contains("content-length: 9\r\n"), "{text}");
         assert!(!text.contains("99") && text.ends_with("\r\n\r\nno token\n"), "{text}");
+    }
+
+    #[test]
+    fn routes_see_the_normal_target_and_host() {
+        let mut headers = request(&[], &[]).unwrap().headers;
+        headers.insert(header::HOST, HeaderValue::from_static("CHAT.Example.com.:8080"));
+        let ok = validate(&Method::GET, Version::HTTP_11, "//a/./b/../%61dmin?x=%2e", headers.clone()).unwrap();
+        assert_eq!((ok.host.as_str(), ok.path.as_str(), ok.query.as_str()), ("chat.example.com", "/a/admin", "x=%2e"));
+        assert_eq!(ok.headers.get(header::HOST).unwrap(), "chat.example.com:8080", "upstream and plugins see it too");
+        let refused = |target: &str, headers: HeaderMap| validate(&Method::GET, Version::HTTP_11, target, headers).unwrap_err();
+        for target in ["/../admin", "/admin%2f", "/admin;x", "*", "example.com:443", "http://u@chat.example.com/"] {
+            let refusal = refused(target, headers.clone());
+            assert_eq!(refusal.status, 400, "{target}");
+            assert!(refusal.reason.starts_with("request target: "), "{target}: {}", refusal.reason);
+        }
+        headers.insert(header::HOST, HeaderValue::from_static("chat.example.com.."));
+        assert!(refused("/", headers.clone()).reason.starts_with("Host: "));
+        headers.remove(header::HOST);
+        assert_eq!(refused("/", headers).reason, "Host header missing");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const GOOD: &[u8] = b"GET /chat?x=1 HTTP/1.1\r\nHost: example.com:8080\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+        /// Bytes that matter to an HTTP head: separators, header names, dot segments.
+        const INTERESTING: &[&[u8]] = &[
+            b"\r\n", b"\n", b"\r", b":", b" ", b"\t", b"\0", b"/", b"%", b"..", b"%2e", b"//", b";", b"?", b"#",
+            b"Host: a\r\n", b"Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n", b"Sec-WebSocket-Version: 8\r\n",
+            b"Content-Length: 1\r\n", b"Transfer-Encoding: chunked\r\n", b"\xff", b"http://", b"[::1]",
+        ];
+
+        /// An edit of a valid head: overwrite, insert an interesting piece, or delete a range.
+        #[derive(Debug, Clone)]
+        enum Edit {
+            Set(usize, u8),
+            Insert(usize, usize),
+            Delete(usize, usize),
+        }
+
+        fn edits() -> impl Strategy<Value = Vec<Edit>> {
+            let edit = prop_oneof![
+                (any::<usize>(), any::<u8>()).prop_map(|(at, b)| Edit::Set(at, b)),
+                (any::<usize>(), 0..INTERESTING.len()).prop_map(|(at, i)| Edit::Insert(at, i)),
+                (any::<usize>(), 1..8usize).prop_map(|(at, n)| Edit::Delete(at, n)),
+            ];
+            prop::collection::vec(edit, 1..6)
+        }
+
+        fn mutate(edits: &[Edit]) -> Vec<u8> {
+            let mut head = GOOD.to_vec();
+            for edit in edits {
+                let len = head.len().max(1);
+                match *edit {
+                    Edit::Set(at, b) => {
+                        if !head.is_empty() {
+                            head[at % len] = b;
+                        }
+                    }
+                    Edit::Insert(at, i) => {
+                        let at = at % (head.len() + 1);
+                        head.splice(at..at, INTERESTING[i].iter().copied());
+                    }
+                    Edit::Delete(at, n) => {
+                        let at = at % len;
+                        let end = (at + n).min(head.len());
+                        head.drain(at.min(end)..end);
+                    }
+                }
+            }
+            head
+        }
+
+        /// What anything `validate` accepts must satisfy (RFC 6455 §4.2.1, and the
+        /// normal forms routing relies on).
+        fn check_accepted(buf: &[u8]) -> Result<(), TestCaseError> {
+            let Ok(Some(head)) = parse_head(buf) else { return Ok(()) };
+            let Ok(upgrade) = validate(&head.method, head.version, &head.target, head.headers) else { return Ok(()) };
+            let raw_key = base64::engine::general_purpose::STANDARD.decode(&upgrade.key);
+            prop_assert_eq!(raw_key.map(|k| k.len()).ok(), Some(16));
+            for name in [header::HOST, header::SEC_WEBSOCKET_KEY, header::SEC_WEBSOCKET_VERSION] {
+                prop_assert_eq!(upgrade.headers.get_all(&name).iter().count(), 1, "{}", name);
+            }
+            prop_assert_eq!(upgrade.headers.get(header::SEC_WEBSOCKET_VERSION).unwrap().as_bytes().trim_ascii(), b"13");
+            let host = upgrade.headers.get(header::HOST).unwrap().to_str().unwrap();
+            let authority = normalize::authority(host).unwrap();
+            prop_assert_eq!(&authority.host, &upgrade.host);
+            prop_assert_eq!(authority.to_string(), host);
+            prop_assert_eq!(normalize::path(&upgrade.path), Ok(upgrade.path.clone()));
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+
+            #[test]
+            fn random_bytes_never_panic(buf in prop::collection::vec(any::<u8>(), 0..300)) {
+                check_accepted(&buf)?;
+            }
+
+            #[test]
+            fn mutated_heads_never_panic_and_what_passes_is_valid(edits in edits()) {
+                check_accepted(&mutate(&edits))?;
+            }
+        }
+
+        #[test]
+        fn the_unmutated_head_is_accepted() {
+            let head = parse_head(GOOD).unwrap().unwrap();
+            assert!(validate(&head.method, head.version, &head.target, head.headers).is_ok());
+        }
     }
 }

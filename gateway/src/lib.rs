@@ -2,7 +2,9 @@
 //! plugins.
 //!
 //! A connection's life, module by module:
-//! [`listener`] accepts → [`handshake`] validates the upgrade → [`routes`] picks the route →
+//! [`listener`] accepts ([`proxy_protocol`] reads who the client is behind a balancer) →
+//! [`handshake`] validates the upgrade ([`normalize`] puts its path and host in normal form,
+//! [`forwarding`] decides whose forwarding headers count) → [`routes`] picks the route →
 //! [`upstream`] opens the upstream WebSocket → [`relay`] moves frames until both sides close.
 //! [`gateway`] ties them together behind [`Gateway::start`]; [`config`] is the TOML schema;
 //! [`admin`] serves health and metrics.
@@ -10,12 +12,15 @@
 pub mod admin;
 pub mod compression;
 pub mod config;
+pub mod forwarding;
 pub mod gateway;
 pub mod handshake;
 pub mod listener;
 pub mod metrics;
+pub mod normalize;
 pub mod plugin;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod routes;
 pub mod upstream;

@@ -14,10 +14,12 @@ use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::forwarding;
 use crate::gateway::Shared;
 use crate::handshake::{self, ClientUpgrade, ReadError, Refusal, RequestHead};
 use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
+use crate::proxy_protocol;
 use crate::plugin::{
     Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
     Verdict,
@@ -37,10 +39,9 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
 
 /// Reads the upgrade request and answers it: with a 101, returning what the relay needs, or
 /// with a refusal, after which the socket is done.
-async fn answer(stream: &mut TcpStream, client_addr: SocketAddr, shared: &Arc<Shared>) -> Option<Box<Prepared>> {
-    let timeout = shared.routing.load().handshake_timeout;
-    let refusal = match handshake::read_request(stream, timeout).await {
-        Ok(head) => match upgrade(head, client_addr, shared).await {
+async fn answer(stream: &mut TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Box<Prepared>> {
+    let refusal = match read_upgrade(stream, peer, shared).await {
+        Ok((head, client_addr)) => match upgrade(head, client_addr, shared).await {
             Ok((response, prepared)) => return stream.write_all(&response).await.is_ok().then(|| Box::new(prepared)),
             Err(refusal) => refusal,
         },
@@ -48,16 +49,34 @@ async fn answer(stream: &mut TcpStream, client_addr: SocketAddr, shared: &Arc<Sh
         Err(ReadError::Refused(refusal)) => refusal,
     };
     shared.metrics.handshakes_refused.inc();
-    tracing::debug!(%client_addr, status = refusal.status.as_u16(), reason = %refusal.reason, "handshake refused");
+    tracing::debug!(%peer, status = refusal.status.as_u16(), reason = %refusal.reason, "handshake refused");
     handshake::refuse(stream, refusal).await;
     None
+}
+
+/// The upgrade request and who sent it, within the handshake timeout. Behind a PROXY
+/// protocol header (when the listener expects one) the client is the one it names.
+async fn read_upgrade(stream: &mut TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(RequestHead, SocketAddr), ReadError> {
+    let routing = shared.routing.load_full();
+    let timeout = routing.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (client_addr, already_read) = match routing.proxy_protocol {
+        true => proxy_protocol::read_header(stream, peer, &routing.trusted_proxies, deadline).await?,
+        false => (peer, Vec::new()),
+    };
+    let head = handshake::read_request(stream, already_read, deadline, timeout).await?;
+    Ok((head, client_addr))
 }
 
 /// Everything up to the 101: its bytes, and what the relay needs.
 async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared>) -> Result<(Vec<u8>, Prepared), Refusal> {
     let routing = shared.routing.load_full();
-    let RequestHead { method, version, uri, headers, rest: client_already_read } = head;
-    let upgrade = handshake::validate(&method, version, &uri, headers)?;
+    let RequestHead { method, version, target, headers, rest: client_already_read } = head;
+    let mut upgrade = handshake::validate(&method, version, &target, headers)?;
+    // Forwarding headers are believed from trusted proxies only, plugins included.
+    if !routing.trusted_proxies.contains(client_addr.ip()) {
+        forwarding::drop_client_claims(&mut upgrade.headers);
+    }
     let route = routing
         .routes
         .find(&upgrade.host, &upgrade.path)

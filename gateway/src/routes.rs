@@ -1,5 +1,6 @@
 //! The route table: which upstream and plugin chain serve a request, by host and the longest
-//! matching path prefix.
+//! matching path prefix. Both sides are in normal form (see `normalize`): the request's
+//! path and host by the handshake, the routes' by config validation.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use crate::plugin::PluginSlot;
 
 #[derive(Clone)]
 pub struct Route {
-    /// Exact host (lower case, no port), or any host.
+    /// Exact host (normal form, no port), or any host.
     pub host: Option<String>,
     /// Path prefix, matched on whole segments: "/api" matches "/api" and "/api/x", not "/apix".
     pub prefix: String,
@@ -35,7 +36,7 @@ impl RouteTable {
             let plugins: Vec<String> = r.plugins.iter().map(|p| p.get_ref().clone()).collect();
             let chain = plugins.iter().map(|name| plugin(name)).collect::<Result<_, _>>()?;
             routes.push(Route {
-                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                host: r.host.as_ref().map(|h| h.get_ref().clone()),
                 prefix: r.path.get_ref().clone(),
                 upstream: r.upstream.get_ref().clone(),
                 plugins,

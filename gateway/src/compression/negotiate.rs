@@ -908,4 +908,67 @@ mod tests {
             Err(NegotiationError::Unsupported("x-foo".into()))
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// `Sec-WebSocket-Extensions` values built from the grammar's pieces, right and wrong.
+        fn header_values() -> impl Strategy<Value = Vec<String>> {
+            let piece = prop::sample::select(vec![
+                "permessage-deflate", "permessage-deflate", "x-webkit-deflate-frame", "; ", ";", ", ", ",", " ", "\t",
+                "server_no_context_takeover", "client_no_context_takeover", "server_max_window_bits",
+                "client_max_window_bits", "=", "=8", "=9", "=12", "=15", "=16", "=0", "=08", "=\"10\"", "\"", "\\",
+                "x", "\u{e4}",
+            ]);
+            let value = prop::collection::vec(piece, 0..12).prop_map(|p| p.concat());
+            prop::collection::vec(value, 0..3)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+
+            #[test]
+            fn accepted_offers_answer_within_the_policy(values in header_values(), bits in 8u8..=15, nct in any::<bool>()) {
+                let policy = DeflatePolicy::new(bits, nct);
+                let Some(accepted) = accept(values.iter().map(String::as_str), &policy) else { return Ok(()) };
+                // The answer re-parses to what was agreed.
+                let parsed = parse_extensions([accepted.header.as_str()]);
+                prop_assert_eq!(parsed.len(), 1);
+                let element = parsed[0].clone().unwrap();
+                prop_assert_eq!(element.name.as_str(), PERMESSAGE_DEFLATE);
+                prop_assert_eq!(DeflateParams::from_params(&element.params), Ok(accepted.params));
+                // It answers one of the offers the client made.
+                let offers: Vec<DeflateOffer> = parse_extensions(values.iter().map(String::as_str))
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .filter(|e| e.name == PERMESSAGE_DEFLATE)
+                    .filter_map(|e| DeflateOffer::from_params(&e.params).ok())
+                    .collect();
+                prop_assert!(offers.iter().any(|o| accepted.params.answers(o).is_ok()));
+                // And keeps to the policy.
+                prop_assert!(accepted.config.compress.window_bits <= bits);
+                if nct {
+                    prop_assert!(accepted.params.server_no_context_takeover && accepted.params.client_no_context_takeover);
+                }
+                // The upstream answering the same way passes the passthrough check.
+                let answer = validate_passthrough(values.iter().map(String::as_str), [accepted.header.as_str()]);
+                prop_assert!(answer.is_ok(), "{:?}", answer);
+            }
+
+            #[test]
+            fn random_answers_never_panic(offers in header_values(), answers in header_values()) {
+                let _ = validate_passthrough(offers.iter().map(String::as_str), answers.iter().map(String::as_str));
+                let policy = DeflatePolicy::new(10, false);
+                let _ = validate_response(&client_offers(&policy), answers.iter().map(String::as_str));
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(text in prop::collection::vec(any::<char>(), 0..64)) {
+                let text: String = text.into_iter().collect();
+                let _ = accept([text.as_str()], &DeflatePolicy::default());
+                let _ = validate_passthrough([text.as_str()], [text.as_str()]);
+            }
+        }
+    }
 }

@@ -242,4 +242,69 @@ mod tests {
         apply_mask(b, key, 7);
         assert_eq!(whole, split);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// RFC 6455 §5.2 invariants of an accepted header, and that the header is read
+        /// exactly: no more bytes, no fewer, and the same bytes written back.
+        fn check(buf: &[u8], allow_rsv1: bool) -> Result<(), TestCaseError> {
+            let Ok(Some(h)) = FrameHeader::parse(buf, allow_rsv1) else { return Ok(()) };
+            prop_assert!(buf[0] & 0x30 == 0, "RSV2/RSV3 accepted");
+            prop_assert!(allow_rsv1 || !h.rsv1, "RSV1 accepted without permessage-deflate");
+            if h.opcode.is_control() {
+                prop_assert!(h.fin && h.payload_len <= 125 && !h.rsv1, "bad control frame {:?}", h);
+            }
+            prop_assert!(h.payload_len >> 63 == 0);
+            let length_bytes = match h.payload_len {
+                0..=125 => 0,
+                126..=0xFFFF => 2,
+                _ => 8,
+            };
+            prop_assert_eq!(h.header_len, 2 + length_bytes + if h.mask.is_some() { 4 } else { 0 }, "not minimal: {:?}", h);
+            prop_assert!(h.header_len <= buf.len());
+            let mut written = Vec::new();
+            h.write(&mut written);
+            prop_assert_eq!(&written[..], &buf[..h.header_len]);
+            for cut in 0..h.header_len {
+                prop_assert_eq!(FrameHeader::parse(&buf[..cut], allow_rsv1), Ok(None), "a prefix of {} bytes", cut);
+            }
+            Ok(())
+        }
+
+        /// Headers near the edges: every first byte, every length marker, lengths around
+        /// the encoding boundaries, masked or not.
+        fn near_valid() -> impl Strategy<Value = Vec<u8>> {
+            let len = prop_oneof![Just(0u64), Just(125), Just(126), Just(127), Just(0xFFFF), Just(0x10000), Just(1 << 63), any::<u64>()];
+            (any::<u8>(), any::<bool>(), prop::sample::select(vec![0u8, 1, 125, 126, 127]), len, any::<[u8; 4]>()).prop_map(
+                |(b0, masked, marker, len, key)| {
+                    let mut out = vec![b0, (masked as u8) << 7 | marker];
+                    match marker {
+                        126 => out.extend_from_slice(&(len as u16).to_be_bytes()),
+                        127 => out.extend_from_slice(&len.to_be_bytes()),
+                        _ => {}
+                    }
+                    if masked {
+                        out.extend_from_slice(&key);
+                    }
+                    out
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            #[test]
+            fn random_headers_never_panic(buf in prop::collection::vec(any::<u8>(), 0..20), rsv1 in any::<bool>()) {
+                check(&buf, rsv1)?;
+            }
+
+            #[test]
+            fn edge_headers_obey_rfc_6455(buf in near_valid(), rsv1 in any::<bool>()) {
+                check(&buf, rsv1)?;
+            }
+        }
+    }
 }
