@@ -102,7 +102,8 @@ pub fn config(
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     let mut text = format!("[gateway]\nlisten = \"{listen}\"\nplugin_cache = \"{}\"\n", cache.display());
     if let Some(admin) = admin {
-        let _ = writeln!(text, "admin = \"{admin}\"");
+        // Only /metrics is read (no token needed for it).
+        let _ = writeln!(text, "admin = \"{admin}\"\nmetrics_public = true");
     }
     let _ = write!(text, "\n[[upstream]]\nname = \"echo\"\nservers = [{}]\n", servers.join(", "));
     if let Some(balancer) = plugins.iter().find(|p| p.is_balancer()) {
@@ -129,7 +130,8 @@ pub fn failed_plugin_calls(admin: SocketAddr) -> anyhow::Result<Option<String>> 
     let mut stream = TcpStream::connect_timeout(&admin, limit)?;
     stream.set_read_timeout(Some(limit))?;
     // HTTP/1.0: the server closes the connection after the response, which ends the read.
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: wasmgate\r\n\r\n")?;
+    // The admin API answers only requests whose Host names it.
+    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     failures_in(&text).with_context(|| format!("reading {admin}/metrics"))
