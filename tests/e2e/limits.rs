@@ -484,6 +484,37 @@ async fn running_out_of_descriptors_blames_no_upstream() {
     }
     assert_all_healthy(&operator.get("/upstreams").await, "after the shortage");
 
+    // Now sockets that take one descriptor each and send nothing, until accept itself fails,
+    // and an operator knocking on the admin port: both accept loops face a listener that
+    // stays readable and an accept that keeps failing. They back off instead of spinning.
+    let before = metric(&operator.get("/metrics").await, "wasmgate_resource_errors_total{kind=\"descriptors\"}").unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..60 {
+        idle.push(TcpStream::connect(&listen).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut knocking = TcpStream::connect(admin).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu_before = cpu_secs(child.id());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu = cpu_secs(child.id()) - cpu_before;
+    let after = metric(&operator.get("/metrics").await, "wasmgate_resource_errors_total{kind=\"descriptors\"}").unwrap();
+    println!("accept out of descriptors: {} more shortages, {cpu:.2} s of CPU in 2 s", after - before);
+    assert!(after > before, "failed accepts are counted");
+    assert!(cpu < 0.4, "the gateway spins while accept fails: {cpu:.2} s of CPU in 2 s");
+    for (i, ws) in more.iter_mut().enumerate() {
+        still_served(ws, &format!("connection {i} while accept fails")).await;
+    }
+    // Descriptors back: the operator who waited in the admin backlog is answered.
+    drop(idle);
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    knocking.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), knocking.read_to_string(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut ws = connect(&url).await;
+    still_served(&mut ws, "after accept recovered").await;
+
     // Logged, but at most about once a second.
     let elapsed = started.elapsed().as_secs_f64();
     let lines = log.lock().unwrap().iter().filter(|l| l.contains("out of open files")).count();
@@ -493,6 +524,16 @@ async fn running_out_of_descriptors_blames_no_upstream() {
     child.kill().unwrap();
     child.wait().unwrap();
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (in parentheses): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // In USER_HZ, which Linux fixes at 100 for what it shows user space.
+    ticks / 100.0
 }
 
 #[tokio::test]
