@@ -52,6 +52,29 @@ pub struct GatewaySection {
     pub listen: Spanned<String>,
     /// Admin address (health, metrics, plugins); off when absent.
     pub admin: Option<Spanned<String>>,
+    /// Bearer token of the admin API (`${env:NAME}` and `${file:PATH}` are expanded). Without
+    /// one, only `/healthz` (and `/metrics` with `metrics_public`) answer; an admin address
+    /// that is not loopback requires one.
+    pub admin_token: Option<Spanned<String>>,
+    /// Names the admin API answers to besides its own address (`Host` checked against
+    /// DNS rebinding): "gw.internal" matches that name on any port.
+    #[serde(default)]
+    pub admin_hosts: Vec<Spanned<String>>,
+    /// Serve `/metrics` without the admin token.
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// Client sockets held at once, from accept to close, handshakes included; more are
+    /// answered 503. Default: half the open-file limit, less a reserve (each connection
+    /// holds a client and an upstream socket).
+    pub max_connections: Option<Spanned<u64>>,
+    /// Client sockets held at once per client address (IPv6: per /64); more are answered
+    /// 429. 0 = no per-address limit.
+    #[serde(default)]
+    pub max_connections_per_ip: u64,
+    /// Client sockets still in their handshake (request, plugins, upstream connect); more
+    /// are answered 503.
+    #[serde(default = "defaults::max_handshakes")]
+    pub max_handshakes: Spanned<u64>,
     /// Largest message accepted in either direction, in bytes; larger ones close with 1009.
     #[serde(default = "defaults::max_message_size")]
     pub max_message_size: u64,
@@ -102,6 +125,9 @@ pub struct GatewaySection {
     /// Every client connection opens with a PROXY protocol v1 or v2 header, from a peer in
     /// `trusted_proxies`; its client address replaces the socket's. Default false.
     pub proxy_protocol: Option<Spanned<bool>>,
+    /// `admin_token` expanded, made by `validate`.
+    #[serde(skip)]
+    pub admin_secret: Option<crate::admin::AdminToken>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +305,9 @@ mod defaults {
     pub fn compression_window_bits() -> u8 {
         15
     }
+    pub fn max_handshakes() -> toml::Spanned<u64> {
+        toml::Spanned::new(0..0, 1024)
+    }
     pub fn route_path() -> toml::Spanned<String> {
         toml::Spanned::new(0..0, "/".to_string())
     }
@@ -367,10 +396,13 @@ impl Config {
                 .map_err(|e| at.error(p.name.span(), &format!("plugin `{}`: {e}", p.name.get_ref())))?;
             p.config_json = serde_json::to_string(&value).expect("TOML values are JSON values");
         }
+        self.validate_admin(at)?;
         let g = &self.gateway;
         parse_addr(at, &g.listen)?;
-        if let Some(admin) = &g.admin {
-            parse_addr(at, admin)?;
+        for (value, key) in [(g.max_connections.as_ref(), "max_connections"), (Some(&g.max_handshakes), "max_handshakes")] {
+            if let Some(v) = value.filter(|v| *v.get_ref() == 0) {
+                return Err(at.error(v.span(), &format!("{key} must be at least 1")));
+            }
         }
         if !matches!(g.compression.get_ref().as_str(), "off" | "passthrough" | "terminate") {
             return Err(at.error(g.compression.span(), "compression must be \"off\", \"passthrough\" or \"terminate\""));
@@ -447,29 +479,51 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The admin API's keys: an address that is not loopback needs a token; the token is
+    /// expanded and must be usable as a Bearer credential.
+    fn validate_admin(&mut self, at: &Locator) -> Result<(), ConfigError> {
+        let g = &mut self.gateway;
+        if let Some(token) = &g.admin_token {
+            let value = expand_str(token.get_ref(), &self.base_dir, "admin_token").map_err(|e| at.error(token.span(), &e))?;
+            if value.len() < MIN_ADMIN_TOKEN_LEN {
+                return Err(at.error(token.span(), &format!("admin_token must be at least {MIN_ADMIN_TOKEN_LEN} characters")));
+            }
+            // RFC 6750 §2.1: a Bearer credential is visible ASCII without spaces.
+            if !value.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(at.error(token.span(), "admin_token must be visible ASCII without spaces"));
+            }
+            g.admin_secret = Some(crate::admin::AdminToken::new(&value));
+        }
+        for host in &g.admin_hosts {
+            let h = host.get_ref();
+            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(at.error(host.span(), "admin_hosts entries must be host names like \"gw.internal\""));
+            }
+        }
+        if let Some(admin) = &g.admin {
+            let addr = parse_addr(at, admin)?;
+            if !addr.ip().is_loopback() && g.admin_token.is_none() {
+                return Err(at.error(
+                    admin.span(),
+                    "the admin address is not loopback and there is no admin_token: anyone who reaches it could drain servers and reload",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shortest admin token accepted: 16 characters keep guessing out of reach.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
 /// Replaces `${env:NAME}` and `${file:PATH}` in every string of a plugin's config, so
 /// secrets stay out of the config file. Plugins themselves cannot read the environment or
 /// files (their WASI context denies both).
 fn expand(value: &mut toml::Value, base_dir: &Path, key: &str) -> Result<(), String> {
     match value {
         toml::Value::String(s) => {
-            while let Some(start) = s.find("${") {
-                let end = s[start..].find('}').ok_or_else(|| format!("`{key}`: unclosed ${{"))? + start;
-                let inner = &s[start + 2..end];
-                let replacement = match inner.split_once(':') {
-                    Some(("env", name)) => std::env::var(name)
-                        .map_err(|_| format!("`{key}`: environment variable {name} is not set"))?,
-                    Some(("file", path)) => {
-                        let path = base_dir.join(path);
-                        std::fs::read_to_string(&path)
-                            .map_err(|e| format!("`{key}`: cannot read {}: {e}", path.display()))?
-                            .trim_end()
-                            .to_string()
-                    }
-                    _ => return Err(format!("`{key}`: expected ${{env:NAME}} or ${{file:PATH}}, found ${{{inner}}}")),
-                };
-                s.replace_range(start..=end, &replacement);
-            }
+            *s = expand_str(s, base_dir, key)?;
             Ok(())
         }
         toml::Value::Array(items) => items.iter_mut().try_for_each(|v| expand(v, base_dir, key)),
@@ -496,6 +550,35 @@ fn validate_edge(at: &Locator, g: &GatewaySection) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// `s` with each `${env:NAME}` and `${file:PATH}` replaced, in one pass: what a variable or
+/// file holds is never expanded again (a secret may contain `${`).
+fn expand_str(s: &str, base_dir: &Path, key: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("`{key}`: unclosed ${{"))?;
+        let inner = &after[..end];
+        let replacement = match inner.split_once(':') {
+            Some(("env", name)) => {
+                std::env::var(name).map_err(|_| format!("`{key}`: environment variable {name} is not set"))?
+            }
+            Some(("file", path)) => {
+                let path = base_dir.join(path);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("`{key}`: cannot read {}: {e}", path.display()))?;
+                text.trim_end().to_string()
+            }
+            _ => return Err(format!("`{key}`: expected ${{env:NAME}} or ${{file:PATH}}, found ${{{inner}}}")),
+        };
+        out.push_str(&replacement);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn validate_health(at: &Locator, health: &Spanned<HealthTable>) -> Result<(), ConfigError> {
@@ -631,6 +714,61 @@ upstream = "echo"
         let missing = text.replace("WASMGATE_TEST_SECRET", "WASMGATE_TEST_UNSET");
         let err = parse(&missing).unwrap_err().to_string();
         assert!(err.contains("WASMGATE_TEST_UNSET is not set") && err.contains("config.secret"), "{err}");
+    }
+
+    #[test]
+    fn expansion_is_one_pass() {
+        // A value that holds `${...}` is a value, never a reference to follow.
+        std::env::set_var("WASMGATE_TEST_OUTER", "a${env:WASMGATE_TEST_INNER}b${file:/etc/hostname}");
+        std::env::set_var("WASMGATE_TEST_INNER", "leaked");
+        let dir = std::env::temp_dir().join(format!("wasmgate-expand-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "${env:WASMGATE_TEST_INNER}\n").unwrap();
+        let base = dir.clone();
+        let text = format!(
+            "{GOOD}\n[[plugin]]\nname = \"p\"\nwasm = \"p.wasm\"\nconfig = {{ e = \"<${{env:WASMGATE_TEST_OUTER}}>\", f = \"${{file:secret}}${{env:WASMGATE_TEST_INNER}}\" }}\n"
+        );
+        let c = Config::parse(&text, "gw.toml", base).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&c.plugins[0].config_json).unwrap();
+        assert_eq!(json["e"], "<a${env:WASMGATE_TEST_INNER}b${file:/etc/hostname}>");
+        assert_eq!(json["f"], "${env:WASMGATE_TEST_INNER}leaked");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn admin_token_is_expanded_and_checked() {
+        let with = |gateway: &str| GOOD.replace("[gateway]\n", &format!("[gateway]\n{gateway}\n"));
+        std::env::set_var("WASMGATE_TEST_ADMIN", "0123456789abcdef-token");
+        let c = parse(&with("admin = \"127.0.0.1:9090\"\nadmin_token = \"${env:WASMGATE_TEST_ADMIN}\"")).unwrap();
+        let token = c.gateway.admin_secret.as_ref().unwrap();
+        assert!(token.matches(b"0123456789abcdef-token"));
+        assert!(!token.matches(b"${env:WASMGATE_TEST_ADMIN}") && !token.matches(b"0123456789abcdef-toke"));
+        assert_eq!(format!("{token:?}"), "AdminToken(..)", "Debug never shows it");
+
+        // Loopback without a token starts (its API is locked); anything else needs one.
+        assert!(parse(&with("admin = \"127.0.0.1:9090\"")).is_ok());
+        assert!(parse(&with("admin = \"[::1]:9090\"")).is_ok());
+        for (gateway, why, key) in [
+            ("admin = \"0.0.0.0:9090\"", "not loopback", "admin"),
+            ("admin = \"[::]:9090\"", "not loopback", "admin"),
+            ("admin = \"[::ffff:127.0.0.1]:9090\"", "not loopback", "admin"),
+            ("admin = \"192.168.1.2:9090\"", "not loopback", "admin"),
+            ("admin = \"0.0.0.0:9090\"\nadmin_token = \"short\"", "at least 16", "admin_token"),
+            ("admin_token = \"sixteen chars or more\"", "visible ASCII", "admin_token"),
+            ("admin_token = \"${env:WASMGATE_TEST_UNSET_TOKEN}\"", "is not set", "admin_token"),
+            ("admin_hosts = [\"\"]", "host names", "admin_hosts"),
+            ("max_connections = 0", "at least 1", "max_connections"),
+            ("max_handshakes = 0", "at least 1", "max_handshakes"),
+        ] {
+            let err = parse(&with(gateway)).unwrap_err().to_string();
+            assert!(err.starts_with("gw.toml:3:") || err.starts_with("gw.toml:4:"), "{gateway}: {err}");
+            assert!(err.contains(&format!("key `{key}`")) && err.contains(why), "{gateway}: {err}");
+        }
+        let c = parse(&with("max_connections = 5\nmax_connections_per_ip = 2\nmax_handshakes = 3")).unwrap();
+        let limits = crate::limits::Limits::from_config(&c.gateway, 100);
+        assert_eq!((limits.connections, limits.per_address, limits.handshakes), (5, 2, 3));
+        let limits = crate::limits::Limits::from_config(&parse(GOOD).unwrap().gateway, 100);
+        assert_eq!((limits.connections, limits.per_address, limits.handshakes), (100, 0, 1024));
     }
 
     #[test]

@@ -19,11 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::limits::Admission;
 use crate::metrics::{Counter, Gauge, Registry};
 use crate::plugin::{
     Compression, CompressionMode, OnError, PluginRegistry, PluginRuntime, PluginSlot, PluginSpec, ReloadReport, RuntimeOptions,
+    StagedPlugins,
 };
 use crate::relay::RelaySettings;
+use crate::resources::ResourceErrors;
 use crate::routes::RouteTable;
 use crate::upstream::Pool;
 
@@ -42,9 +45,10 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Builds routing from a validated config, carrying server statistics over from
-    /// `previous`. Fails when a referenced plugin is not loaded.
-    pub fn build(config: &Config, previous: Option<&Routing>, plugins: &PluginRegistry) -> Result<Routing, String> {
+    /// Builds routing from a validated config on staged plugins, carrying server statistics
+    /// over from `previous` (without changing them). Fails when a referenced plugin is not
+    /// loaded.
+    pub fn build(config: &Config, previous: Option<&Routing>, plugins: &StagedPlugins) -> Result<Routing, String> {
         let slot = |name: &str| -> Result<Arc<PluginSlot>, String> {
             plugins.get(name).ok_or_else(|| format!("plugin `{name}` is not loaded"))
         };
@@ -124,6 +128,11 @@ pub struct Shared {
     pub plugins: Arc<PluginRegistry>,
     pub metrics_registry: Arc<Registry>,
     pub metrics: GatewayMetrics,
+    /// Client sockets held, against `max_connections`, `max_connections_per_ip` and
+    /// `max_handshakes`.
+    pub admission: Arc<Admission>,
+    /// The gateway's own shortages (descriptors, ports), counted and logged.
+    pub resources: Arc<ResourceErrors>,
     /// Cancelled on shutdown: the listener stops and relays close with 1001.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -144,25 +153,32 @@ impl Shared {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Loads changed plugins and swaps in routing built from `config`. Plugins that fail keep
+    /// Applies `config` as one transaction: changed plugins are compiled and initialised and
+    /// routing is built on them, then all of it is swapped in at once. Plugins that fail keep
     /// their previous version; if a plugin the config needs has no version at all, the whole
-    /// config is refused and the running one stays.
+    /// config is refused and nothing changes, plugin versions and their config included.
     pub async fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, String> {
         let _one_at_a_time = self.reloading.lock().await;
         let old = self.config.load();
         if old.gateway.listen.get_ref() != config.gateway.listen.get_ref() {
             tracing::warn!("the listen address changes only on restart; keeping the old one");
         }
-        let report = self.load_plugins(&config).await;
+        if old.gateway.admin.as_ref().map(|a| a.get_ref()) != config.gateway.admin.as_ref().map(|a| a.get_ref()) {
+            tracing::warn!("the admin address changes only on restart; keeping the old one");
+        }
+        let staged = self.stage_plugins(&config).await;
         let previous = self.routing.load_full();
-        let routing = match Routing::build(&config, Some(&previous), &self.plugins) {
-            Ok(routing) => routing,
-            Err(e) => {
-                self.metrics.reload_failures.inc();
-                return Err(format!("reload refused, the running configuration stays: {e}; {}", failures(&report)));
-            }
+        let refused = |e: String, staged: &StagedPlugins| {
+            self.metrics.reload_failures.inc();
+            format!("reload refused, the running configuration stays: {e}; {}", failures(staged.report()))
         };
-        let routing = Arc::new(routing);
+        let routing = match Routing::build(&config, Some(&previous), &staged) {
+            Ok(routing) => Arc::new(routing),
+            Err(e) => return Err(refused(e, &staged)),
+        };
+        // Plugins, routing and config go in together. (A commit is refused only when another
+        // came in between, which the reload lock rules out.)
+        let report = self.plugins.commit(staged)?;
         self.routing.store(routing.clone());
         self.config.store(Arc::new(config));
         self.retire_removed_servers(&previous, &routing);
@@ -205,7 +221,8 @@ impl Shared {
             let shared = Arc::downgrade(self);
             let pool_name = name.clone();
             let current = move || shared.upgrade()?.routing.load().pools.get(&pool_name).cloned();
-            tokio::spawn(crate::upstream::health::run_checks(name.clone(), current, stop));
+            let resources = self.resources.clone();
+            tokio::spawn(crate::upstream::health::run_checks(name.clone(), current, resources, stop));
         }
     }
 
@@ -325,10 +342,10 @@ impl Shared {
         serde_json::json!({ "pools": pools, "removed": removed })
     }
 
-    async fn load_plugins(&self, config: &Config) -> ReloadReport {
+    async fn stage_plugins(&self, config: &Config) -> StagedPlugins {
         let specs = plugin_specs(config);
         let plugins = self.plugins.clone();
-        tokio::task::spawn_blocking(move || plugins.reconcile(&specs)).await.expect("reconcile does not panic")
+        tokio::task::spawn_blocking(move || plugins.stage(&specs)).await.expect("staging does not panic")
     }
 }
 
@@ -384,11 +401,11 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<usize> {
     let options = RuntimeOptions { cache_dir: cache_dir(config), ..RuntimeOptions::default() };
     let plugins = PluginRegistry::new(PluginRuntime::new(options, Arc::new(Registry::new()))?);
     let specs = plugin_specs(config);
-    let report = plugins.reconcile(&specs);
-    if !report.is_ok() {
-        anyhow::bail!("plugins failed to load: {}", failures(&report));
+    let staged = plugins.stage(&specs);
+    if !staged.report().is_ok() {
+        anyhow::bail!("plugins failed to load: {}", failures(staged.report()));
     }
-    Routing::build(config, None, &plugins).map_err(anyhow::Error::msg)?;
+    Routing::build(config, None, &staged).map_err(anyhow::Error::msg)?;
     Ok(specs.len())
 }
 
@@ -404,17 +421,24 @@ impl Gateway {
     /// Loads the plugins, binds the listener (and admin address) and starts serving. Fails
     /// when an address is taken or a plugin does not load.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        if let Some(admin) = config.gateway.admin_addr().filter(|a| !a.ip().is_loopback()) {
+            // Config::parse refuses this; a Config made by other means must not slip by.
+            if config.gateway.admin_secret.is_none() {
+                anyhow::bail!("the admin address {admin} is not loopback and there is no admin_token");
+            }
+        }
         let metrics_registry = Arc::new(Registry::new());
         let options = RuntimeOptions { cache_dir: cache_dir(&config), ..RuntimeOptions::default() };
         let runtime = PluginRuntime::new(options, metrics_registry.clone())?;
         let plugins = Arc::new(PluginRegistry::new(runtime));
         let specs = plugin_specs(&config);
         let loading = plugins.clone();
-        let report = tokio::task::spawn_blocking(move || loading.reconcile(&specs)).await?;
-        if !report.is_ok() {
-            anyhow::bail!("plugins failed to load: {}", failures(&report));
+        let staged = tokio::task::spawn_blocking(move || loading.stage(&specs)).await?;
+        if !staged.report().is_ok() {
+            anyhow::bail!("plugins failed to load: {}", failures(staged.report()));
         }
-        let routing = Routing::build(&config, None, &plugins).map_err(anyhow::Error::msg)?;
+        let routing = Routing::build(&config, None, &staged).map_err(anyhow::Error::msg)?;
+        plugins.commit(staged).map_err(anyhow::Error::msg)?;
 
         let listener = TcpListener::bind(config.gateway.listen_addr()).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}", config.gateway.listen.get_ref())
@@ -430,11 +454,15 @@ impl Gateway {
         };
         let admin_addr = admin_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let watch_paths = config.gateway.watch.then(|| watched_paths(&config));
+        let open_files = crate::resources::open_file_limit();
+        let default_connections = crate::resources::default_max_connections(open_files);
         let shared = Arc::new(Shared {
             routing: ArcSwap::from_pointee(routing),
             config: ArcSwap::from_pointee(config),
             plugins,
             metrics: GatewayMetrics::new(&metrics_registry),
+            admission: Admission::new(&metrics_registry, default_connections),
+            resources: Arc::new(ResourceErrors::new(&metrics_registry)),
             metrics_registry,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -452,7 +480,8 @@ impl Gateway {
             Some(paths) => Some(start_watch(paths, &shared)?),
             None => None,
         };
-        tracing::info!(%listen_addr, ?admin_addr, "wasmgate listening");
+        let limits = crate::limits::Limits::from_config(&shared.config.load().gateway, default_connections);
+        tracing::info!(%listen_addr, ?admin_addr, open_files, ?limits, "wasmgate listening");
         Ok(Gateway { listen_addr, admin_addr, shared, _watch: watch })
     }
 
@@ -470,6 +499,11 @@ impl Gateway {
     /// Proxied connections open right now.
     pub fn active_connections(&self) -> u64 {
         self.shared.metrics.connections_active.get() as u64
+    }
+
+    /// Client sockets held right now, handshakes included (what `max_connections` counts).
+    pub fn open_sockets(&self) -> usize {
+        self.shared.admission.open()
     }
 
     /// The Prometheus text of `/metrics`.

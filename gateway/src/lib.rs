@@ -7,7 +7,8 @@
 //! [`forwarding`] decides whose forwarding headers count) → [`routes`] picks the route →
 //! [`upstream`] opens the upstream WebSocket → [`relay`] moves frames until both sides close.
 //! [`gateway`] ties them together behind [`Gateway::start`]; [`config`] is the TOML schema;
-//! [`admin`] serves health and metrics.
+//! [`admin`] serves health and metrics. [`limits`] admits client sockets; [`resources`]
+//! handles the gateway running out of descriptors or ports.
 
 pub mod admin;
 pub mod compression;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod forwarding;
 pub mod gateway;
 pub mod handshake;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod normalize;
@@ -22,6 +24,7 @@ pub mod plugin;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod resources;
 pub mod routes;
 pub mod upstream;
 

@@ -1,14 +1,18 @@
-//! The accept loop: every client socket gets one task (`proxy::serve`) that answers its
-//! upgrade request and then relays until the connection closes.
+//! The accept loop: every client socket is admitted against the connection limits
+//! ([`crate::limits`]) and gets one task (`proxy::serve`) that answers its upgrade request
+//! and then relays until the connection closes; a socket over a limit is answered and
+//! closed at once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use crate::gateway::Shared;
+use crate::limits::Limits;
+use crate::resources::AcceptBackoff;
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut backoff = AcceptBackoff::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -17,14 +21,22 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let (stream, client_addr) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of descriptors and the like: back off instead of spinning.
+                if crate::resources::accept_failed(&shared.resources, "accept", &e) && !backoff.pause(&shared.shutdown).await {
+                    break;
+                }
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        shared.tasks.spawn(crate::proxy::serve(stream, client_addr, shared.clone()));
+        backoff.reset();
+        let limits = Limits::from_config(&shared.config.load().gateway, shared.admission.default_connections);
+        match shared.admission.admit(client_addr.ip(), &limits) {
+            Ok(permit) => {
+                let _ = stream.set_nodelay(true);
+                shared.tasks.spawn(crate::proxy::serve(stream, client_addr, shared.clone(), permit));
+            }
+            Err(refused) => shared.admission.refuse(stream, refused, &limits),
+        }
     }
     tracing::info!("listener stopped");
 }

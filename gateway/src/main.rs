@@ -91,6 +91,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Each connection holds two sockets; the soft limit is often 1,024 while the hard one
+    // allows far more. The default max_connections follows the limit in force.
+    wasmgate::resources::raise_open_file_limit();
     let gateway = Gateway::start(config).await?;
     println!("wasmgate listening on ws://{}", gateway.listen_addr);
     wait_for_signals(&gateway).await?;

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::forwarding;
 use crate::gateway::Shared;
+use crate::limits::Permit;
 use crate::handshake::{self, ClientUpgrade, ReadError, Refusal, RequestHead};
 use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
@@ -28,11 +29,15 @@ use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, Messa
 use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamRequest, UpstreamSocket};
 
 /// Serves one client socket: answers its upgrade request, then relays, in this one task.
-pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<Shared>) {
+/// `permit` counts the socket against the connection limits until it closes.
+pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<Shared>, mut permit: Permit) {
     // The handshake's state (5 KiB: the upstream connect, plugin decisions) is boxed and
     // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
-    // future kept a second copy of it): a connection's task is 1,648 bytes for its life.
-    if let Some(prepared) = Box::pin(answer(&mut stream, client_addr, &shared)).await {
+    // future kept a second copy of it): a connection's task is 1,712 bytes for its life
+    // (64 of them the permit).
+    let prepared = Box::pin(answer(&mut stream, client_addr, &shared)).await;
+    permit.handshake_done();
+    if let Some(prepared) = prepared {
         relay_connection(stream, prepared, shared).await;
     }
 }
@@ -118,7 +123,7 @@ async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared
         conn = Some(new_context());
     }
     let order = rank_servers(&pool, conn.as_deref(), errors)?;
-    let (socket, active) = connect_ranked(&pool, &order, &request, &shared.metrics.upstream_connect_failures).await?;
+    let (socket, active) = connect_ranked(&pool, &order, &request, shared).await?;
 
     let subprotocol = decision.subprotocol.clone().or_else(|| socket.subprotocol.clone());
     if let Some(chosen) = &subprotocol {
@@ -272,13 +277,16 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Re
 }
 
 /// Tries servers in `order`, at most `max_attempts` of them. Failures count towards the
-/// server's passive ejection; a server that started draining meanwhile is passed over.
+/// server's passive ejection; a server that started draining meanwhile is passed over. The
+/// gateway running out of descriptors or ports is no server's failure: the client gets a
+/// 503 that says so, and no server is blamed or tried further.
 async fn connect_ranked(
     pool: &Pool,
     order: &[usize],
     request: &UpstreamRequest,
-    failures: &Counter,
+    shared: &Shared,
 ) -> Result<(UpstreamSocket, ActiveConnection), Refusal> {
+    let failures = &shared.metrics.upstream_connect_failures;
     let mut last_error = String::from("no servers");
     for &index in order.iter().take(pool.max_attempts as usize) {
         let server = &pool.servers[index];
@@ -302,6 +310,13 @@ async fn connect_ranked(
                 );
                 refusal.headers = headers;
                 return Err(refusal);
+            }
+            Err(ConnectError::OutOfResources(shortage, error)) => {
+                shared.resources.record(shortage, "upstream connect", &error);
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the gateway is out of {shortage}; try again later"),
+                ));
             }
             Err(e) => {
                 server.record_failure(&pool.name, pool.eject_after);

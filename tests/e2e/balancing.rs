@@ -32,7 +32,7 @@ fn plugin(name: &str, krate: &str, extra: &str) -> String {
 /// plugin tables.
 fn config(servers: &str, upstream_extra: &str, chain: &str, plugins: &str) -> String {
     format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\n\
          [[upstream]]\nname = \"echo\"\nservers = {servers}\nconnect_timeout_ms = 1000\n{upstream_extra}\n\n\
          {plugins}\n[[route]]\npath = \"/\"\nupstream = \"echo\"\nplugins = [{chain}]\n"
     )
@@ -56,8 +56,7 @@ async fn reload(gw: &Gateway, toml: &str) {
 
 /// An admin request; the status and the JSON body.
 async fn admin(gw: &Gateway, method: &str, path: &str) -> (u16, serde_json::Value) {
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    let (status, text) = raw_http(gw.admin_addr.unwrap(), &request).await;
+    let (status, text) = admin_request(gw, method, path).await;
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string())))
 }

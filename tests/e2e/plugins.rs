@@ -18,7 +18,7 @@ fn plugin(name: &str, krate: &str, extra: &str) -> String {
 /// Echo upstream `echo`, routes `path -> plugins`, plus plugin tables.
 fn config(servers: &str, routes: &[(&str, &str)], plugins: &str, upstream_extra: &str) -> String {
     let mut text = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[[upstream]]\nname = \"echo\"\nservers = {servers}\n{upstream_extra}\n\n{plugins}\n"
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\n[[upstream]]\nname = \"echo\"\nservers = {servers}\n{upstream_extra}\n\n{plugins}\n"
     );
     for (path, chain) in routes {
         text.push_str(&format!("[[route]]\npath = \"{path}\"\nupstream = \"echo\"\nplugins = [{chain}]\n\n"));
@@ -27,8 +27,7 @@ fn config(servers: &str, routes: &[(&str, &str)], plugins: &str, upstream_extra:
 }
 
 async fn admin_get(gw: &Gateway, path: &str) -> String {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    raw_http(gw.admin_addr.unwrap(), &request).await.1
+    admin_request(gw, "GET", path).await.1
 }
 
 fn plugin_calls(plugins_json: &str, name: &str) -> u64 {
@@ -292,14 +291,13 @@ async fn admin_lists_plugins_and_reloads_from_the_file() {
     assert!(info.contains("\"messages\": true") && info.contains("\"hash\""), "{info}");
 
     std::fs::write(&path, text("b:")).unwrap();
-    let request = "POST /plugins/reload HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let (status, body) = raw_http(gw.admin_addr.unwrap(), request).await;
+    let (status, body) = admin_request(&gw, "POST", "/plugins/reload").await;
     assert_eq!(status, 200, "{body}");
     let mut ws = connect(&ws_url(&gw, "/")).await;
     assert_eq!(roundtrip(&mut ws, Message::text("x")).await, Message::text("b:x"));
 
     std::fs::write(&path, "[gateway]\nlisten = 5\n").unwrap();
-    let (status, body) = raw_http(gw.admin_addr.unwrap(), request).await;
+    let (status, body) = admin_request(&gw, "POST", "/plugins/reload").await;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("gw.toml:2"), "names the line: {body}");
     assert_eq!(roundtrip(&mut ws, Message::text("y")).await, Message::text("b:y"));

@@ -79,6 +79,19 @@ upstream = "echo"
     )
 }
 
+/// The admin token of test configs that call the admin API.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// An admin request as an operator's client makes it: `Host` naming the admin address and
+/// the token of [`ADMIN_TOKEN`]. The status and the whole response text.
+pub async fn admin_request(gw: &Gateway, method: &str, path: &str) -> (u16, String) {
+    let admin = gw.admin_addr.expect("the gateway has an admin address");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    raw_http(admin, &request).await
+}
+
 /// Starts an in-process gateway from config text (relative paths resolve against the repo).
 pub async fn start_gateway(toml: &str) -> Gateway {
     let config = Config::parse(toml, "test.toml", repo_root()).expect("test config is valid");

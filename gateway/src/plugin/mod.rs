@@ -24,7 +24,7 @@ mod watch;
 
 pub use engine::{PluginRuntime, PluginSpec, RuntimeOptions};
 pub use hooks::{Plugin, PluginInfo};
-pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport};
+pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport, StagedPlugins};
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,
     Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, PoolInfo,

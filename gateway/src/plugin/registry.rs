@@ -3,6 +3,11 @@
 //! A connection holds an `Arc<PluginSlot>` and asks it for the current version on every
 //! call, so a reload reaches live connections at their next hook call, while a call in
 //! progress finishes on the version it started with.
+//!
+//! A reload is staged, then committed: `stage` compiles and initialises what changed
+//! without touching a live slot, the caller builds the rest of the configuration on the
+//! staged slots, and only `commit` puts the new versions in place. A reload refused before
+//! `commit` leaves every plugin as it was.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -31,8 +36,37 @@ impl PluginSlot {
 pub struct PluginRegistry {
     runtime: Arc<PluginRuntime>,
     slots: ArcSwap<HashMap<String, Arc<PluginSlot>>>,
-    /// One reconcile at a time; `get` never waits for it.
-    reconciling: Mutex<()>,
+    /// One commit at a time; `get` never waits for it.
+    committing: Mutex<()>,
+}
+
+/// Plugins loaded for a new configuration and not yet serving.
+pub struct StagedPlugins {
+    /// The registry's slots this was staged from; `commit` refuses if they changed since.
+    base: Arc<HashMap<String, Arc<PluginSlot>>>,
+    /// The slots after `commit`: existing slots (swapped or not) and new ones.
+    slots: HashMap<String, Arc<PluginSlot>>,
+    /// New versions for existing slots, put in place by `commit`.
+    swaps: Vec<(Arc<PluginSlot>, Arc<Plugin>)>,
+    report: ReloadReport,
+}
+
+impl StagedPlugins {
+    /// The slot that serves `name` once committed; for a changed plugin, the live slot
+    /// (which still serves the old version until `commit`).
+    pub fn get(&self, name: &str) -> Option<Arc<PluginSlot>> {
+        self.slots.get(name).cloned()
+    }
+
+    pub fn report(&self) -> &ReloadReport {
+        &self.report
+    }
+}
+
+/// What staging did with one plugin.
+enum Staged {
+    Unchanged(Arc<PluginSlot>),
+    Loaded(Arc<Plugin>),
 }
 
 /// What `reconcile` did with each plugin.
@@ -100,62 +134,93 @@ impl PluginRegistry {
         PluginRegistry {
             runtime,
             slots: ArcSwap::from_pointee(HashMap::new()),
-            reconciling: Mutex::new(()),
+            committing: Mutex::new(()),
         }
     }
 
-    /// Makes the registry match `specs`: loads what is new or changed (wasm bytes, config or
-    /// limits), keeps what is not, drops what is gone. A plugin that fails keeps its previous
-    /// version. Blocking, and slow when something compiles: call from `spawn_blocking`.
+    /// Makes the registry match `specs` at once: `stage`, then `commit`.
     pub fn reconcile(&self, specs: &[PluginSpec]) -> ReloadReport {
-        let _one_at_a_time = self.reconciling.lock().unwrap();
-        let old = self.slots.load_full();
-        let mut slots = HashMap::with_capacity(specs.len());
-        let mut report = Vec::with_capacity(specs.len());
+        self.commit(self.stage(specs)).expect("nothing commits between this stage and commit")
+    }
+
+    /// Loads what is new or changed in `specs` (wasm bytes, config or limits), keeps what is
+    /// not, leaves out what is gone; nothing serves differently until `commit`. A plugin that
+    /// fails keeps its previous version. Blocking, and slow when something compiles: call
+    /// from `spawn_blocking`.
+    pub fn stage(&self, specs: &[PluginSpec]) -> StagedPlugins {
+        let base = self.slots.load_full();
+        let mut staged = StagedPlugins {
+            base: base.clone(),
+            slots: HashMap::with_capacity(specs.len()),
+            swaps: Vec::new(),
+            report: ReloadReport { plugins: Vec::with_capacity(specs.len()) },
+        };
         let mut seen = HashSet::new();
         for spec in specs {
             let name = spec.name.clone();
             if !seen.insert(name.clone()) {
                 let error = "configured more than once".to_string();
-                report.push(ReloadEntry {
+                staged.report.plugins.push(ReloadEntry {
                     name,
                     outcome: ReloadOutcome::Failed { error },
                 });
                 continue;
             }
-            let existing = old.get(&spec.name);
-            let outcome = match self.reconcile_one(spec, existing) {
-                Ok((outcome, slot)) => {
-                    slots.insert(name.clone(), slot);
-                    outcome
+            let existing = base.get(&spec.name);
+            let outcome = match self.stage_one(spec, existing) {
+                Ok(Staged::Unchanged(slot)) => {
+                    staged.slots.insert(name.clone(), slot);
+                    ReloadOutcome::Unchanged
+                }
+                Ok(Staged::Loaded(plugin)) => {
+                    let hash = plugin.hash().to_string();
+                    let slot = match existing {
+                        Some(slot) => {
+                            staged.swaps.push((slot.clone(), plugin));
+                            slot.clone()
+                        }
+                        None => Arc::new(PluginSlot {
+                            current: ArcSwap::new(plugin),
+                        }),
+                    };
+                    staged.slots.insert(name.clone(), slot);
+                    ReloadOutcome::Loaded { hash }
                 }
                 Err(error) => {
                     tracing::error!(target: "wasmgate::plugin", plugin = %name, "not loaded: {error}");
                     if let Some(slot) = existing {
-                        slots.insert(name.clone(), slot.clone());
+                        staged.slots.insert(name.clone(), slot.clone());
                     }
                     ReloadOutcome::Failed { error }
                 }
             };
-            report.push(ReloadEntry { name, outcome });
+            staged.report.plugins.push(ReloadEntry { name, outcome });
         }
-        for name in old.keys().filter(|n| !seen.contains(*n)) {
-            report.push(ReloadEntry {
+        for name in base.keys().filter(|n| !seen.contains(*n)) {
+            staged.report.plugins.push(ReloadEntry {
                 name: name.clone(),
                 outcome: ReloadOutcome::Removed,
             });
         }
-        self.slots.store(Arc::new(slots));
-        ReloadReport { plugins: report }
+        staged
     }
 
-    /// Loads `spec` unless `existing` already serves the same bytes and settings; the
-    /// outcome and the slot that serves the plugin from now on.
-    fn reconcile_one(
-        &self,
-        spec: &PluginSpec,
-        existing: Option<&Arc<PluginSlot>>,
-    ) -> Result<(ReloadOutcome, Arc<PluginSlot>), String> {
+    /// Puts staged plugins in place: new versions into their slots, and the new set of
+    /// slots. Refused, changing nothing, if another commit came after `staged` was staged.
+    pub fn commit(&self, staged: StagedPlugins) -> Result<ReloadReport, String> {
+        let _one_at_a_time = self.committing.lock().unwrap();
+        if !Arc::ptr_eq(&self.slots.load(), &staged.base) {
+            return Err("the plugins changed while this reload was staged".into());
+        }
+        for (slot, plugin) in staged.swaps {
+            slot.current.store(plugin);
+        }
+        self.slots.store(Arc::new(staged.slots));
+        Ok(staged.report)
+    }
+
+    /// Loads `spec` unless `existing` already serves the same bytes and settings.
+    fn stage_one(&self, spec: &PluginSpec, existing: Option<&Arc<PluginSlot>>) -> Result<Staged, String> {
         let bytes = std::fs::read(&spec.wasm_path).map_err(|e| {
             format!(
                 "plugin `{}`: cannot read {}: {e}",
@@ -170,7 +235,7 @@ impl PluginRegistry {
             let current = slot.current();
             if current.hash() == hash {
                 if current.spec() == spec {
-                    return Ok((ReloadOutcome::Unchanged, slot.clone()));
+                    return Ok(Staged::Unchanged(slot.clone()));
                 }
                 compiled = Some(current.component().clone());
             }
@@ -182,17 +247,7 @@ impl PluginRegistry {
             };
             self.runtime.load_compiled(spec, component, hash.clone())
         };
-        let plugin = load().map_err(|e| format!("{e:#}"))?;
-        let slot = match existing {
-            Some(slot) => {
-                slot.current.store(plugin);
-                slot.clone()
-            }
-            None => Arc::new(PluginSlot {
-                current: ArcSwap::new(plugin),
-            }),
-        };
-        Ok((ReloadOutcome::Loaded { hash }, slot))
+        load().map(Staged::Loaded).map_err(|e| format!("{e:#}"))
     }
 
     /// The slot of a configured plugin that has loaded at least once.

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 
 use super::ServerAddress;
 use crate::handshake::accept_key;
+use crate::resources::Shortage;
 
 /// What to ask the upstream for.
 #[derive(Debug, Clone, Default)]
@@ -40,6 +41,9 @@ pub enum ConnectError {
     BadHandshake(String),
     /// The upstream refused with a 4xx: the client should see that answer.
     Refused { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    /// The gateway could not open a socket (out of descriptors or local ports): nothing is
+    /// known about the server, which must not be blamed.
+    OutOfResources(Shortage, std::io::Error),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -48,6 +52,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Unreachable(e) => write!(f, "unreachable: {e}"),
             ConnectError::BadHandshake(e) => write!(f, "bad handshake: {e}"),
             ConnectError::Refused { status, .. } => write!(f, "refused with {status}"),
+            ConnectError::OutOfResources(shortage, e) => write!(f, "the gateway is out of {shortage}: {e}"),
         }
     }
 }
@@ -67,9 +72,10 @@ pub async fn open(
 }
 
 async fn open_inner(server: &ServerAddress, request: &UpstreamRequest) -> Result<UpstreamSocket, ConnectError> {
-    let mut stream = TcpStream::connect(&server.authority)
-        .await
-        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    let mut stream = TcpStream::connect(&server.authority).await.map_err(|e| match Shortage::of(&e) {
+        Some(shortage) => ConnectError::OutOfResources(shortage, e),
+        None => ConnectError::Unreachable(e.to_string()),
+    })?;
     let _ = stream.set_nodelay(true);
 
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());

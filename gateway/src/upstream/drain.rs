@@ -73,12 +73,15 @@ impl CloseSignal {
     }
 }
 
+/// The slowest pace a drain or rebalance takes: one connection per 1,000 s. Slower rates
+/// (or a `drain_secs` long enough to imply one) are raised to it, so every pause is a time
+/// the clock can represent.
+pub const MIN_RATE: f64 = 0.001;
+
 /// The live connections of one server, and whether it is draining.
 #[derive(Debug, Default)]
 pub struct Connections {
     draining: AtomicBool,
-    /// A drain task is running (one at a time per server).
-    drain_running: AtomicBool,
     registry: Mutex<Registry>,
 }
 
@@ -86,6 +89,11 @@ pub struct Connections {
 struct Registry {
     next_id: u64,
     live: HashMap<u64, CloseSignal>,
+    /// Bumped by each drain; a drain task stops when it is no longer the latest (the server
+    /// was undrained and drained again while it slept).
+    drain_generation: u64,
+    /// The latest drain's task is still closing connections.
+    drain_running: bool,
 }
 
 impl Connections {
@@ -117,18 +125,37 @@ impl Connections {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Stops new connections and returns those to close. None when a drain already runs.
-    fn begin_drain(&self) -> Option<Vec<CloseSignal>> {
-        self.draining.store(true, Ordering::SeqCst);
-        if self.drain_running.swap(true, Ordering::SeqCst) {
+    /// Stops new connections and returns the drain's generation and the connections to
+    /// close. None, and nothing changed, while a drain of the draining server is still
+    /// closing connections. (A finished drain may be asked again; an undrain ends a drain.)
+    fn begin_drain(&self) -> Option<(u64, Vec<CloseSignal>)> {
+        // Checked and set under the lock, so a refused drain touches nothing.
+        let mut registry = self.registry.lock().unwrap();
+        if registry.drain_running && self.is_draining() {
             return None;
         }
-        let registry = self.registry.lock().unwrap();
+        self.draining.store(true, Ordering::SeqCst);
+        registry.drain_generation += 1;
+        registry.drain_running = true;
+        let generation = registry.drain_generation;
         let mut live: Vec<(u64, CloseSignal)> =
             registry.live.iter().filter(|(_, s)| !s.is_closing()).map(|(&id, s)| (id, s.clone())).collect();
         // Oldest first.
         live.sort_unstable_by_key(|(id, _)| *id);
-        Some(live.into_iter().map(|(_, s)| s).collect())
+        Some((generation, live.into_iter().map(|(_, s)| s).collect()))
+    }
+
+    /// Whether the drain of `generation` should go on closing connections.
+    fn drain_goes_on(&self, generation: u64) -> bool {
+        self.is_draining() && self.registry.lock().unwrap().drain_generation == generation
+    }
+
+    /// The drain of `generation` is done closing connections.
+    fn drain_finished(&self, generation: u64) {
+        let mut registry = self.registry.lock().unwrap();
+        if registry.drain_generation == generation {
+            registry.drain_running = false;
+        }
     }
 
     /// Takes the server out of draining: it gets new connections again and a running drain
@@ -156,18 +183,18 @@ impl DrainPace {
     /// Connections per second for `n` connections; infinite = all at once.
     fn per_second(&self, n: usize) -> f64 {
         match self.rate {
-            Some(rate) if rate > 0.0 => rate,
+            Some(rate) => rate.max(MIN_RATE),
             _ if self.spread.is_zero() || n == 0 => f64::INFINITY,
-            _ => n as f64 / self.spread.as_secs_f64(),
+            _ => (n as f64 / self.spread.as_secs_f64()).max(MIN_RATE),
         }
     }
 }
 
 /// Marks `server` draining (no new connections) and starts closing its connections with
 /// 1012 at `pace`, counting each in `moved`. Returns how many connections it will close, or
-/// None when a drain of this server already runs.
+/// None, changing nothing, when the server is draining already.
 pub fn start_drain(server: Arc<Server>, pace: DrainPace, moved: Counter, stop: CancellationToken) -> Option<usize> {
-    let targets = server.state.connections.begin_drain()?;
+    let (generation, targets) = server.state.connections.begin_drain()?;
     let n = targets.len();
     let per_second = pace.per_second(n);
     tokio::spawn(async move {
@@ -180,14 +207,14 @@ pub fn start_drain(server: Arc<Server>, pace: DrainPace, moved: Counter, stop: C
                     _ = stop.cancelled() => break,
                 }
             }
-            if !server.state.connections.is_draining() {
+            if !server.state.connections.drain_goes_on(generation) {
                 break;
             }
             if signal.close(SERVICE_RESTART) {
                 moved.inc();
             }
         }
-        server.state.connections.drain_running.store(false, Ordering::SeqCst);
+        server.state.connections.drain_finished(generation);
         tracing::info!(server = %server.address.authority, "drain finished");
     });
     Some(n)
@@ -278,17 +305,39 @@ mod tests {
         let ids: Vec<_> = signals.iter().map(|s| c.register(s.clone())).collect();
         c.unregister(ids[1]);
         assert_eq!(c.open(), 2);
-        let targets = c.begin_drain().unwrap();
+        let (first, targets) = c.begin_drain().unwrap();
         assert_eq!(targets.len(), 2);
         assert!(c.begin_drain().is_none(), "one drain at a time");
+        assert!(c.drain_goes_on(first));
         let late = CloseSignal::child_of(&shutdown);
         c.register(late.clone());
         assert_eq!(late.frame(), (1012, "service restart"));
         assert!(late.is_closing());
         c.undrain();
+        assert!(!c.drain_goes_on(first), "undrain stops the drain");
         let after = CloseSignal::child_of(&shutdown);
         c.register(after.clone());
         assert!(!after.is_closing());
+        // Drained again while the first drain task still sleeps: only the new one goes on.
+        let (second, _) = c.begin_drain().unwrap();
+        assert!(c.drain_goes_on(second) && !c.drain_goes_on(first));
+    }
+
+    #[test]
+    fn a_refused_drain_changes_nothing() {
+        let c = Connections::default();
+        let (first, _) = c.begin_drain().unwrap();
+        c.undrain();
+        let (second, _) = c.begin_drain().unwrap();
+        assert!(c.begin_drain().is_none());
+        assert!(c.is_draining() && c.drain_goes_on(second), "the running drain is untouched");
+        c.drain_finished(first);
+        assert!(c.begin_drain().is_none(), "the end of an older drain does not count");
+        c.drain_finished(second);
+        let (third, _) = c.begin_drain().unwrap();
+        assert!(c.drain_goes_on(third), "a finished drain may be asked again");
+        c.undrain();
+        assert!(!c.is_draining());
     }
 
     #[test]
@@ -297,5 +346,8 @@ mod tests {
         assert_eq!(spread.per_second(50), 5.0);
         assert_eq!(DrainPace { rate: Some(7.0), ..spread }.per_second(50), 7.0);
         assert!(DrainPace { rate: None, spread: Duration::ZERO }.per_second(50).is_infinite());
+        // Paces so slow their pauses would overflow the clock are raised to MIN_RATE.
+        assert_eq!(DrainPace { rate: Some(1e-300), ..spread }.per_second(50), MIN_RATE);
+        assert_eq!(DrainPace { rate: None, spread: Duration::from_secs(u64::MAX) }.per_second(2), MIN_RATE);
     }
 }

@@ -18,7 +18,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Pool, ServerAddress, UpstreamRequest};
+use super::{ConnectError, Pool, ServerAddress, UpstreamRequest};
+use crate::resources::{ResourceErrors, Shortage};
 
 /// The first ejection's length; each further one doubles it, up to `MAX_EJECTION`.
 pub const FIRST_EJECTION: Duration = Duration::from_secs(1);
@@ -160,20 +161,41 @@ impl HealthSettings {
     }
 }
 
+/// Why a probe failed.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// The server did not answer as it should.
+    Server(String),
+    /// The gateway could not open a socket: the probe says nothing about the server.
+    Local(Shortage, std::io::Error),
+}
+
+impl From<ConnectError> for ProbeError {
+    fn from(e: ConnectError) -> ProbeError {
+        match e {
+            ConnectError::OutOfResources(shortage, error) => ProbeError::Local(shortage, error),
+            other => ProbeError::Server(other.to_string()),
+        }
+    }
+}
+
 /// One probe of one server.
-pub async fn probe(address: &ServerAddress, settings: &HealthSettings) -> Result<(), String> {
+pub async fn probe(address: &ServerAddress, settings: &HealthSettings) -> Result<(), ProbeError> {
     match &settings.kind {
         ProbeKind::Tcp => match tokio::time::timeout(settings.timeout, TcpStream::connect(&address.authority)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no connection within {:?}", settings.timeout)),
+            Ok(Err(e)) => match Shortage::of(&e) {
+                Some(shortage) => Err(ProbeError::Local(shortage, e)),
+                None => Err(ProbeError::Server(e.to_string())),
+            },
+            Err(_) => Err(ProbeError::Server(format!("no connection within {:?}", settings.timeout))),
         },
         ProbeKind::WebSocket { path } => {
             let request = UpstreamRequest {
                 path_and_query: path.clone(),
                 headers: vec![("User-Agent".into(), "wasmgate-health-check".into())],
             };
-            let mut socket = super::open(address, &request, settings.timeout).await.map_err(|e| e.to_string())?;
+            let mut socket = super::open(address, &request, settings.timeout).await?;
             // A client's close frame is masked: FIN + close, masked, 2 bytes of code 1000.
             let mask: [u8; 4] = rand::random();
             let code = 1000u16.to_be_bytes();
@@ -191,10 +213,13 @@ pub async fn probe(address: &ServerAddress, settings: &HealthSettings) -> Result
 
 /// Probes every server of a pool each interval until `stop` is cancelled or `current`
 /// returns no pool with health checks (it was removed, or its checks were). The pool is read
-/// afresh each round, so reloads (new servers, new settings) apply at the next round.
+/// afresh each round, so reloads (new servers, new settings) apply at the next round. A
+/// probe the gateway could not make (out of descriptors or ports) counts in `resources`,
+/// not against the server.
 pub async fn run_checks(
     pool_name: String,
     current: impl Fn() -> Option<Arc<Pool>> + Send + 'static,
+    resources: Arc<ResourceErrors>,
     stop: CancellationToken,
 ) {
     loop {
@@ -217,7 +242,11 @@ pub async fn run_checks(
             };
             let Some(joined) = next else { break };
             let Ok((server, result)) = joined else { continue };
-            server.apply_probe(&pool_name, result, &settings);
+            match result {
+                Ok(()) => server.apply_probe(&pool_name, Ok(()), &settings),
+                Err(ProbeError::Server(error)) => server.apply_probe(&pool_name, Err(error), &settings),
+                Err(ProbeError::Local(shortage, error)) => resources.record(shortage, "health check", &error),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep_until(round + settings.interval) => {}

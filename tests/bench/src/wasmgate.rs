@@ -126,7 +126,8 @@ pub fn config_with(
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     let mut text = format!("[gateway]\nlisten = \"{listen}\"\nplugin_cache = \"{}\"\n", cache.display());
     if let Some(admin) = admin {
-        let _ = writeln!(text, "admin = \"{admin}\"");
+        // Only /metrics is read (no token needed for it).
+        let _ = writeln!(text, "admin = \"{admin}\"\nmetrics_public = true");
     }
     for line in &extra.gateway {
         let _ = writeln!(text, "{line}");

@@ -1,0 +1,307 @@
+//! Admission of client sockets: how many the gateway holds (`max_connections`), how many
+//! per client address (`max_connections_per_ip`), and how many are still in their handshake
+//! (`max_handshakes`). A socket is counted from accept to close; one over a limit is
+//! answered at once, before its request is read — 503, or 429 when its own address is over
+//! — and closed, so a flood costs the gateway a write per socket.
+//!
+//! The limits are read from the running configuration at each accept, so a reload changes
+//! them for new sockets. The per-address count covers sockets accepted while that limit was
+//! on; IPv6 clients are counted per /64, the block one subscriber usually holds.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+
+use crate::config::GatewaySection;
+use crate::handshake::Refusal;
+use crate::metrics::{Counter, Gauge, Registry};
+use crate::resources::Throttle;
+
+/// The limits in force, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connections: usize,
+    /// 0 = no per-address limit.
+    pub per_address: usize,
+    pub handshakes: usize,
+}
+
+impl Limits {
+    /// `default_connections` applies when the config sets no `max_connections`.
+    pub fn from_config(g: &GatewaySection, default_connections: usize) -> Limits {
+        let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Limits {
+            connections: g.max_connections.as_ref().map_or(default_connections, |v| clamp(*v.get_ref())),
+            per_address: clamp(g.max_connections_per_ip),
+            handshakes: clamp(*g.max_handshakes.get_ref()),
+        }
+    }
+}
+
+/// Which limit a socket was refused by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Connections,
+    PerAddress,
+    Handshakes,
+}
+
+impl Refused {
+    const ALL: [Refused; 3] = [Refused::Connections, Refused::PerAddress, Refused::Handshakes];
+
+    /// The metric's `reason` label: the config key that refused.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Connections => "max_connections",
+            Refused::PerAddress => "max_connections_per_ip",
+            Refused::Handshakes => "max_handshakes",
+        }
+    }
+
+    fn refusal(self, limits: &Limits) -> Refusal {
+        let (status, reason) = match self {
+            Refused::Connections => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the gateway holds its limit of {} connections; try again later", limits.connections),
+            ),
+            Refused::PerAddress => (
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("your address holds its limit of {} connections", limits.per_address),
+            ),
+            Refused::Handshakes => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the gateway has its limit of {} handshakes in progress; try again later", limits.handshakes),
+            ),
+        };
+        let mut refusal = Refusal::new(status, reason);
+        refusal.headers.push(("retry-after".into(), "1".into()));
+        refusal
+    }
+}
+
+/// Client addresses as counted: IPv4 (IPv4-mapped IPv6 included) per address, IPv6 per /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct AddressKey(IpAddr);
+
+impl AddressKey {
+    fn of(ip: IpAddr) -> AddressKey {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddressKey(IpAddr::V4(v4)),
+                None => AddressKey(IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1)))),
+            },
+            v4 => AddressKey(v4),
+        }
+    }
+}
+
+/// Refusals being answered at once; beyond this a refused socket gets its answer written
+/// and is closed without waiting for the client to finish sending.
+const MAX_ANSWERING: usize = 256;
+
+/// The counts behind the limits, shared by the accept loop and every connection.
+pub struct Admission {
+    open: AtomicUsize,
+    handshakes: AtomicUsize,
+    per_address: Mutex<HashMap<AddressKey, usize>>,
+    /// Refused sockets whose answer is being written.
+    answering: AtomicUsize,
+    /// `max_connections` when the config does not set it.
+    pub default_connections: usize,
+    open_gauge: Gauge,
+    handshakes_gauge: Gauge,
+    refused: [Counter; 3],
+    log: Throttle,
+}
+
+impl Admission {
+    pub fn new(registry: &Registry, default_connections: usize) -> Arc<Admission> {
+        let none: &[(&str, &str)] = &[];
+        let refused = |r: Refused| {
+            registry.counter(
+                "wasmgate_connections_refused_total",
+                "Client sockets answered and closed at once because a limit was reached",
+                &[("reason", r.label())],
+            )
+        };
+        Arc::new(Admission {
+            open: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            per_address: Mutex::new(HashMap::new()),
+            answering: AtomicUsize::new(0),
+            default_connections,
+            open_gauge: registry.gauge(
+                "wasmgate_connections_open",
+                "Client sockets held, from accept to close, handshakes included",
+                none,
+            ),
+            handshakes_gauge: registry.gauge("wasmgate_handshakes_in_progress", "Client sockets still in their handshake", none),
+            refused: Refused::ALL.map(refused),
+            log: Throttle::default(),
+        })
+    }
+
+    /// Counts a new client socket from `ip` against `limits`: a permit held for the socket's
+    /// life, or the limit it is over.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Result<Permit, Refused> {
+        // What is counted so far is uncounted by the permit's drop if a later check fails.
+        let mut permit =
+            Permit { admission: self.clone(), address: None, counted: false, in_handshake: false, admitted: false };
+        // The address first: a client over its own limit hears that it is, not that the
+        // gateway is full.
+        if limits.per_address > 0 {
+            let key = AddressKey::of(ip);
+            let mut counts = self.per_address.lock().unwrap();
+            let count = counts.entry(key).or_insert(0);
+            if *count >= limits.per_address {
+                return Err(Refused::PerAddress);
+            }
+            *count += 1;
+            permit.address = Some(key);
+        }
+        permit.counted = true;
+        if self.open.fetch_add(1, Ordering::Relaxed) >= limits.connections {
+            return Err(Refused::Connections);
+        }
+        permit.in_handshake = true;
+        if self.handshakes.fetch_add(1, Ordering::Relaxed) >= limits.handshakes {
+            return Err(Refused::Handshakes);
+        }
+        self.open_gauge.inc();
+        self.handshakes_gauge.inc();
+        permit.admitted = true;
+        Ok(permit)
+    }
+
+    /// Answers a refused socket (status, reason, `Retry-After: 1`) and closes it, off the
+    /// accept loop.
+    pub fn refuse(self: &Arc<Self>, mut stream: TcpStream, why: Refused, limits: &Limits) {
+        self.refused[why as usize].inc();
+        if let Some(held_back) = self.log.ready() {
+            tracing::warn!(limit = why.label(), ?limits, refused_since_last_log = held_back, "refusing client sockets");
+        }
+        let refusal = why.refusal(limits);
+        if self.answering.fetch_add(1, Ordering::Relaxed) >= MAX_ANSWERING {
+            self.answering.fetch_sub(1, Ordering::Relaxed);
+            // Too many answers under way: the answer fits the empty send buffer.
+            let _ = stream.try_write(&refusal.encode());
+            return;
+        }
+        let admission = self.clone();
+        tokio::spawn(async move {
+            crate::handshake::refuse(&mut stream, refusal).await;
+            admission.answering.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// Client sockets held now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Client sockets in their handshake now.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::Relaxed)
+    }
+}
+
+/// One admitted client socket; uncounts it when dropped.
+pub struct Permit {
+    admission: Arc<Admission>,
+    address: Option<AddressKey>,
+    /// Counted in `open`.
+    counted: bool,
+    /// Counted in `handshakes`.
+    in_handshake: bool,
+    /// Passed every limit, and so shown in the gauges (a permit dropped part-way was not).
+    admitted: bool,
+}
+
+impl Permit {
+    /// The handshake is over (answered with a 101 or refused): the socket no longer counts
+    /// against `max_handshakes`.
+    pub fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.in_handshake) {
+            self.admission.handshakes.fetch_sub(1, Ordering::Relaxed);
+            if self.admitted {
+                self.admission.handshakes_gauge.dec();
+            }
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.handshake_done();
+        let admission = &self.admission;
+        if self.counted {
+            admission.open.fetch_sub(1, Ordering::Relaxed);
+            if self.admitted {
+                admission.open_gauge.dec();
+            }
+        }
+        if let Some(key) = self.address {
+            let mut counts = admission.per_address.lock().unwrap();
+            if let Some(count) = counts.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(connections: usize, per_address: usize, handshakes: usize) -> Limits {
+        Limits { connections, per_address, handshakes }
+    }
+
+    #[test]
+    fn each_limit_refuses_and_dropping_gives_back() {
+        let registry = Registry::new();
+        let admission = Admission::new(&registry, 100);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let l = limits(3, 2, 10);
+        let a1 = admission.admit(ip("10.0.0.1"), &l).unwrap();
+        let a2 = admission.admit(ip("::ffff:10.0.0.1"), &l).unwrap();
+        assert_eq!(admission.admit(ip("10.0.0.1"), &l).err(), Some(Refused::PerAddress), "mapped IPv4 is the same address");
+        let b1 = admission.admit(ip("2001:db8:0:1::1"), &l).unwrap();
+        assert_eq!(admission.admit(ip("10.0.0.2"), &l).err(), Some(Refused::Connections));
+        assert_eq!(admission.open(), 3);
+        drop(a1);
+        let b2 = admission.admit(ip("2001:db8:0:1:ffff::2"), &l).unwrap();
+        assert_eq!(admission.admit(ip("2001:db8:0:1::3"), &l).err(), Some(Refused::PerAddress), "one /64");
+        drop((a2, b1, b2));
+        assert_eq!((admission.open(), admission.handshakes()), (0, 0));
+        assert!(admission.per_address.lock().unwrap().is_empty(), "no address left behind");
+        let text = registry.render();
+        assert!(text.contains("wasmgate_connections_open 0") && text.contains("wasmgate_handshakes_in_progress 0"), "{text}");
+    }
+
+    #[test]
+    fn handshakes_count_until_done() {
+        let registry = Registry::new();
+        let admission = Admission::new(&registry, 100);
+        let l = limits(10, 0, 2);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut first = admission.admit(ip, &l).unwrap();
+        let _second = admission.admit(ip, &l).unwrap();
+        assert_eq!(admission.admit(ip, &l).err(), Some(Refused::Handshakes));
+        first.handshake_done();
+        first.handshake_done();
+        let _third = admission.admit(ip, &l).unwrap();
+        assert_eq!((admission.open(), admission.handshakes()), (3, 2));
+        assert!(registry.render().contains("wasmgate_connections_open 3"));
+        assert!(registry.render().contains("wasmgate_handshakes_in_progress 2"));
+        drop(first);
+        assert_eq!((admission.open(), admission.handshakes()), (2, 2));
+    }
+}
