@@ -147,21 +147,16 @@ impl Admission {
 
     /// Counts a new client socket from `ip` against `limits`: a permit held for the socket's
     /// life, or the limit it is over.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Result<Permit, Refused> {
+    /// Admits a socket from `ip`; `ip` is None when the client is not known yet (behind a
+    /// PROXY header, [`Permit::charge_address`] counts it once it is).
+    pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>, limits: &Limits) -> Result<Permit, Refused> {
         // What is counted so far is uncounted by the permit's drop if a later check fails.
         let mut permit =
             Permit { admission: self.clone(), address: None, counted: false, in_handshake: false, admitted: false };
         // The address first: a client over its own limit hears that it is, not that the
         // gateway is full.
-        if limits.per_address > 0 {
-            let key = AddressKey::of(ip);
-            let mut counts = self.per_address.lock().unwrap();
-            let count = counts.entry(key).or_insert(0);
-            if *count >= limits.per_address {
-                return Err(Refused::PerAddress);
-            }
-            *count += 1;
-            permit.address = Some(key);
+        if let Some(ip) = ip {
+            permit.charge_address(ip, limits)?;
         }
         permit.counted = true;
         if self.open.fetch_add(1, Ordering::Relaxed) >= limits.connections {
@@ -179,12 +174,17 @@ impl Admission {
 
     /// Answers a refused socket (status, reason, `Retry-After: 1`) and closes it, off the
     /// accept loop.
-    pub fn refuse(self: &Arc<Self>, mut stream: TcpStream, why: Refused, limits: &Limits) {
+    /// Counts and logs a refusal; returns the answer to send.
+    pub fn refusal_counted(&self, why: Refused, limits: &Limits) -> Refusal {
         self.refused[why as usize].inc();
         if let Some(held_back) = self.log.ready() {
             tracing::warn!(limit = why.label(), ?limits, refused_since_last_log = held_back, "refusing client sockets");
         }
-        let refusal = why.refusal(limits);
+        why.refusal(limits)
+    }
+
+    pub fn refuse(self: &Arc<Self>, mut stream: TcpStream, why: Refused, limits: &Limits) {
+        let refusal = self.refusal_counted(why, limits);
         if self.answering.fetch_add(1, Ordering::Relaxed) >= MAX_ANSWERING {
             self.answering.fetch_sub(1, Ordering::Relaxed);
             // Too many answers under way: the answer fits the empty send buffer.
@@ -222,6 +222,22 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// Counts the socket against `max_connections_per_ip` for `ip`.
+    pub fn charge_address(&mut self, ip: IpAddr, limits: &Limits) -> Result<(), Refused> {
+        if limits.per_address == 0 || self.address.is_some() {
+            return Ok(());
+        }
+        let key = AddressKey::of(ip);
+        let mut counts = self.admission.per_address.lock().unwrap();
+        let count = counts.entry(key).or_insert(0);
+        if *count >= limits.per_address {
+            return Err(Refused::PerAddress);
+        }
+        *count += 1;
+        self.address = Some(key);
+        Ok(())
+    }
+
     /// The handshake is over (answered with a 101 or refused): the socket no longer counts
     /// against `max_handshakes`.
     pub fn handshake_done(&mut self) {
@@ -270,15 +286,15 @@ mod tests {
         let admission = Admission::new(&registry, 100);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let l = limits(3, 2, 10);
-        let a1 = admission.admit(ip("10.0.0.1"), &l).unwrap();
-        let a2 = admission.admit(ip("::ffff:10.0.0.1"), &l).unwrap();
-        assert_eq!(admission.admit(ip("10.0.0.1"), &l).err(), Some(Refused::PerAddress), "mapped IPv4 is the same address");
-        let b1 = admission.admit(ip("2001:db8:0:1::1"), &l).unwrap();
-        assert_eq!(admission.admit(ip("10.0.0.2"), &l).err(), Some(Refused::Connections));
+        let a1 = admission.admit(Some(ip("10.0.0.1")), &l).unwrap();
+        let a2 = admission.admit(Some(ip("::ffff:10.0.0.1")), &l).unwrap();
+        assert_eq!(admission.admit(Some(ip("10.0.0.1")), &l).err(), Some(Refused::PerAddress), "mapped IPv4 is the same address");
+        let b1 = admission.admit(Some(ip("2001:db8:0:1::1")), &l).unwrap();
+        assert_eq!(admission.admit(Some(ip("10.0.0.2")), &l).err(), Some(Refused::Connections));
         assert_eq!(admission.open(), 3);
         drop(a1);
-        let b2 = admission.admit(ip("2001:db8:0:1:ffff::2"), &l).unwrap();
-        assert_eq!(admission.admit(ip("2001:db8:0:1::3"), &l).err(), Some(Refused::PerAddress), "one /64");
+        let b2 = admission.admit(Some(ip("2001:db8:0:1:ffff::2")), &l).unwrap();
+        assert_eq!(admission.admit(Some(ip("2001:db8:0:1::3")), &l).err(), Some(Refused::PerAddress), "one /64");
         drop((a2, b1, b2));
         assert_eq!((admission.open(), admission.handshakes()), (0, 0));
         assert!(admission.per_address.lock().unwrap().is_empty(), "no address left behind");
@@ -292,12 +308,12 @@ mod tests {
         let admission = Admission::new(&registry, 100);
         let l = limits(10, 0, 2);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let mut first = admission.admit(ip, &l).unwrap();
-        let _second = admission.admit(ip, &l).unwrap();
-        assert_eq!(admission.admit(ip, &l).err(), Some(Refused::Handshakes));
+        let mut first = admission.admit(Some(ip), &l).unwrap();
+        let _second = admission.admit(Some(ip), &l).unwrap();
+        assert_eq!(admission.admit(Some(ip), &l).err(), Some(Refused::Handshakes));
         first.handshake_done();
         first.handshake_done();
-        let _third = admission.admit(ip, &l).unwrap();
+        let _third = admission.admit(Some(ip), &l).unwrap();
         assert_eq!((admission.open(), admission.handshakes()), (3, 2));
         assert!(registry.render().contains("wasmgate_connections_open 3"));
         assert!(registry.render().contains("wasmgate_handshakes_in_progress 2"));

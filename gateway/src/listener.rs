@@ -30,7 +30,10 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         backoff.reset();
         let limits = Limits::from_config(&shared.config.load().gateway, shared.admission.default_connections);
-        match shared.admission.admit(client_addr.ip(), &limits) {
+        // Behind PROXY protocol the peer is the balancer: the client it names is charged
+        // against max_connections_per_ip once its header is read (proxy::read_upgrade).
+        let known_client = (!shared.routing.load().proxy_protocol).then(|| client_addr.ip());
+        match shared.admission.admit(known_client, &limits) {
             Ok(permit) => {
                 let _ = stream.set_nodelay(true);
                 shared.tasks.spawn(crate::proxy::serve(stream, client_addr, shared.clone(), permit));

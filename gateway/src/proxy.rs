@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::forwarding;
 use crate::gateway::Shared;
-use crate::limits::Permit;
+use crate::limits::{Limits, Permit};
 use crate::handshake::{self, ClientUpgrade, ReadError, Refusal, RequestHead};
 use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
@@ -35,7 +35,7 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
     // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
     // future kept a second copy of it): a connection's task is 1,712 bytes for its life
     // (64 of them the permit).
-    let prepared = Box::pin(answer(&mut stream, client_addr, &shared)).await;
+    let prepared = Box::pin(answer(&mut stream, client_addr, &shared, &mut permit)).await;
     permit.handshake_done();
     if let Some(prepared) = prepared {
         relay_connection(stream, prepared, shared).await;
@@ -44,8 +44,8 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
 
 /// Reads the upgrade request and answers it: with a 101, returning what the relay needs, or
 /// with a refusal, after which the socket is done.
-async fn answer(stream: &mut TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Box<Prepared>> {
-    let refusal = match read_upgrade(stream, peer, shared).await {
+async fn answer(stream: &mut TcpStream, peer: SocketAddr, shared: &Arc<Shared>, permit: &mut Permit) -> Option<Box<Prepared>> {
+    let refusal = match read_upgrade(stream, peer, shared, permit).await {
         Ok((head, client_addr)) => match upgrade(head, client_addr, shared).await {
             Ok((response, prepared)) => return stream.write_all(&response).await.is_ok().then(|| Box::new(prepared)),
             Err(refusal) => refusal,
@@ -61,12 +61,25 @@ async fn answer(stream: &mut TcpStream, peer: SocketAddr, shared: &Arc<Shared>) 
 
 /// The upgrade request and who sent it, within the handshake timeout. Behind a PROXY
 /// protocol header (when the listener expects one) the client is the one it names.
-async fn read_upgrade(stream: &mut TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(RequestHead, SocketAddr), ReadError> {
+async fn read_upgrade(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    permit: &mut Permit,
+) -> Result<(RequestHead, SocketAddr), ReadError> {
     let routing = shared.routing.load_full();
     let timeout = routing.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let (client_addr, already_read) = match routing.proxy_protocol {
-        true => proxy_protocol::read_header(stream, peer, &routing.trusted_proxies, deadline).await?,
+        true => {
+            let (client, rest) = proxy_protocol::read_header(stream, peer, &routing.trusted_proxies, deadline).await?;
+            // The client the balancer names is the one max_connections_per_ip counts.
+            let limits = Limits::from_config(&shared.config.load().gateway, shared.admission.default_connections);
+            if let Err(refused) = permit.charge_address(client.ip(), &limits) {
+                return Err(ReadError::Refused(shared.admission.refusal_counted(refused, &limits)));
+            }
+            (client, rest)
+        }
         false => (peer, Vec::new()),
     };
     let head = handshake::read_request(stream, already_read, deadline, timeout).await?;

@@ -521,3 +521,32 @@ async fn edge_config_errors_name_file_line_and_key() {
     let err = Config::parse(&host, "gw.toml", repo_root()).unwrap_err().to_string();
     assert!(err.starts_with("gw.toml:9:") && err.contains("key `host`"), "{err}");
 }
+
+/// Behind an L4 balancer every socket comes from the balancer: `max_connections_per_ip`
+/// must count the client each PROXY header names, or one busy balancer would be refused.
+#[tokio::test]
+async fn per_address_limit_counts_the_client_a_proxy_header_names() {
+    let backends = echo_backends(1).await;
+    let toml = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         max_connections_per_ip = 1\n\n{}[[route]]\npath = \"/\"\nupstream = \"echo\"\n",
+        upstream(&backends),
+    );
+    let gw = start_gateway(&toml).await;
+    let request = upgrade("/", "localhost", &[]);
+    // Two clients through the same balancer address, each holding a connection.
+    let mut held = Vec::new();
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let mut stream = TcpStream::connect(gw.listen_addr).await.unwrap();
+        stream.write_all(format!("{}{request}", proxy_v1(client)).as_bytes()).await.unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{client}: {head}");
+        held.push(stream);
+    }
+    // The first client's second connection is over its own limit.
+    let stream = TcpStream::connect(gw.listen_addr).await.unwrap();
+    let answer = exchange(stream, format!("{}{request}", proxy_v1("203.0.113.1")).as_bytes()).await;
+    assert_eq!(answer.status, 429, "{}", answer.text);
+    drop(held);
+    gw.shutdown().await;
+}
