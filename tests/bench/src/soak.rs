@@ -18,8 +18,8 @@
 //! restart happens in either window or the 10 s before it, and the report says how many
 //! long-lived connections were open in each.
 //!
-//! `WASMGATE_ADMIN_TOKEN`, when set, goes into the config as `admin_token` and with every
-//! admin request as a Bearer token.
+//! The admin token (`WASMGATE_ADMIN_TOKEN`, or one made for the run) goes into the config
+//! as `admin_token` and with every admin request as a Bearer token.
 
 mod clients;
 mod report;
@@ -96,8 +96,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let nofile = procs::raise_nofile_limit()?;
     let bins = Binaries::locate(&[Target::Wasmgate3])?;
     let dir = TempDir::new()?;
-    // To always run with a token: `.or_else(|| Some(format!("soak-{}", std::process::id())))`.
-    let admin_token = std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    // The admin API is locked without a token: make one when none is given.
+    let admin_token = std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| Some(format!("soak-token-{:016x}", rand_token())));
     let header = header(&bins, &options, admin_token.is_some(), nofile);
 
     let mut backends = Backends::start(bins.echo_backend(), &dir.0)?;
@@ -459,4 +462,11 @@ mod tests {
         let kills = schedule(Duration::from_secs(1800)).iter().filter(|(_, e)| matches!(e, Event::Kill(_))).count();
         assert_eq!(kills, 6);
     }
+}
+
+/// 64 bits for a per-run admin token: the clock and the process id are enough for a
+/// token that lives on loopback for one run.
+fn rand_token() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ ((std::process::id() as u64) << 32)
 }
