@@ -7,9 +7,11 @@
 //! 502 the client can see, not as an accepted socket that dies at once.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt as _;
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -19,7 +21,7 @@ use crate::handshake::{self, ClientUpgrade, ReadError, Refusal, RequestHead};
 use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
 use crate::plugin::{
-    Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
+    panic_text, Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
     Verdict,
 };
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
@@ -30,8 +32,18 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
     // The handshake's state (5 KiB: the upstream connect, plugin decisions) is boxed and
     // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
     // future kept a second copy of it): a connection's task is 1,648 bytes for its life.
-    if let Some(prepared) = Box::pin(answer(&mut stream, client_addr, &shared)).await {
-        relay_connection(stream, prepared, shared).await;
+    // A panic on the way (a bug; plugin calls catch their own) still gets the client an
+    // answer instead of a silently dropped socket.
+    let answered = AssertUnwindSafe(Box::pin(answer(&mut stream, client_addr, &shared))).catch_unwind().await;
+    match answered {
+        Ok(Some(prepared)) => relay_connection(stream, prepared, shared).await,
+        Ok(None) => {}
+        Err(panic) => {
+            tracing::error!(%client_addr, "the handshake panicked: {}", panic_text(&*panic));
+            shared.metrics.handshakes_refused.inc();
+            let refusal = Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "the gateway failed while answering this request");
+            handshake::refuse(&mut stream, refusal).await;
+        }
     }
 }
 
@@ -410,7 +422,7 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Ar
         }
         _ => None,
     };
-    let outcome = relay::run(
+    let relayed = AssertUnwindSafe(relay::run(
         client,
         upstream,
         &settings,
@@ -418,8 +430,21 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Ar
         hook.as_ref().map(|h| h as &dyn MessageHook),
         compression.terminate,
         stop,
-    )
+    ))
+    .catch_unwind()
     .await;
+    // After a panic both sockets are gone (dropped with the relay); the connection is still
+    // counted as closed and its plugins still hear of it.
+    let outcome = relayed.unwrap_or_else(|panic| {
+        tracing::error!(conn = conn.as_ref().map(|c| c.id), "the relay panicked: {}", panic_text(&*panic));
+        RelayOutcome {
+            code: relay::close::code::ABNORMAL,
+            messages_from_client: 0,
+            messages_from_upstream: 0,
+            bytes_from_client: 0,
+            bytes_from_upstream: 0,
+        }
+    });
     metrics.connections_active.dec();
     metrics.messages_from_client.add(outcome.messages_from_client);
     metrics.messages_from_upstream.add(outcome.messages_from_upstream);
@@ -487,7 +512,9 @@ impl MessageHook for ChainHook {
                 Err(e) => {
                     self.errors.inc();
                     tracing::warn!(plugin = plugin.name(), error = %e, "message hook failed");
-                    if plugin.on_error() == Some(OnError::Deny) {
+                    // Fail closed unless the operator chose "allow": a failure an attacker
+                    // can provoke must not let through what the plugin would have stopped.
+                    if plugin.on_error() != Some(OnError::Allow) {
                         return MessageAction::Close(relay::close::code::INTERNAL_ERROR, "plugin failed".into());
                     }
                 }

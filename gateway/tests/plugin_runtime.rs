@@ -573,3 +573,65 @@ fn watch_reports_a_file_replaced_by_rename() {
     // One debounced call for the burst.
     assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
 }
+
+/// Every WASI interface Rust's std links, called from a hook on a Tokio worker (where
+/// wasmtime-wasi's synchronous bindings would `block_on` and panic): each ends as an error
+/// the plugin sees, a harmless result, or a trap, and the runtime keeps serving.
+#[test]
+fn every_wasi_interface_ends_as_an_error_a_result_or_a_trap_on_a_tokio_worker() {
+    let rt = runtime();
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // A live listener, so a connect that got through would succeed.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    enum Want {
+        Error,
+        Seen(&'static str),
+        Trap(&'static str),
+    }
+    let cases = [
+        ("fs-read", Want::Error),
+        ("fs-write", Want::Error),
+        ("fs-list", Want::Error),
+        ("env", Want::Seen("0 variables")),
+        ("args", Want::Seen("0 arguments")),
+        ("stdin", Want::Seen("0 bytes from stdin")),
+        ("stdout-flood", Want::Seen("flooded")),
+        ("tcp-connect", Want::Error),
+        ("tcp-listen", Want::Error),
+        ("udp-bind", Want::Error),
+        ("udp-send", Want::Error),
+        ("dns", Want::Error),
+        ("sleep", Want::Trap("wasi:io/poll")),
+        ("random", Want::Seen("true")),
+        ("exit", Want::Trap("exit")),
+        ("abort", Want::Trap("unreachable")),
+    ];
+    for (op, want) in cases {
+        let config = format!(r#"{{"op":"{op}","target":"{target}"}}"#);
+        let p = rt.load(&spec(op, "hostile_wasi", &config)).unwrap();
+        let got = tokio.block_on(async move {
+            tokio::spawn(async move { p.on_handshake(&conn(), &request("/")) })
+                .await
+                .expect("the call does not panic the worker")
+        });
+        match (&want, &got) {
+            (Want::Error, Ok(Verdict::Reject(r))) if r.status == 418 => {}
+            (Want::Seen(seen), Ok(Verdict::Accept(a)))
+                if a.add_headers == [Header { name: "x-observed".into(), value: seen.to_string() }] => {}
+            (Want::Trap(text), Err(PluginError::Trap(m))) if m.contains(text) => {}
+            _ => panic!("{op}: {got:?}"),
+        }
+    }
+    // Not one connection reached the listener.
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err());
+    // The clocks work and the runtime is unharmed.
+    let clock = rt.load(&spec("clock", "hostile_wasi", r#"{"op":"clock"}"#)).unwrap();
+    let Ok(Verdict::Accept(a)) = clock.on_handshake(&conn(), &request("/")) else { panic!() };
+    assert!(a.add_headers[0].value.ends_with(" true"), "{a:?}");
+}

@@ -4,6 +4,8 @@
 //! deadline, call, check the answer, give the instance back. Failures are counted per kind
 //! and returned for the caller to apply the plugin's `on_error`.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -305,8 +307,20 @@ impl Plugin {
             .take()
             .inspect_err(|e| self.stats.count_error(e))?;
         instance.store.set_epoch_deadline(ticks);
-        let result = f(HostState::enter(&mut instance.store, conn), &instance.exports)
-            .expect("hooks() only lists exported hooks");
+        // A panic on the host side of the call (in a host function or in wasmtime itself)
+        // fails this call like a trap; the instance it left in an unknown state is dropped.
+        let called = catch_unwind(AssertUnwindSafe(|| {
+            f(HostState::enter(&mut instance.store, conn), &instance.exports)
+        }));
+        let result = match called {
+            Ok(result) => result.expect("hooks() only lists exported hooks"),
+            Err(panic) => {
+                let err = PluginError::Trap(format!("the host panicked during the call: {}", panic_text(&*panic)));
+                tracing::error!(target: "wasmgate::plugin", plugin = self.name(), conn = conn.id, "{err}");
+                self.stats.count_error(&err);
+                return Err(err);
+            }
+        };
         match result {
             Ok(r) => {
                 self.pool.put(instance);
@@ -329,6 +343,15 @@ impl Plugin {
             e
         })
     }
+}
+
+/// The message a panic carried, when it is text.
+pub fn panic_text(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Declared hooks whose interface the component does not export are ignored, with a warning.

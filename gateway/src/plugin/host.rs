@@ -267,6 +267,7 @@ impl WasiView for HostState {
 impl host::Host for HostState {
     fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
         let plugin = &*self.env.name;
+        let message = super::log_text::printable(&message);
         match level {
             host::Level::Trace => tracing::trace!(target: "wasmgate::plugin", plugin, "{message}"),
             host::Level::Debug => tracing::debug!(target: "wasmgate::plugin", plugin, "{message}"),

@@ -16,6 +16,7 @@ mod exports;
 mod hooks;
 mod host;
 mod kv;
+mod log_text;
 mod pool;
 mod registry;
 mod types;
@@ -23,7 +24,7 @@ mod wasi;
 mod watch;
 
 pub use engine::{PluginRuntime, PluginSpec, RuntimeOptions};
-pub use hooks::{Plugin, PluginInfo};
+pub use hooks::{panic_text, Plugin, PluginInfo};
 pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport};
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,
