@@ -178,6 +178,9 @@ pub struct PluginSection {
     /// Instances kept per plugin; they are shared by all connections.
     #[serde(default = "defaults::plugin_instances")]
     pub instances: usize,
+    /// Series the plugin's own metrics may have on `/metrics`.
+    #[serde(default = "defaults::plugin_max_metric_series")]
+    pub max_metric_series: usize,
     /// `config` as JSON with `${env:NAME}` and `${file:PATH}` expanded, made by `validate`.
     #[serde(skip)]
     pub config_json: String,
@@ -248,6 +251,9 @@ mod defaults {
     }
     pub fn plugin_message_timeout_ms() -> u64 {
         5
+    }
+    pub fn plugin_max_metric_series() -> usize {
+        256
     }
     pub fn plugin_memory_limit_mb() -> u64 {
         64

@@ -15,6 +15,7 @@ use super::exports::ExportIndices;
 use super::hooks::Plugin;
 use super::host::{HostState, PluginEnv};
 use super::kv::Kv;
+use super::plugin_metrics::Namespaces;
 use super::types::OnError;
 use super::wasi;
 use crate::metrics::Registry;
@@ -67,6 +68,8 @@ pub struct PluginSpec {
     pub memory_limit: usize,
     /// Idle instances kept; more are made when all are busy, and dropped when returned.
     pub max_instances: usize,
+    /// Series the plugin's own metrics may have on `/metrics`.
+    pub max_metric_series: usize,
 }
 
 impl PluginSpec {
@@ -81,6 +84,7 @@ impl PluginSpec {
             message_timeout: Duration::from_millis(5),
             memory_limit: 64 << 20,
             max_instances: 4,
+            max_metric_series: 256,
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct PluginRuntime {
     cache: CompileCache,
     kv: Arc<Kv>,
     metrics: Arc<Registry>,
+    /// Which plugin owns each metric name prefix; kept across reloads.
+    metric_names: Namespaces,
     opts: RuntimeOptions,
     started: Instant,
     /// Started with the first plugin: a gateway without plugins has no thread waking up
@@ -134,6 +140,7 @@ impl PluginRuntime {
             cache,
             kv,
             metrics,
+            metric_names: Namespaces::default(),
             opts,
             started: Instant::now(),
             ticking: std::sync::OnceLock::new(),
@@ -191,10 +198,15 @@ impl PluginRuntime {
             .with_context(|| {
                 format!("{}: imports something the gateway does not provide", what())
             })?;
+        let metric_names = self.metric_names.claim(&spec.name, spec.max_metric_series);
+        if let Err(e) = &metric_names {
+            tracing::warn!(target: "wasmgate::plugin", plugin = %spec.name, "metrics refused: {e}");
+        }
         let env = PluginEnv::new(
             &spec.name,
             self.kv.clone(),
             self.metrics.clone(),
+            metric_names,
             self.started,
             self.ticking()?,
         );

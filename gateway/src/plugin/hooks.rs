@@ -116,6 +116,9 @@ pub struct PluginInfo {
     pub memory_limit_hits: u64,
     /// Ready instances waiting for a call.
     pub idle_instances: usize,
+    /// Series of the plugin's own metrics on `/metrics`, and the most it may have.
+    pub metric_series: usize,
+    pub max_metric_series: usize,
 }
 
 impl Plugin {
@@ -271,6 +274,7 @@ impl Plugin {
     pub fn info(&self) -> PluginInfo {
         let s = &self.stats;
         let errors = [&s.trap, &s.timeout, &s.memory, &s.unavailable, &s.invalid];
+        let (metric_series, max_metric_series) = self.pool.env().metric_series();
         PluginInfo {
             name: self.spec.name.clone(),
             wasm_path: self.spec.wasm_path.clone(),
@@ -289,6 +293,8 @@ impl Plugin {
             timeouts: s.timeout.get(),
             memory_limit_hits: s.memory.get(),
             idle_instances: self.pool.idle(),
+            metric_series,
+            max_metric_series,
         }
     }
 
@@ -323,6 +329,7 @@ impl Plugin {
         };
         match result {
             Ok(r) => {
+                instance.store.data_mut().commit_metrics();
                 self.pool.put(instance);
                 Ok(r)
             }

@@ -7,6 +7,8 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Most bytes of a plugin's text kept in one log record; the rest is cut and counted.
 pub const MAX_RECORD: usize = 4096;
@@ -44,9 +46,41 @@ fn needs_escape(c: char) -> bool {
         || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
+/// Lets one warning of a kind through per interval, so a plugin that fails the same way on
+/// every call (a full kv share, a metric over its limits) cannot flood the log.
+pub struct Throttle {
+    every: Duration,
+    /// Milliseconds after `origin` of the last warning let through, plus one; 0 for none.
+    last: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new(every: Duration) -> Throttle {
+        Throttle { every, last: AtomicU64::new(0) }
+    }
+
+    /// Whether a warning may go out now (`origin` is any fixed instant).
+    pub fn due(&self, origin: Instant) -> bool {
+        let now = origin.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= self.every.as_millis() as u64;
+        due && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_through_per_interval() {
+        let origin = Instant::now();
+        let t = Throttle::new(Duration::from_secs(3600));
+        assert!(t.due(origin));
+        assert!(!t.due(origin));
+        let never = Throttle::new(Duration::ZERO);
+        assert!(never.due(origin) && never.due(origin));
+    }
 
     #[test]
     fn plain_text_is_borrowed() {

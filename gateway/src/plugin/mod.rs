@@ -17,6 +17,7 @@ mod hooks;
 mod host;
 mod kv;
 mod log_text;
+mod plugin_metrics;
 mod pool;
 mod registry;
 mod types;

@@ -80,6 +80,10 @@ impl Pool {
         &self.indices
     }
 
+    pub fn env(&self) -> &PluginEnv {
+        &self.env
+    }
+
     /// An idle instance, this thread's own first, or a fresh one.
     pub fn take(&self) -> Result<Instance, PluginError> {
         let home = self.home_shard();
@@ -139,6 +143,7 @@ impl Pool {
                 )
             })?
             .map_err(|refusal| format!("init refused the configuration: {refusal}"))?;
+        store.data_mut().commit_metrics();
         Ok((Instance { store, exports }, hooks))
     }
 }

@@ -1,0 +1,466 @@
+//! Plugin containment end to end: hostile plugins (tests/plugins/hostile-*) loaded into the
+//! real gateway binary, attacked over real sockets, while a route without plugins is
+//! measured. Each test checks what issue #19 promises:
+//! - the clean route keeps answering within normal latency while the hostile one is hammered;
+//! - the attacked connection gets what its `on_error` says (503 / close 1011 for "deny",
+//!   carrying on for "allow"), or the error the plugin chose to answer with;
+//! - the gateway's memory stays within a stated bound;
+//! - counters stay consistent: `wasmgate_connections_active` returns to 0 and every relayed
+//!   connection's `on_close` ran.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::{self, Message};
+use wasmgate_tests::*;
+
+/// Generous on purpose: the normal figure is about a millisecond; a stalled worker is seconds.
+const CLEAN_ROUTE_MEDIAN_LIMIT: Duration = Duration::from_millis(200);
+
+/// The gateway binary, run as operators run it, so its memory is its own.
+struct GatewayProcess {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    /// What the gateway wrote to stderr (its log), up to `LOG_KEPT` bytes.
+    log: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+/// Log bytes kept from a gateway; the rest is read and dropped so the pipe never fills.
+const LOG_KEPT: usize = 16 << 20;
+
+impl GatewayProcess {
+    /// Starts `wasmgate run` on `config`, whose `[gateway]` table must say `listen` and
+    /// `admin` as `LISTEN` and `ADMIN` (filled in here).
+    fn start(config: &str) -> GatewayProcess {
+        let dir = TempDir::new("containment");
+        let admin = dead_address();
+        let path = dir.0.join("gateway.toml");
+        let text = config
+            .replace("LISTEN", "127.0.0.1:0")
+            .replace("ADMIN", &admin.to_string())
+            .replace("CACHE", &dir.0.join("cache").display().to_string());
+        std::fs::write(&path, text).unwrap();
+        let mut child = Command::new(gateway_binary())
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "error")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            while stderr.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let mut log = kept.lock().unwrap();
+                if log.len() < LOG_KEPT {
+                    log.push_str(&String::from_utf8_lossy(&line));
+                }
+                line.clear();
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().rsplit("ws://").next().unwrap().parse().unwrap_or_else(|_| panic!("first line {line:?}"));
+        GatewayProcess { child, addr, admin, log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    fn rss_mib(&self) -> u64 {
+        rss_kib(self.child.id()) / 1024
+    }
+
+    async fn admin(&self, path: &str) -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let (status, text) = raw_http(self.admin, &request).await;
+        assert_eq!(status, 200, "{path}: {text}");
+        text[text.find("\r\n\r\n").unwrap() + 4..].to_string()
+    }
+
+    /// The sum of the samples of a metric family (every label set), 0 when absent.
+    async fn metric(&self, name: &str) -> f64 {
+        metric_sum(&self.admin("/metrics").await, name)
+    }
+
+    /// Waits until no connection is open and `on_close` ran as often as expected: for each
+    /// plugin named in `closes`, the count its `closes_total` metric should reach.
+    async fn assert_settled(&self, closes: &HashMap<String, u64>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = self.admin("/metrics").await;
+            let active = metric_sum(&metrics, "wasmgate_connections_active");
+            let wrong: Vec<String> = closes
+                .iter()
+                .filter_map(|(plugin, &want)| {
+                    let got = metric_sum(&metrics, &format!("wasmgate_plugin_{plugin}__closes_total"));
+                    (got != want as f64).then(|| format!("{plugin}: on_close {got} of {want}"))
+                })
+                .collect();
+            if active == 0.0 && wrong.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "active {active}; {wrong:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory of its own, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wasmgate-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `[gateway]` (with the placeholders `GatewayProcess::start` fills), the `echo` upstream,
+/// plugin tables, and routes `(path, chain)`; `/clean` has no plugins.
+fn config(backend: &EchoServer, plugins: &str, routes: &[(String, String)]) -> String {
+    let mut text = format!(
+        "[gateway]\nlisten = \"LISTEN\"\nadmin = \"ADMIN\"\nplugin_cache = \"CACHE\"\n\n\
+         [[upstream]]\nname = \"echo\"\nservers = [\"{}\"]\nconnect_timeout_ms = 2000\n\n{plugins}\n\
+         [[route]]\npath = \"/clean\"\nupstream = \"echo\"\n\n",
+        backend.addr
+    );
+    for (path, chain) in routes {
+        text.push_str(&format!("[[route]]\npath = \"{path}\"\nupstream = \"echo\"\nplugins = [{chain}]\n\n"));
+    }
+    text
+}
+
+fn plugin(name: &str, krate: &str, extra: &str) -> String {
+    format!("[[plugin]]\nname = \"{name}\"\nwasm = \"{}\"\n{extra}\n\n", plugin_wasm(krate).display())
+}
+
+/// Median time of 20 handshakes plus one echoed message on the route without plugins.
+async fn clean_route_median(gw: &GatewayProcess) -> Duration {
+    let mut times = Vec::with_capacity(20);
+    for _ in 0..20 {
+        let start = Instant::now();
+        let mut ws = connect(&gw.url("/clean")).await;
+        assert_eq!(roundtrip(&mut ws, Message::text("ping")).await, Message::text("ping"));
+        times.push(start.elapsed());
+        let _ = ws.close(None).await;
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Runs `attack` in `clients` loops until the returned guard is stopped; counts rounds.
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Hammer {
+    fn start<F, Fut>(clients: usize, attack: F) -> Hammer
+    where
+        F: Fn(u64) -> Fut + Send + Sync + Clone + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, rounds, attack) = (stop.clone(), rounds.clone(), attack.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        attack(rounds.fetch_add(1, Ordering::Relaxed)).await;
+                    }
+                })
+            })
+            .collect();
+        Hammer { stop, rounds, tasks }
+    }
+
+    /// Stops the loops and returns how many rounds ran.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("an attack round failed");
+        }
+        self.rounds.load(Ordering::Relaxed)
+    }
+}
+
+/// What a handshake got: a 101, or the refusal's status and body.
+async fn handshake(url: &str) -> Result<Client, (u16, String)> {
+    match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url)).await {
+        Err(_) => panic!("{url}: no answer within 10 s"),
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(tungstenite::Error::Http(response))) => {
+            let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+            Err((response.status().as_u16(), body))
+        }
+        Ok(Err(e)) => panic!("{url}: {e}"),
+    }
+}
+
+/// Sends one message and returns what came back: the echo or reply, or the close code.
+async fn message_outcome(ws: &mut Client, text: &str) -> Result<String, u16> {
+    ws.send(Message::text(text.to_string())).await.expect("send");
+    match next_data(ws).await {
+        Message::Text(t) => Ok(t.to_string()),
+        Message::Close(frame) => Err(frame.map_or(1005, |f| u16::from(f.code))),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Every WASI interface std links, from a handshake hook and from a message hook, under
+/// both policies; the sockets case (`udp-bind`, which made wasmtime-wasi panic the worker)
+/// and the trapping ones hammered while the clean route is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_calls_end_as_errors_or_traps_that_follow_on_error() {
+    let backend = EchoServer::start("127.0.0.1:0", "b0").await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    // op, whether the plugin sees an error (418 / close 4418) rather than trapping.
+    let ops = [
+        ("udp-bind", true),
+        ("udp-send", true),
+        ("tcp-connect", true),
+        ("tcp-listen", true),
+        ("dns", true),
+        ("fs-read", true),
+        ("fs-write", true),
+        ("sleep", false),
+        ("exit", false),
+        ("abort", false),
+    ];
+    let mut plugins = String::new();
+    let mut routes = Vec::new();
+    for (op, _) in ops {
+        for hook in ["handshake", "message"] {
+            for policy in ["deny", "allow"] {
+                let name = format!("{}_{hook}_{policy}", op.replace('-', "_"));
+                let config = format!("config = {{ op = \"{op}\", hook = \"{hook}\", target = \"{target}\" }}\non_error = \"{policy}\"");
+                plugins.push_str(&plugin(&name, "hostile-wasi", &config));
+                routes.push((format!("/{name}"), format!("\"{name}\"")));
+            }
+        }
+    }
+    let gw = GatewayProcess::start(&config(&backend, &plugins, &routes));
+    let normal = clean_route_median(&gw).await;
+
+    let mut relayed: HashMap<String, u64> = HashMap::new();
+    for (op, sees_error) in ops {
+        for hook in ["handshake", "message"] {
+            for policy in ["deny", "allow"] {
+                let name = format!("{}_{hook}_{policy}", op.replace('-', "_"));
+                let url = gw.url(&format!("/{name}"));
+                let what = format!("{op} in {hook}, on_error {policy}");
+                match (hook, sees_error, policy) {
+                    ("handshake", true, _) => {
+                        let (status, body) = handshake(&url).await.err().unwrap_or_else(|| panic!("{what}: accepted"));
+                        assert_eq!(status, 418, "{what}: {body}");
+                        assert!(body.starts_with(&format!("{op}: ")), "{what}: {body}");
+                    }
+                    ("handshake", false, "deny") => {
+                        let (status, body) = handshake(&url).await.err().unwrap_or_else(|| panic!("{what}: accepted"));
+                        assert_eq!((status, body.trim()), (503, format!("plugin {name} failed: trap").as_str()), "{what}");
+                    }
+                    ("handshake", false, _) => {
+                        let mut ws = handshake(&url).await.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                        assert_eq!(message_outcome(&mut ws, "hi").await, Ok("hi".into()), "{what}");
+                        ws.close(None).await.unwrap();
+                        *relayed.entry(name.clone()).or_default() += 1;
+                    }
+                    (_, sees_error, policy) => {
+                        let mut ws = handshake(&url).await.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                        let got = message_outcome(&mut ws, "hi").await;
+                        let want = match (sees_error, policy) {
+                            (true, _) => Err(4418),
+                            (false, "deny") => Err(1011),
+                            (false, _) => Ok("hi".to_string()),
+                        };
+                        assert_eq!(got, want, "{what}");
+                        if got.is_ok() {
+                            ws.close(None).await.unwrap();
+                        }
+                        *relayed.entry(name.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    // Hammer the sockets case and the traps, from both hooks, while timing the clean route.
+    let rss_before = gw.rss_mib();
+    let urls: Arc<Vec<String>> = Arc::new(
+        ["udp_bind_handshake_deny", "udp_bind_message_deny", "sleep_handshake_deny", "exit_message_deny", "abort_message_allow"]
+            .iter()
+            .map(|r| gw.url(&format!("/{r}")))
+            .collect(),
+    );
+    let attacks = Hammer::start(4, {
+        let urls = urls.clone();
+        move |round| {
+            let url = urls[round as usize % urls.len()].clone();
+            async move {
+                if let Ok(mut ws) = handshake(&url).await {
+                    let _ = message_outcome(&mut ws, "x").await;
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under_attack = clean_route_median(&gw).await;
+    let rounds = attacks.stop().await;
+    let rss_after = gw.rss_mib();
+    println!(
+        "wasi: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; RSS {rss_before} -> {rss_after} MiB"
+    );
+    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
+    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    // Round r attacked urls[r % 5]; on the message routes each relayed one connection.
+    for (i, name) in [(1, "udp_bind_message_deny"), (3, "exit_message_deny"), (4, "abort_message_allow")] {
+        let n = rounds / 5 + u64::from(rounds % 5 > i);
+        *relayed.entry(name.to_string()).or_default() += n;
+    }
+    gw.assert_settled(&relayed).await;
+    // Nothing reached the listener.
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "a plugin connected out");
+}
+
+/// Plugins abusing the `metrics` import and the log: a 4 MiB label, a series per
+/// connection, another plugin's metric name, updates from calls that then fail, 10,000
+/// updates in one call, forged and huge log records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_metrics_and_logs_are_bounded_and_namespaced() {
+    let backend = EchoServer::start("127.0.0.1:0", "b0").await.unwrap();
+    let hostile = |name: &str, op: &str, extra: &str| {
+        plugin(name, "hostile-metrics", &format!("config = {{ op = \"{op}\" }}\non_error = \"allow\"\n{extra}"))
+    };
+    let plugins = [
+        hostile("huge", "huge-label", "memory_limit_mb = 32\ntimeout_ms = 500"),
+        hostile("many", "many-series", "max_metric_series = 50"),
+        hostile("steal", "steal", ""),
+        hostile("fail", "fail-after-metric", ""),
+        hostile("burst", "many-updates", "timeout_ms = 500"),
+        hostile("log", "log-forge", "timeout_ms = 500"),
+        plugin("limits", "rate-limit", "config = { connections_per_window = 2, window_secs = 3600 }"),
+    ]
+    .concat();
+    let routes: Vec<(String, String)> = [
+        ("/huge", "\"huge\""),
+        ("/many", "\"many\""),
+        ("/limited", "\"steal\", \"limits\""),
+        ("/fail", "\"fail\""),
+        ("/burst", "\"burst\""),
+        ("/log", "\"log\""),
+    ]
+    .iter()
+    .map(|(p, c)| (p.to_string(), c.to_string()))
+    .collect();
+    let gw = GatewayProcess::start(&config(&backend, &plugins, &routes));
+    let normal = clean_route_median(&gw).await;
+    let rss_before = gw.rss_mib();
+
+    // Another plugin's name: the stealer's gauge is its own, the limiter still counts.
+    for expect in [101, 101, 429] {
+        let got = handshake(&gw.url("/limited")).await.map_or_else(|(status, _)| status, |_| 101);
+        assert_eq!(got, expect);
+    }
+    let metrics = gw.admin("/metrics").await;
+    assert_eq!(metric_sum(&metrics, "wasmgate_plugin_limits__rate_limit_refused_total"), 1.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, "wasmgate_plugin_steal__rate_limit_refused_total"), -1.0, "{metrics}");
+
+    // Huge labels and bursts of updates, hammered, while the clean route is measured.
+    let urls = Arc::new([gw.url("/huge"), gw.url("/burst"), gw.url("/many"), gw.url("/fail")]);
+    let attacks = Hammer::start(4, {
+        let urls = urls.clone();
+        move |round| {
+            let url = urls[round as usize % urls.len()].clone();
+            async move {
+                let mut ws = handshake(&url).await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
+                let _ = ws.close(None).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under_attack = clean_route_median(&gw).await;
+    // At least 200 handshakes with a 4 MiB label, as in the issue.
+    while attacks.rounds.load(Ordering::Relaxed) < 800 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rounds = attacks.stop().await;
+    for _ in 0..5 {
+        handshake(&gw.url("/log")).await.unwrap();
+    }
+    let rss_after = gw.rss_mib();
+    let metrics = gw.admin("/metrics").await;
+    println!(
+        "metrics: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; \
+         RSS {rss_before} -> {rss_after} MiB; /metrics {} bytes",
+        metrics.len()
+    );
+    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
+    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    assert!(metrics.len() < 64 * 1024, "/metrics is {} bytes", metrics.len());
+    let series = |name: &str| metrics.lines().filter(|l| l.starts_with(name)).count();
+    assert_eq!(series("wasmgate_plugin_huge__"), 0, "no 4 MiB label was kept");
+    assert_eq!(series("wasmgate_plugin_many__per_conn_total{"), 50, "a series per connection, up to its budget");
+    assert_eq!(series("wasmgate_plugin_fail__"), 0, "calls that failed left no series");
+    assert_eq!(series("wasmgate_plugin_burst__burst_total{"), 64, "64 updates per call");
+    let refused = |plugin: &str| {
+        metric_sum(&metrics, &format!("wasmgate_plugins_refused_writes_total{{plugin=\"{plugin}\",what=\"metric\"}}"))
+    };
+    assert!(refused("huge") >= 200.0 && refused("many") > 0.0 && refused("burst") > 9_000.0, "{metrics}");
+    let plugins = gw.admin("/plugins").await;
+    assert!(plugins.contains("\"metric_series\": 50") && plugins.contains("\"max_metric_series\": 50"), "{plugins}");
+
+    // The log: one line per record, no terminal escapes, records cut.
+    let log = gw.log();
+    assert!(log.contains("FORGED RECORD"), "the record was logged:\n{log}");
+    assert!(!log.lines().any(|l| l.starts_with("2030-01-01")), "a forged record:\n{log}");
+    assert!(!log.contains('\x1b') && !log.contains('\u{202E}'), "raw escapes in the log");
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 8 * 1024, "a log line of {longest} bytes");
+    assert!(log.contains("more bytes cut"), "{}", &log[..log.len().min(2000)]);
+}
