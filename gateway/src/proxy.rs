@@ -111,7 +111,9 @@ async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared
         conn = Some(new_context());
     }
     let order = rank_servers(&pool, conn.as_deref(), errors)?;
-    let (socket, active) = connect_ranked(&pool, &order, &request, &shared.metrics.upstream_connect_failures).await?;
+    let edited = decision.rewrite_path.is_some() || !decision.add_headers.is_empty() || !decision.remove_headers.is_empty();
+    let (socket, active) =
+        connect_ranked(&pool, &order, &request, edited, &shared.metrics.upstream_connect_failures).await?;
 
     let subprotocol = decision.subprotocol.clone().or_else(|| socket.subprotocol.clone());
     if let Some(chosen) = &subprotocol {
@@ -265,11 +267,16 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Re
 }
 
 /// Tries servers in `order`, at most `max_attempts` of them. Failures count towards the
-/// server's passive ejection; a server that started draining meanwhile is passed over.
+/// server's passive ejection, except a broken handshake on a request that handshake plugins
+/// `edited`: the server was reached and may only have refused what a plugin made of the
+/// request, and ejecting it would turn one plugin's mistake into 503s on every route that
+/// shares the pool. Unreachable servers still count. A server that started draining
+/// meanwhile is passed over.
 async fn connect_ranked(
     pool: &Pool,
     order: &[usize],
     request: &UpstreamRequest,
+    edited: bool,
     failures: &Counter,
 ) -> Result<(UpstreamSocket, ActiveConnection), Refusal> {
     let mut last_error = String::from("no servers");
@@ -297,7 +304,9 @@ async fn connect_ranked(
                 return Err(refusal);
             }
             Err(e) => {
-                server.record_failure(&pool.name, pool.eject_after);
+                if !(edited && matches!(e, ConnectError::BadHandshake(_))) {
+                    server.record_failure(&pool.name, pool.eject_after);
+                }
                 failures.inc();
                 tracing::warn!(pool = %pool.name, server = %server.address.authority, error = %e, "upstream connect failed");
                 last_error = format!("{}: {e}", server.address.authority);

@@ -464,3 +464,128 @@ async fn plugin_metrics_and_logs_are_bounded_and_namespaced() {
     assert!(longest < 8 * 1024, "a log line of {longest} bytes");
     assert!(log.contains("more bytes cut"), "{}", &log[..log.len().min(2000)]);
 }
+
+/// A backend that resets any upgrade request carrying `x-poison` and accepts the others
+/// (then holds the connection until the client leaves): a strict server that a plugin's
+/// valid but unwelcome header upsets.
+async fn strict_backend() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let head = read_head(&mut stream).await;
+                if head.to_ascii_lowercase().contains("x-poison") {
+                    let _ = stream.set_linger(Some(Duration::ZERO));
+                    return; // dropped with linger 0: a reset
+                }
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {}\r\n\r\n",
+                    accept_for(&head)
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let mut sink = [0u8; 1024];
+                while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// Handshake plugins answering with what would corrupt or bloat the upstream request (or
+/// the refusal): each answer fails the call and `on_error` decides; with "allow" the
+/// upstream sees none of it. A valid header that makes a strict upstream reset does not get
+/// the server ejected for the other routes of its pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_plugins_add_toward_the_upstream_is_valid_and_bounded() {
+    let backend = EchoServer::start("127.0.0.1:0", "b0").await.unwrap();
+    let strict = strict_backend().await;
+    let bad_ops = [
+        "framing", "chunked", "connection", "upgrade", "second-key", "host", "crlf", "control", "non-ascii",
+        "huge-value", "many", "bad-name", "remove-host", "remove-key", "path-huge", "path-authority",
+        "path-fragment", "path-dots", "path-space", "path-non-ascii", "path-relative", "subprotocol-bad",
+        "reject-framing", "reject-huge-reason", "pool-huge",
+    ];
+    let mut plugins = String::new();
+    let mut routes = Vec::new();
+    let mut add = |name: String, op: &str, policy: &str, upstream: &str| {
+        plugins.push_str(&plugin(&name, "hostile-headers", &format!("config = {{ op = \"{op}\" }}\non_error = \"{policy}\"")));
+        routes.push((format!("/{name}"), format!("\"{name}\""), upstream.to_string()));
+    };
+    for op in bad_ops {
+        for policy in ["deny", "allow"] {
+            add(format!("{}_{policy}", op.replace('-', "_")), op, policy, "echo");
+        }
+    }
+    add("ok".into(), "ok", "deny", "echo");
+    add("poison".into(), "poison", "deny", "strict");
+    let mut text = config(&backend, &plugins, &[]);
+    text.push_str(&format!(
+        "[[upstream]]\nname = \"strict\"\nservers = [\"{strict}\"]\neject_after = 3\n\n\
+         [[route]]\npath = \"/clean-strict\"\nupstream = \"strict\"\n\n"
+    ));
+    for (path, chain, upstream) in &routes {
+        text.push_str(&format!("[[route]]\npath = \"{path}\"\nupstream = \"{upstream}\"\nplugins = [{chain}]\n\n"));
+    }
+    let gw = GatewayProcess::start(&text);
+    let normal = clean_route_median(&gw).await;
+
+    for op in bad_ops {
+        let name = format!("{}_deny", op.replace('-', "_"));
+        let (status, body) = handshake(&gw.url(&format!("/{name}"))).await.err().unwrap_or_else(|| panic!("{op}: accepted"));
+        assert_eq!((status, body.trim()), (503, format!("plugin {name} failed: invalid").as_str()), "{op}");
+        // "allow": as if the plugin were not there; the upstream sees nothing of its answer.
+        let name = format!("{}_allow", op.replace('-', "_"));
+        let mut ws = handshake(&gw.url(&format!("/{name}"))).await.unwrap_or_else(|e| panic!("{op} allow: {e:?}"));
+        let Message::Text(seen) = roundtrip(&mut ws, Message::text("headers")).await else { panic!() };
+        let seen = seen.to_ascii_lowercase();
+        for leaked in ["x-injected", "content-length", "transfer-encoding", "h2c", "admin.internal", "x-0:", "x-a:"] {
+            assert!(!seen.contains(leaked), "{op} allow: {leaked} reached the upstream:\n{seen}");
+        }
+        ws.close(None).await.unwrap();
+    }
+    let mut ws = handshake(&gw.url("/ok")).await.unwrap();
+    let Message::Text(seen) = roundtrip(&mut ws, Message::text("headers")).await else { panic!() };
+    assert!(seen.contains("x-fine: 1"), "{seen}");
+    ws.close(None).await.unwrap();
+
+    // A strict upstream resets what the poison plugin sends, many times over: the clients
+    // of that route get 502s, and the pool's other route keeps its server.
+    for _ in 0..10 {
+        let (status, body) = handshake(&gw.url("/poison")).await.err().expect("the poisoned request is reset");
+        assert_eq!(status, 502, "{body}");
+    }
+    let mut clean = handshake(&gw.url("/clean-strict")).await.expect("the server was not ejected");
+    clean.close(None).await.unwrap();
+    let upstreams: serde_json::Value = serde_json::from_str(&gw.admin("/upstreams").await).unwrap();
+    let strict_pool = upstreams["pools"].as_array().unwrap().iter().find(|p| p["name"] == "strict").unwrap();
+    assert_eq!(strict_pool["servers"][0]["ejected_for_ms"], 0, "{strict_pool}");
+    assert_eq!(strict_pool["servers"][0]["available"], true, "{strict_pool}");
+
+    // 1 MiB values, 10,000 headers and 1 MiB paths, hammered.
+    let rss_before = gw.rss_mib();
+    let urls = Arc::new(["/huge_value_deny", "/many_deny", "/path_huge_deny", "/reject_huge_reason_deny"].map(|p| gw.url(p)));
+    let attacks = Hammer::start(4, {
+        let urls = urls.clone();
+        move |round| {
+            let url = urls[round as usize % urls.len()].clone();
+            async move {
+                let (status, _) = handshake(&url).await.err().expect("refused");
+                assert_eq!(status, 503);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under_attack = clean_route_median(&gw).await;
+    let rounds = attacks.stop().await;
+    let rss_after = gw.rss_mib();
+    println!(
+        "headers: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; RSS {rss_before} -> {rss_after} MiB"
+    );
+    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
+    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    gw.assert_settled(&HashMap::new()).await;
+}

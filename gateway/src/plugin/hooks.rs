@@ -17,6 +17,7 @@ use super::engine::{deadline_ticks, PluginSpec};
 use super::exports::{ExportIndices, Exports};
 use super::host::{ConnGuard, HostState, PluginEnv};
 use super::pool::{classify, Pool};
+use super::validate;
 use super::types::{
     Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
     Hooks, OnError, Opcode, PluginError, PoolInfo, Verdict,
@@ -196,7 +197,7 @@ impl Plugin {
             self.spec.handshake_timeout,
             |guard, exports| exports.on_handshake(guard.store, req),
         )?;
-        self.checked(verdict.check().map(|()| verdict))
+        self.checked(validate::verdict(&verdict).map(|()| verdict))
     }
 
     /// Indexes into `candidates` (servers of `pool`), best first. Without the hook:

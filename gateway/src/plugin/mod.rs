@@ -21,6 +21,7 @@ mod plugin_metrics;
 mod pool;
 mod registry;
 mod types;
+mod validate;
 mod wasi;
 mod watch;
 
