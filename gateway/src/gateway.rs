@@ -355,6 +355,8 @@ fn plugin_specs(config: &Config) -> Vec<PluginSpec> {
             spec.memory_limit = (p.memory_limit_mb as usize) << 20;
             spec.max_instances = p.instances.max(1);
             spec.max_metric_series = p.max_metric_series;
+            spec.kv_max_keys = p.kv_max_keys;
+            spec.kv_max_bytes = p.kv_max_bytes;
             spec
         })
         .collect()

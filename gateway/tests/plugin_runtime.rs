@@ -208,13 +208,18 @@ fn a_balancer_reads_addresses_from_the_pool_and_skips_servers_that_are_down() {
 #[test]
 fn a_plugin_built_for_another_contract_version_is_refused_by_name() {
     let rt = runtime();
-    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/contract-0.1.0.wasm");
-    let err = rt.load(&PluginSpec::new("old", old)).unwrap_err();
-    let text = format!("{err:#}");
-    assert!(
-        text.contains("built for wasmgate:plugin@0.1.0; this gateway speaks @0.2.0"),
-        "{text}"
-    );
+    for version in ["0.1.0", "0.2.0"] {
+        let old = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/contract-{version}.wasm"));
+        let err = rt.load(&PluginSpec::new("old", old)).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!(
+                "built for wasmgate:plugin@{version}; this gateway speaks @0.3.0"
+            )),
+            "{text}"
+        );
+    }
 }
 
 #[test]

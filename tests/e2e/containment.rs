@@ -589,3 +589,85 @@ async fn what_plugins_add_toward_the_upstream_is_valid_and_bounded() {
     assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
     gw.assert_settled(&HashMap::new()).await;
 }
+
+/// A plugin filling the kv store fills only its own share: it is told when it is full, and
+/// the rate-limit plugin beside it keeps counting. A rate limit whose own share is full
+/// refuses what it cannot count (503), unless its operator chose to let it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_filling_the_kv_store_fills_only_its_own_share() {
+    let backend = EchoServer::start("127.0.0.1:0", "b0").await.unwrap();
+    let limit = |extra: &str| format!("config = {{ connections_per_window = 3, window_secs = 3600{extra} }}");
+    let plugins = [
+        plugin("hog", "hostile-kv", "config = { op = \"fill\" }\nkv_max_keys = 100000\nkv_max_bytes = 1048576\ntimeout_ms = 1000"),
+        plugin("counters", "hostile-kv", "config = { op = \"counters\" }\nkv_max_keys = 500\ntimeout_ms = 1000"),
+        plugin("huge", "hostile-kv", "config = { op = \"huge\" }\nmemory_limit_mb = 64\ntimeout_ms = 1000"),
+        plugin("limits", "rate-limit", &limit("")),
+        plugin("starved", "rate-limit", &format!("{}\nkv_max_bytes = 16", limit(""))),
+        plugin("lenient", "rate-limit", &format!("{}\nkv_max_bytes = 16", limit(", uncounted = \"allow\""))),
+    ]
+    .concat();
+    let routes: Vec<(String, String)> = ["hog", "counters", "huge", "limits", "starved", "lenient"]
+        .iter()
+        .map(|n| (format!("/{n}"), format!("\"{n}\"")))
+        .collect();
+    let gw = GatewayProcess::start(&config(&backend, &plugins, &routes));
+    let normal = clean_route_median(&gw).await;
+    let rss_before = gw.rss_mib();
+
+    let seen = |path: &'static str| {
+        let url = gw.url(path);
+        async move {
+            let mut ws = handshake(&url).await.unwrap_or_else(|e| panic!("{path}: {e:?}"));
+            let Message::Text(headers) = roundtrip(&mut ws, Message::text("headers")).await else { panic!() };
+            ws.close(None).await.unwrap();
+            let line = headers.lines().find_map(|l| l.strip_prefix("x-kv: ")).unwrap_or_else(|| panic!("{headers}"));
+            line.to_string()
+        }
+    };
+    // The hog fills its 1 MiB share (1 KiB values plus key and overhead), then is refused.
+    let first = seen("/hog").await;
+    let stored: u64 = first.strip_prefix("stored ").and_then(|r| r.split(',').next()?.parse().ok()).unwrap();
+    assert!((900..=1024).contains(&stored) && first.ends_with("full"), "{first}");
+    assert_eq!(seen("/hog").await, "stored 0, full");
+    assert_eq!(seen("/counters").await, "stored 500, full", "kv_max_keys bounds counters");
+    assert_eq!(seen("/huge").await, "full", "a value larger than the share");
+    // The limiter beside them still counts: three connections, then 429.
+    for expect in [101, 101, 101, 429] {
+        let got = handshake(&gw.url("/limits")).await.map_or_else(|(status, _)| status, |_| 101);
+        assert_eq!(got, expect);
+    }
+    // A limiter whose own share is full refuses what it cannot count, or lets it through
+    // when its operator said so.
+    let (status, body) = handshake(&gw.url("/starved")).await.err().expect("refused");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot count"), "{body}");
+    for _ in 0..5 {
+        handshake(&gw.url("/lenient")).await.expect("uncounted = allow");
+    }
+    let plugins: serde_json::Value = serde_json::from_str(&gw.admin("/plugins").await).unwrap();
+    let hog = plugins.as_array().unwrap().iter().find(|p| p["name"] == "hog").unwrap();
+    assert_eq!(hog["kv_keys"], stored, "{hog}");
+    assert!(hog["kv_bytes"].as_u64().unwrap() <= 1 << 20, "{hog}");
+    let metrics = gw.admin("/metrics").await;
+    assert!(metric_sum(&metrics, "wasmgate_plugins_refused_writes_total{plugin=\"hog\",what=\"kv\"}") >= 2.0, "{metrics}");
+
+    // Hammered: memory stays with the shares.
+    let url = gw.url("/hog");
+    let attacks = Hammer::start(4, move |_| {
+        let url = url.clone();
+        async move {
+            let mut ws = handshake(&url).await.expect("accepted");
+            let _ = ws.close(None).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under_attack = clean_route_median(&gw).await;
+    let rounds = attacks.stop().await;
+    let rss_after = gw.rss_mib();
+    println!(
+        "kv: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; RSS {rss_before} -> {rss_after} MiB"
+    );
+    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
+    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    gw.assert_settled(&HashMap::new()).await;
+}

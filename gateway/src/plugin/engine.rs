@@ -35,8 +35,6 @@ pub struct RuntimeOptions {
     pub max_memory_size: usize,
     /// Elements per table; interpreted languages' components have large function tables.
     pub max_table_elements: usize,
-    /// Total size of the shared kv store.
-    pub kv_max_bytes: usize,
 }
 
 impl Default for RuntimeOptions {
@@ -46,7 +44,6 @@ impl Default for RuntimeOptions {
             max_instances: 1000,
             max_memory_size: 1 << 30,
             max_table_elements: 100_000,
-            kv_max_bytes: 64 << 20,
         }
     }
 }
@@ -58,7 +55,7 @@ pub struct PluginSpec {
     pub wasm_path: PathBuf,
     /// Handed to `init`.
     pub config_json: String,
-    /// `None`: per-hook default (handshake deny, balancer fallback, messages forward).
+    /// `None`: per-hook default (handshake and messages deny, balancer fallback).
     pub on_error: Option<OnError>,
     /// Deadline of each handshake, select and close call.
     pub handshake_timeout: Duration,
@@ -70,6 +67,9 @@ pub struct PluginSpec {
     pub max_instances: usize,
     /// Series the plugin's own metrics may have on `/metrics`.
     pub max_metric_series: usize,
+    /// The plugin's share of the kv store: keys, and bytes (keys, values and 64 per entry).
+    pub kv_max_keys: usize,
+    pub kv_max_bytes: usize,
 }
 
 impl PluginSpec {
@@ -85,6 +85,8 @@ impl PluginSpec {
             memory_limit: 64 << 20,
             max_instances: 4,
             max_metric_series: 256,
+            kv_max_keys: 10_000,
+            kv_max_bytes: 4 << 20,
         }
     }
 }
@@ -133,7 +135,7 @@ impl PluginRuntime {
             .map_err(wasm_error)?;
 
         let cache = CompileCache::new(&engine, opts.cache_dir.clone())?;
-        let kv = Kv::new(opts.kv_max_bytes, Duration::from_secs(1))?;
+        let kv = Kv::new(Duration::from_secs(1))?;
         Ok(Arc::new(PluginRuntime {
             engine,
             linker,
@@ -205,6 +207,7 @@ impl PluginRuntime {
         let env = PluginEnv::new(
             &spec.name,
             self.kv.clone(),
+            self.kv.share(&spec.name, spec.kv_max_keys, spec.kv_max_bytes),
             self.metrics.clone(),
             metric_names,
             self.started,

@@ -120,6 +120,11 @@ pub struct PluginInfo {
     /// Series of the plugin's own metrics on `/metrics`, and the most it may have.
     pub metric_series: usize,
     pub max_metric_series: usize,
+    /// Keys and bytes the plugin holds in the kv store, and its share.
+    pub kv_keys: usize,
+    pub kv_bytes: usize,
+    pub kv_max_keys: usize,
+    pub kv_max_bytes: usize,
 }
 
 impl Plugin {
@@ -276,6 +281,7 @@ impl Plugin {
         let s = &self.stats;
         let errors = [&s.trap, &s.timeout, &s.memory, &s.unavailable, &s.invalid];
         let (metric_series, max_metric_series) = self.pool.env().metric_series();
+        let (kv_keys, kv_bytes) = self.pool.env().kv_used();
         PluginInfo {
             name: self.spec.name.clone(),
             wasm_path: self.spec.wasm_path.clone(),
@@ -296,6 +302,10 @@ impl Plugin {
             idle_instances: self.pool.idle(),
             metric_series,
             max_metric_series,
+            kv_keys,
+            kv_bytes,
+            kv_max_keys: self.spec.kv_max_keys,
+            kv_max_bytes: self.spec.kv_max_bytes,
         }
     }
 

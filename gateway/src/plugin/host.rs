@@ -12,7 +12,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{connection, host, kv, message, metrics, types as wit, upstreams};
 use super::engine::Ticking;
-use super::kv::Kv;
+use super::kv::{Kv, KvError, Share};
 use super::log_text::{self, Throttle};
 use super::plugin_metrics::{Namespace, PendingUpdate, Value, MAX_UPDATES_PER_CALL};
 use super::types::{ConnContext, PoolInfo, META_LIMIT_BYTES};
@@ -30,6 +30,8 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 pub(super) struct PluginEnv {
     pub name: Arc<str>,
     pub kv: Arc<Kv>,
+    /// This plugin's namespace and share of `kv`.
+    kv_share: Arc<Share>,
     pub metrics: Arc<Registry>,
     /// Where this plugin's own metrics go; an error when their names are taken.
     metric_names: Result<Namespace, String>,
@@ -51,6 +53,7 @@ impl PluginEnv {
     pub fn new(
         name: &str,
         kv: Arc<Kv>,
+        kv_share: Arc<Share>,
         metrics: Arc<Registry>,
         metric_names: Result<Namespace, String>,
         started: Instant,
@@ -72,6 +75,7 @@ impl PluginEnv {
             },
             name: name.into(),
             kv,
+            kv_share,
             metrics,
             metric_names,
             started,
@@ -79,11 +83,19 @@ impl PluginEnv {
         }
     }
 
-    fn refuse_kv(&self, key: &str, err: &super::kv::KvError) {
-        self.refused.kv.inc();
-        if self.refused.kv_warned.due(self.started) {
-            let key = log_text::printable(key);
-            tracing::error!(target: "wasmgate::plugin", plugin = &*self.name, %key, "kv write refused: {err}");
+    /// Counts a refused kv write (the share full: also logged) and says why to the plugin.
+    fn refuse_kv(&self, key: &str, err: KvError) -> kv::KvError {
+        match err {
+            KvError::Full { .. } => {
+                self.refused.kv.inc();
+                if self.refused.kv_warned.due(self.started) {
+                    let key = log_text::printable(key);
+                    tracing::warn!(target: "wasmgate::plugin", plugin = &*self.name, %key, "kv write refused: {err}");
+                }
+                kv::KvError::Full
+            }
+            KvError::NotAnInteger => kv::KvError::NotAnInteger,
+            KvError::Overflow => kv::KvError::Overflow,
         }
     }
 
@@ -93,6 +105,11 @@ impl PluginEnv {
             let name = log_text::printable(name);
             tracing::warn!(target: "wasmgate::plugin", plugin = &*self.name, metric = %name, "metric refused: {why}");
         }
+    }
+
+    /// Keys and bytes this plugin holds in the kv store.
+    pub fn kv_used(&self) -> (usize, usize) {
+        self.kv_share.used()
     }
 
     /// Series this plugin's metrics use, and the most allowed.
@@ -417,41 +434,32 @@ impl message::Host for HostState {
 
 impl kv::Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        Ok(self.env.kv.get(&self.env.name, &key))
+        Ok(self.env.kv.get(&self.env.kv_share, &key))
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> wasmtime::Result<()> {
-        if let Err(e) = self.env.kv.set(
-            &self.env.name,
-            &key,
-            &value,
-            ttl_ms.map(Duration::from_millis),
-        ) {
-            self.env.refuse_kv(&key, &e);
-        }
-        Ok(())
+    fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Result<(), kv::KvError>> {
+        let ttl = ttl_ms.map(Duration::from_millis);
+        Ok(self.env.kv.set(&self.env.kv_share, &key, &value, ttl).map_err(|e| self.env.refuse_kv(&key, e)))
     }
 
     fn delete(&mut self, key: String) -> wasmtime::Result<()> {
-        self.env.kv.delete(&self.env.name, &key);
+        self.env.kv.delete(&self.env.kv_share, &key);
         Ok(())
     }
 
-    fn incr(&mut self, key: String, delta: i64, ttl_ms: Option<u64>) -> wasmtime::Result<i64> {
-        match self.env.kv.incr(
-            &self.env.name,
-            &key,
-            delta,
-            ttl_ms.map(Duration::from_millis),
-        ) {
-            Ok(v) => Ok(v),
-            Err(e @ super::kv::KvError::Full(_)) => {
-                // Not the plugin's fault: answer as if stored, as `set` does.
-                self.env.refuse_kv(&key, &e);
-                Ok(delta)
-            }
-            Err(e) => wasmtime::bail!("kv.incr `{key}`: {e}"),
-        }
+    fn incr(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Result<i64, kv::KvError>> {
+        let ttl = ttl_ms.map(Duration::from_millis);
+        Ok(self.env.kv.incr(&self.env.kv_share, &key, delta, ttl).map_err(|e| self.env.refuse_kv(&key, e)))
     }
 }
 

@@ -93,8 +93,9 @@ wasmtime::component::flags! {
     }
 }
 
-/// What a failing call means for the connection when the plugin has no `on_error` setting:
-/// handshake denies, the balancer falls back, messages are forwarded.
+/// What a failing call means for the connection. Without an `on_error` setting, the hooks
+/// that can refuse fail closed (handshake 503, messages close 1011) and the balancer falls
+/// back to round robin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum OnError {
     Deny,
