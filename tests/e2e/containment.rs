@@ -671,3 +671,74 @@ async fn a_plugin_filling_the_kv_store_fills_only_its_own_share() {
     assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
     gw.assert_settled(&HashMap::new()).await;
 }
+
+/// Plugins whose later instances are slow to start (800 ms of `init`) or fail to, and whose
+/// every call traps so each call needs a new instance: the instances are made off the
+/// connection path, a call waits at most its deadline for one, and a plugin that keeps
+/// failing rests instead of being restarted in a loop, visibly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_made_off_the_connection_path() {
+    let backend = EchoServer::start("127.0.0.1:0", "b0").await.unwrap();
+    let plugins = [
+        plugin("slow", "hostile-slow-init", "config = { slow_ms = 800, trap = true }"),
+        plugin("failing", "hostile-slow-init", "config = { fail = true, trap = true }"),
+        plugin("slow_ok", "hostile-slow-init", "config = { slow_ms = 800 }\non_error = \"allow\""),
+    ]
+    .concat();
+    let routes: Vec<(String, String)> =
+        ["slow", "failing", "slow_ok"].iter().map(|n| (format!("/{n}"), format!("\"{n}\""))).collect();
+    let gw = GatewayProcess::start(&config(&backend, &plugins, &routes));
+    let normal = clean_route_median(&gw).await;
+    let rss_before = gw.rss_mib();
+
+    // Every call on these routes fails (a trap, or no instance within 20 ms): 503, fast.
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let urls = Arc::new([gw.url("/slow"), gw.url("/failing")]);
+    let attacks = Hammer::start(4, {
+        let (urls, slowest) = (urls.clone(), slowest.clone());
+        move |round| {
+            let url = urls[round as usize % 2].clone();
+            let slowest = slowest.clone();
+            async move {
+                let start = Instant::now();
+                let (status, body) = handshake(&url).await.err().expect("refused");
+                assert_eq!(status, 503, "{body}");
+                let took = start.elapsed();
+                let mut slowest = slowest.lock().unwrap();
+                *slowest = (*slowest).max(took);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under_attack = clean_route_median(&gw).await;
+    // A route whose plugin works but whose new instances are slow keeps working meanwhile.
+    for _ in 0..10 {
+        let mut ws = handshake(&gw.url("/slow_ok")).await.expect("allowed");
+        ws.close(None).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rounds = attacks.stop().await;
+    let rss_after = gw.rss_mib();
+    let slowest = *slowest.lock().unwrap();
+    println!(
+        "instances: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks \
+         (slowest refusal {slowest:?}); RSS {rss_before} -> {rss_after} MiB"
+    );
+    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
+    assert!(slowest < Duration::from_millis(500), "a refusal took {slowest:?}");
+    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+
+    // The failing plugin rests, and says so; the slow one was not made to fail at all.
+    let plugins: serde_json::Value = serde_json::from_str(&gw.admin("/plugins").await).unwrap();
+    let info = |name: &str| plugins.as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+    let failing = info("failing");
+    let failures = failing["instance_failures"].as_u64().unwrap();
+    assert!((1..=6).contains(&failures), "restarted in a loop: {failing}");
+    assert!(failing["last_instance_error"].as_str().unwrap().contains("fails on purpose"), "{failing}");
+    assert_eq!(info("slow")["instance_failures"], 0, "{}", info("slow"));
+    let metrics = gw.admin("/metrics").await;
+    assert_eq!(metric_sum(&metrics, "wasmgate_plugins_instance_failures_total{plugin=\"failing\"}"), failures as f64);
+    assert_eq!(metric_sum(&metrics, "wasmgate_plugins_backing_off{plugin=\"failing\"}"), 1.0, "{metrics}");
+    assert!(metric_sum(&metrics, "wasmgate_plugins_errors_total{kind=\"unavailable\",plugin=\"slow\"}") > 0.0, "{metrics}");
+    gw.assert_settled(&HashMap::new()).await;
+}

@@ -117,6 +117,11 @@ pub struct PluginInfo {
     pub memory_limit_hits: u64,
     /// Ready instances waiting for a call.
     pub idle_instances: usize,
+    /// Instances that failed to start in a row; while it is not 0, new instances wait
+    /// `instance_backoff_ms` (100 ms doubling to 30 s) and calls that find no idle one fail.
+    pub instance_failures: u32,
+    pub instance_backoff_ms: u64,
+    pub last_instance_error: Option<String>,
     /// Series of the plugin's own metrics on `/metrics`, and the most it may have.
     pub metric_series: usize,
     pub max_metric_series: usize,
@@ -136,17 +141,17 @@ impl Plugin {
         env: Arc<PluginEnv>,
         metrics: &Registry,
     ) -> anyhow::Result<Arc<Plugin>> {
-        let pool = Pool::new(
+        let hooks_found = indices.clone();
+        let (pool, flags) = Pool::new(
             pre,
             indices,
             env,
             spec.config_json.clone(),
             spec.memory_limit,
             spec.max_instances.max(1),
-        );
-        let (first, flags) = pool.make().map_err(anyhow::Error::msg)?;
-        let hooks = effective_hooks(&spec.name, pool.indices(), flags);
-        pool.put_first(first);
+        )
+        .map_err(anyhow::Error::msg)?;
+        let hooks = effective_hooks(&spec.name, &hooks_found, flags);
         Ok(Arc::new(Plugin {
             handshake_ticks: deadline_ticks(spec.handshake_timeout),
             message_ticks: deadline_ticks(spec.message_timeout),
@@ -282,6 +287,7 @@ impl Plugin {
         let errors = [&s.trap, &s.timeout, &s.memory, &s.unavailable, &s.invalid];
         let (metric_series, max_metric_series) = self.pool.env().metric_series();
         let (kv_keys, kv_bytes) = self.pool.env().kv_used();
+        let starts = self.pool.start_health();
         PluginInfo {
             name: self.spec.name.clone(),
             wasm_path: self.spec.wasm_path.clone(),
@@ -300,6 +306,9 @@ impl Plugin {
             timeouts: s.timeout.get(),
             memory_limit_hits: s.memory.get(),
             idle_instances: self.pool.idle(),
+            instance_failures: starts.failures,
+            instance_backoff_ms: starts.backoff_ms,
+            last_instance_error: starts.last_error,
             metric_series,
             max_metric_series,
             kv_keys,
@@ -321,7 +330,7 @@ impl Plugin {
     ) -> Result<R, PluginError> {
         let mut instance = self
             .pool
-            .take()
+            .take(timeout)
             .inspect_err(|e| self.stats.count_error(e))?;
         instance.store.set_epoch_deadline(ticks);
         // A panic on the host side of the call (in a host function or in wasmtime itself)
@@ -335,6 +344,7 @@ impl Plugin {
                 let err = PluginError::Trap(format!("the host panicked during the call: {}", panic_text(&*panic)));
                 tracing::error!(target: "wasmgate::plugin", plugin = self.name(), conn = conn.id, "{err}");
                 self.stats.count_error(&err);
+                self.pool.replace_dropped();
                 return Err(err);
             }
         };
@@ -347,6 +357,8 @@ impl Plugin {
             Err(e) => {
                 let err = classify(e, &instance.store.data().limits, timeout);
                 self.stats.count_error(&err);
+                drop(instance);
+                self.pool.replace_dropped();
                 Err(err)
             }
         }
