@@ -16,7 +16,9 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+// The registry's lock guards maps that every change leaves whole (one insert after the
+// checks), so a panic elsewhere while it was held does not make it unusable.
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// Prometheus' default histogram buckets, in seconds.
 pub const DEFAULT_BUCKETS: &[f64] = &[
@@ -376,13 +378,13 @@ impl Registry {
                 })
             }
         };
-        if let Some(family) = self.families.read().unwrap().get(name) {
+        if let Some(family) = self.families.read().unwrap_or_else(PoisonError::into_inner).get(name) {
             check_kind(family)?;
             if let Some(s) = family.series.get(&key) {
                 return Ok(s.clone());
             }
         }
-        let mut families = self.families.write().unwrap();
+        let mut families = self.families.write().unwrap_or_else(PoisonError::into_inner);
         let family = families.entry(name.to_string()).or_insert_with(|| Family {
             help: help.to_string(),
             kind,
@@ -417,7 +419,7 @@ impl Registry {
 
     /// Every series, in the Prometheus text format, families sorted by name.
     pub fn render(&self) -> String {
-        let families = self.families.read().unwrap();
+        let families = self.families.read().unwrap_or_else(PoisonError::into_inner);
         let mut out = String::with_capacity(4096);
         for (name, family) in families.iter() {
             let _ = writeln!(out, "# HELP {name} {}", escape_help(&family.help));

@@ -95,11 +95,6 @@ impl GatewayProcess {
         text[text.find("\r\n\r\n").unwrap() + 4..].to_string()
     }
 
-    /// The sum of the samples of a metric family (every label set), 0 when absent.
-    async fn metric(&self, name: &str) -> f64 {
-        metric_sum(&self.admin("/metrics").await, name)
-    }
-
     /// Waits until no connection is open and `on_close` ran as often as expected: for each
     /// plugin named in `closes`, the count its `closes_total` metric should reach.
     async fn assert_settled(&self, closes: &HashMap<String, u64>) {
@@ -478,8 +473,11 @@ async fn strict_backend() -> SocketAddr {
             tokio::spawn(async move {
                 let head = read_head(&mut stream).await;
                 if head.to_ascii_lowercase().contains("x-poison") {
+                    // Dropped with a zero linger: a reset, which is the point (the deprecation
+                    // is about blocking on drop, which a zero linger does not).
+                    #[allow(deprecated)]
                     let _ = stream.set_linger(Some(Duration::ZERO));
-                    return; // dropped with linger 0: a reset
+                    return;
                 }
                 let answer = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -555,7 +553,7 @@ async fn what_plugins_add_toward_the_upstream_is_valid_and_bounded() {
     // A strict upstream resets what the poison plugin sends, many times over: the clients
     // of that route get 502s, and the pool's other route keeps its server.
     for _ in 0..10 {
-        let (status, body) = handshake(&gw.url("/poison")).await.err().expect("the poisoned request is reset");
+        let (status, body) = handshake(&gw.url("/poison")).await.expect_err("the poisoned request is reset");
         assert_eq!(status, 502, "{body}");
     }
     let mut clean = handshake(&gw.url("/clean-strict")).await.expect("the server was not ejected");
@@ -573,7 +571,7 @@ async fn what_plugins_add_toward_the_upstream_is_valid_and_bounded() {
         move |round| {
             let url = urls[round as usize % urls.len()].clone();
             async move {
-                let (status, _) = handshake(&url).await.err().expect("refused");
+                let (status, _) = handshake(&url).await.expect_err("refused");
                 assert_eq!(status, 503);
             }
         }
@@ -638,7 +636,7 @@ async fn a_plugin_filling_the_kv_store_fills_only_its_own_share() {
     }
     // A limiter whose own share is full refuses what it cannot count, or lets it through
     // when its operator said so.
-    let (status, body) = handshake(&gw.url("/starved")).await.err().expect("refused");
+    let (status, body) = handshake(&gw.url("/starved")).await.expect_err("refused");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("cannot count"), "{body}");
     for _ in 0..5 {
@@ -701,7 +699,7 @@ async fn instances_are_made_off_the_connection_path() {
             let slowest = slowest.clone();
             async move {
                 let start = Instant::now();
-                let (status, body) = handshake(&url).await.err().expect("refused");
+                let (status, body) = handshake(&url).await.expect_err("refused");
                 assert_eq!(status, 503, "{body}");
                 let took = start.elapsed();
                 let mut slowest = slowest.lock().unwrap();

@@ -48,12 +48,18 @@ impl ConnContext {
         }
     }
 
+    /// The metadata map; a panic while it was held leaves it whole (every change is one
+    /// insert after the checks), so a poisoned lock is used as it is.
+    fn locked_meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn meta(&self, key: &str) -> Option<String> {
-        self.meta.lock().unwrap().map.get(key).cloned()
+        self.locked_meta().map.get(key).cloned()
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), MetaFull> {
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.locked_meta();
         let old = meta.map.get(key).map_or(0, |v| key.len() + v.len());
         let bytes = meta.bytes - old + key.len() + value.len();
         if bytes > META_LIMIT_BYTES {
