@@ -203,8 +203,8 @@ pub struct PluginSection {
     #[serde(default)]
     pub config: toml::Table,
     /// What a failing call means: "deny" refuses, "allow" carries on as if the plugin was not
-    /// there. Default per hook: handshake deny, balancer fall back to round robin, messages
-    /// forward.
+    /// there. Default: "deny" for the hooks that can refuse (handshake: 503, messages: close
+    /// 1011); a balancer falls back to round robin unless "deny" is given.
     pub on_error: Option<Spanned<String>>,
     /// Deadline for handshake, select and close calls.
     #[serde(default = "defaults::plugin_timeout_ms")]
@@ -218,6 +218,15 @@ pub struct PluginSection {
     /// Instances kept per plugin; they are shared by all connections.
     #[serde(default = "defaults::plugin_instances")]
     pub instances: usize,
+    /// Series the plugin's own metrics may have on `/metrics`.
+    #[serde(default = "defaults::plugin_max_metric_series")]
+    pub max_metric_series: usize,
+    /// The plugin's share of the kv store: keys it may hold...
+    #[serde(default = "defaults::plugin_kv_max_keys")]
+    pub kv_max_keys: usize,
+    /// ...and bytes (keys, values and 64 per entry). A write past either is refused.
+    #[serde(default = "defaults::plugin_kv_max_bytes")]
+    pub kv_max_bytes: usize,
     /// `config` as JSON with `${env:NAME}` and `${file:PATH}` expanded, made by `validate`.
     #[serde(skip)]
     pub config_json: String,
@@ -292,6 +301,15 @@ mod defaults {
     }
     pub fn plugin_message_timeout_ms() -> u64 {
         5
+    }
+    pub fn plugin_max_metric_series() -> usize {
+        256
+    }
+    pub fn plugin_kv_max_keys() -> usize {
+        10_000
+    }
+    pub fn plugin_kv_max_bytes() -> usize {
+        4 << 20
     }
     pub fn plugin_memory_limit_mb() -> u64 {
         64

@@ -378,6 +378,9 @@ fn plugin_specs(config: &Config) -> Vec<PluginSpec> {
             spec.message_timeout = Duration::from_millis(p.message_timeout_ms.max(1));
             spec.memory_limit = (p.memory_limit_mb as usize) << 20;
             spec.max_instances = p.instances.max(1);
+            spec.max_metric_series = p.max_metric_series;
+            spec.kv_max_keys = p.kv_max_keys;
+            spec.kv_max_bytes = p.kv_max_bytes;
             spec
         })
         .collect()

@@ -7,13 +7,18 @@
 //!
 //! `counter`, `gauge` and `histogram` are for the gateway's own, fixed series: a bad name or a
 //! kind conflict is a bug there and panics. The `try_` forms are for untrusted callers
-//! (plugins): they return an error instead and also enforce a limit on the number of series,
-//! so a plugin that puts a connection id in a label cannot grow the registry without bound.
+//! (plugins): they return an error instead, bound the size of what they register (name, label
+//! count and label bytes, see [`LabelLimits`]), and count every new series against the
+//! caller's own [`SeriesBudget`] as well as the registry's total, so a plugin that puts a
+//! connection id or a megabyte in a label can neither grow `/metrics` without bound nor use up
+//! the room of another.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+// The registry's lock guards maps that every change leaves whole (one insert after the
+// checks), so a panic elsewhere while it was held does not make it unusable.
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// Prometheus' default histogram buckets, in seconds.
 pub const DEFAULT_BUCKETS: &[f64] = &[
@@ -22,6 +27,44 @@ pub const DEFAULT_BUCKETS: &[f64] = &[
 
 /// Series the `try_` methods may create before they start refusing.
 pub const DEFAULT_SERIES_LIMIT: usize = 10_000;
+
+/// How much one untrusted series may carry: its name, its labels, and their bytes.
+pub struct LabelLimits;
+
+impl LabelLimits {
+    pub const NAME_BYTES: usize = 128;
+    pub const LABELS: usize = 8;
+    pub const VALUE_BYTES: usize = 128;
+    /// Label names and values of one series together.
+    pub const SERIES_BYTES: usize = 256;
+}
+
+/// The series one untrusted caller (a plugin) may create, counted as it creates them.
+/// Series are never removed, so neither is their count: a plugin reloaded keeps both.
+#[derive(Debug)]
+pub struct SeriesBudget {
+    limit: AtomicUsize,
+    used: AtomicUsize,
+}
+
+impl SeriesBudget {
+    pub fn new(limit: usize) -> SeriesBudget {
+        SeriesBudget { limit: AtomicUsize::new(limit), used: AtomicUsize::new(0) }
+    }
+
+    /// A reload may change the limit; series already made stay.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+}
 
 /// Why a series could not be registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +77,10 @@ pub enum MetricError {
         existing: &'static str,
     },
     TooManySeries(usize),
+    /// The caller's own budget of series is used up.
+    BudgetSpent(usize),
+    /// A name or label set past [`LabelLimits`].
+    TooLarge(String),
 }
 
 impl fmt::Display for MetricError {
@@ -47,6 +94,10 @@ impl fmt::Display for MetricError {
             MetricError::TooManySeries(limit) => {
                 write!(f, "the registry holds its limit of {limit} series")
             }
+            MetricError::BudgetSpent(limit) => {
+                write!(f, "this plugin holds its limit of {limit} series")
+            }
+            MetricError::TooLarge(what) => f.write_str(what),
         }
     }
 }
@@ -224,7 +275,7 @@ impl Registry {
         help: &str,
         labels: &[(K, V)],
     ) -> Counter {
-        match self.series(Kind::Counter, name, help, labels, &[], false) {
+        match self.series(Kind::Counter, name, help, labels, &[], None) {
             Ok(Series::Counter(c)) => c,
             Ok(_) => unreachable!("kind checked by `series`"),
             Err(e) => panic!("{e}"),
@@ -238,7 +289,7 @@ impl Registry {
         help: &str,
         labels: &[(K, V)],
     ) -> Gauge {
-        match self.series(Kind::Gauge, name, help, labels, &[], false) {
+        match self.series(Kind::Gauge, name, help, labels, &[], None) {
             Ok(Series::Gauge(g)) => g,
             Ok(_) => unreachable!("kind checked by `series`"),
             Err(e) => panic!("{e}"),
@@ -254,7 +305,7 @@ impl Registry {
         labels: &[(K, V)],
         buckets: &[f64],
     ) -> Histogram {
-        match self.series(Kind::Histogram, name, help, labels, buckets, false) {
+        match self.series(Kind::Histogram, name, help, labels, buckets, None) {
             Ok(Series::Histogram(h)) => h,
             Ok(_) => unreachable!("kind checked by `series`"),
             Err(e) => panic!("{e}"),
@@ -266,8 +317,9 @@ impl Registry {
         name: &str,
         help: &str,
         labels: &[(K, V)],
+        budget: &SeriesBudget,
     ) -> Result<Counter, MetricError> {
-        match self.series(Kind::Counter, name, help, labels, &[], true)? {
+        match self.series(Kind::Counter, name, help, labels, &[], Some(budget))? {
             Series::Counter(c) => Ok(c),
             _ => unreachable!("kind checked by `series`"),
         }
@@ -278,8 +330,9 @@ impl Registry {
         name: &str,
         help: &str,
         labels: &[(K, V)],
+        budget: &SeriesBudget,
     ) -> Result<Gauge, MetricError> {
-        match self.series(Kind::Gauge, name, help, labels, &[], true)? {
+        match self.series(Kind::Gauge, name, help, labels, &[], Some(budget))? {
             Series::Gauge(g) => Ok(g),
             _ => unreachable!("kind checked by `series`"),
         }
@@ -291,8 +344,9 @@ impl Registry {
         help: &str,
         labels: &[(K, V)],
         buckets: &[f64],
+        budget: &SeriesBudget,
     ) -> Result<Histogram, MetricError> {
-        match self.series(Kind::Histogram, name, help, labels, buckets, true)? {
+        match self.series(Kind::Histogram, name, help, labels, buckets, Some(budget))? {
             Series::Histogram(h) => Ok(h),
             _ => unreachable!("kind checked by `series`"),
         }
@@ -305,8 +359,11 @@ impl Registry {
         help: &str,
         labels: &[(K, V)],
         buckets: &[f64],
-        limited: bool,
+        budget: Option<&SeriesBudget>,
     ) -> Result<Series, MetricError> {
+        if budget.is_some() {
+            check_size(name, labels)?;
+        }
         if !valid_metric_name(name) {
             return Err(MetricError::InvalidName(name.to_string()));
         }
@@ -321,13 +378,13 @@ impl Registry {
                 })
             }
         };
-        if let Some(family) = self.families.read().unwrap().get(name) {
+        if let Some(family) = self.families.read().unwrap_or_else(PoisonError::into_inner).get(name) {
             check_kind(family)?;
             if let Some(s) = family.series.get(&key) {
                 return Ok(s.clone());
             }
         }
-        let mut families = self.families.write().unwrap();
+        let mut families = self.families.write().unwrap_or_else(PoisonError::into_inner);
         let family = families.entry(name.to_string()).or_insert_with(|| Family {
             help: help.to_string(),
             kind,
@@ -338,8 +395,17 @@ impl Registry {
         if let Some(s) = family.series.get(&key) {
             return Ok(s.clone());
         }
-        if limited && self.series.load(Ordering::Relaxed) >= self.series_limit {
-            return Err(MetricError::TooManySeries(self.series_limit));
+        if let Some(budget) = budget {
+            if self.series.load(Ordering::Relaxed) >= self.series_limit {
+                return Err(MetricError::TooManySeries(self.series_limit));
+            }
+            let limit = budget.limit();
+            if budget.used.load(Ordering::Relaxed) >= limit {
+                return Err(MetricError::BudgetSpent(limit));
+            }
+            // Checked and counted under the write lock: no two callers pass the check for
+            // the last slot.
+            budget.used.fetch_add(1, Ordering::Relaxed);
         }
         let series = match kind {
             Kind::Counter => Series::Counter(Counter::default()),
@@ -353,7 +419,7 @@ impl Registry {
 
     /// Every series, in the Prometheus text format, families sorted by name.
     pub fn render(&self) -> String {
-        let families = self.families.read().unwrap();
+        let families = self.families.read().unwrap_or_else(PoisonError::into_inner);
         let mut out = String::with_capacity(4096);
         for (name, family) in families.iter() {
             let _ = writeln!(out, "# HELP {name} {}", escape_help(&family.help));
@@ -412,6 +478,30 @@ fn sorted_buckets(buckets: &[f64]) -> Arc<[f64]> {
     b.sort_by(f64::total_cmp);
     b.dedup();
     b.into()
+}
+
+/// Refuses an untrusted name or label set past [`LabelLimits`], before anything is built
+/// from it.
+fn check_size<K: AsRef<str>, V: AsRef<str>>(name: &str, labels: &[(K, V)]) -> Result<(), MetricError> {
+    let too_large = |what: String| Err(MetricError::TooLarge(what));
+    if name.len() > LabelLimits::NAME_BYTES {
+        return too_large(format!("metric name longer than {} bytes", LabelLimits::NAME_BYTES));
+    }
+    if labels.len() > LabelLimits::LABELS {
+        return too_large(format!("{} labels, more than {}", labels.len(), LabelLimits::LABELS));
+    }
+    let mut total = 0;
+    for (k, v) in labels {
+        let (k, v) = (k.as_ref(), v.as_ref());
+        if v.len() > LabelLimits::VALUE_BYTES {
+            return too_large(format!("label {k}: a value of {} bytes, more than {}", v.len(), LabelLimits::VALUE_BYTES));
+        }
+        total += k.len() + v.len();
+    }
+    if total > LabelLimits::SERIES_BYTES {
+        return too_large(format!("labels of {total} bytes, more than {}", LabelLimits::SERIES_BYTES));
+    }
+    Ok(())
 }
 
 /// The canonical form of a label set: sorted by name, values escaped.
@@ -523,34 +613,61 @@ open 2.5
     #[test]
     fn try_methods_report_errors_and_enforce_the_limit() {
         let r = Registry::with_series_limit(2);
+        let b = SeriesBudget::new(100);
         assert!(matches!(
-            r.try_counter("bad name", "", NO_LABELS),
+            r.try_counter("bad name", "", NO_LABELS, &b),
             Err(MetricError::InvalidName(_))
         ));
         assert!(matches!(
-            r.try_counter("x", "", &[("1a", "v")]),
+            r.try_counter("x", "", &[("1a", "v")], &b),
             Err(MetricError::InvalidLabel(_))
         ));
         assert!(matches!(
-            r.try_counter("x", "", &[("a", "v"), ("a", "w")]),
+            r.try_counter("x", "", &[("a", "v"), ("a", "w")], &b),
             Err(MetricError::InvalidLabel(_))
         ));
         assert!(matches!(
-            r.try_histogram("h", "", &[("le", "1")], DEFAULT_BUCKETS),
+            r.try_histogram("h", "", &[("le", "1")], DEFAULT_BUCKETS, &b),
             Err(MetricError::InvalidLabel(_))
         ));
-        r.try_counter("x", "", &[("a", "1")]).unwrap();
+        r.try_counter("x", "", &[("a", "1")], &b).unwrap();
         assert!(matches!(
-            r.try_gauge("x", "", NO_LABELS),
+            r.try_gauge("x", "", NO_LABELS, &b),
             Err(MetricError::KindConflict { .. })
         ));
-        r.try_gauge("g", "", NO_LABELS).unwrap();
+        r.try_gauge("g", "", NO_LABELS, &b).unwrap();
         assert_eq!(
-            r.try_counter("x", "", &[("a", "2")]).unwrap_err(),
+            r.try_counter("x", "", &[("a", "2")], &b).unwrap_err(),
             MetricError::TooManySeries(2)
         );
         // Existing series are still handed out at the limit.
-        r.try_counter("x", "", &[("a", "1")]).unwrap();
+        r.try_counter("x", "", &[("a", "1")], &b).unwrap();
+    }
+
+    #[test]
+    fn each_budget_is_its_own_and_sizes_are_bounded() {
+        let r = Registry::new();
+        let (greedy, other) = (SeriesBudget::new(3), SeriesBudget::new(3));
+        for i in 0..3 {
+            r.try_counter("hits_total", "", &[("id", i.to_string())], &greedy).unwrap();
+        }
+        assert_eq!(
+            r.try_counter("hits_total", "", &[("id", "3")], &greedy).unwrap_err(),
+            MetricError::BudgetSpent(3)
+        );
+        assert_eq!(greedy.used(), 3);
+        // The greedy caller's spent budget costs the other nothing.
+        r.try_counter("mine_total", "", NO_LABELS, &other).unwrap();
+        // A failed registration spends nothing.
+        let huge = "v".repeat(4 << 20);
+        assert!(matches!(r.try_gauge("g", "", &[("k", huge.as_str())], &other), Err(MetricError::TooLarge(_))));
+        let many: Vec<(String, String)> = (0..9).map(|i| (format!("l{i}"), "v".into())).collect();
+        assert!(matches!(r.try_gauge("g", "", &many, &other), Err(MetricError::TooLarge(_))));
+        let wide: Vec<(String, String)> = (0..3).map(|i| (format!("l{i}"), "v".repeat(100))).collect();
+        assert!(matches!(r.try_gauge("g", "", &wide, &other), Err(MetricError::TooLarge(_))));
+        assert!(matches!(r.try_gauge(&"n".repeat(200), "", NO_LABELS, &other), Err(MetricError::TooLarge(_))));
+        assert_eq!(other.used(), 1);
+        assert!(r.render().len() < 1024);
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! 502 the client can see, not as an accepted socket that dies at once.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt as _;
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -22,7 +24,7 @@ use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
 use crate::proxy_protocol;
 use crate::plugin::{
-    Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
+    panic_text, Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
     Verdict,
 };
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
@@ -34,11 +36,20 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
     // The handshake's state (5 KiB: the upstream connect, plugin decisions) is boxed and
     // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
     // future kept a second copy of it): a connection's task is 1,712 bytes for its life
-    // (64 of them the permit).
-    let prepared = Box::pin(answer(&mut stream, client_addr, &shared, &mut permit)).await;
+    // (64 of them the permit). A panic on the way (a bug; plugin calls catch their own)
+    // still gets the client an answer instead of a silently dropped socket.
+    let answered =
+        AssertUnwindSafe(Box::pin(answer(&mut stream, client_addr, &shared, &mut permit))).catch_unwind().await;
     permit.handshake_done();
-    if let Some(prepared) = prepared {
-        relay_connection(stream, prepared, shared).await;
+    match answered {
+        Ok(Some(prepared)) => relay_connection(stream, prepared, shared).await,
+        Ok(None) => {}
+        Err(panic) => {
+            tracing::error!(%client_addr, "the handshake panicked: {}", panic_text(&*panic));
+            shared.metrics.handshakes_refused.inc();
+            let refusal = Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "the gateway failed while answering this request");
+            handshake::refuse(&mut stream, refusal).await;
+        }
     }
 }
 
@@ -136,7 +147,8 @@ async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared
         conn = Some(new_context());
     }
     let order = rank_servers(&pool, conn.as_deref(), errors)?;
-    let (socket, active) = connect_ranked(&pool, &order, &request, shared).await?;
+    let edited = decision.rewrite_path.is_some() || !decision.add_headers.is_empty() || !decision.remove_headers.is_empty();
+    let (socket, active) = connect_ranked(&pool, &order, &request, edited, shared).await?;
 
     let subprotocol = decision.subprotocol.clone().or_else(|| socket.subprotocol.clone());
     if let Some(chosen) = &subprotocol {
@@ -290,13 +302,17 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Re
 }
 
 /// Tries servers in `order`, at most `max_attempts` of them. Failures count towards the
-/// server's passive ejection; a server that started draining meanwhile is passed over. The
-/// gateway running out of descriptors or ports is no server's failure: the client gets a
-/// 503 that says so, and no server is blamed or tried further.
+/// server's passive ejection, except a broken handshake on a request that handshake plugins
+/// `edited`: the server was reached and may only have refused what a plugin made of the
+/// request, and ejecting it would turn one plugin's mistake into 503s on every route that
+/// shares the pool. Unreachable servers still count. A server that started draining
+/// meanwhile is passed over. The gateway running out of descriptors or ports is no server's
+/// failure: the client gets a 503 that says so, and no server is blamed or tried further.
 async fn connect_ranked(
     pool: &Pool,
     order: &[usize],
     request: &UpstreamRequest,
+    edited: bool,
     shared: &Shared,
 ) -> Result<(UpstreamSocket, ActiveConnection), Refusal> {
     let failures = &shared.metrics.upstream_connect_failures;
@@ -332,7 +348,9 @@ async fn connect_ranked(
                 ));
             }
             Err(e) => {
-                server.record_failure(&pool.name, pool.eject_after);
+                if !(edited && matches!(e, ConnectError::BadHandshake(_))) {
+                    server.record_failure(&pool.name, pool.eject_after);
+                }
                 failures.inc();
                 tracing::warn!(pool = %pool.name, server = %server.address.authority, error = %e, "upstream connect failed");
                 last_error = format!("{}: {e}", server.address.authority);
@@ -462,7 +480,7 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Ar
         }
         _ => None,
     };
-    let outcome = relay::run(
+    let relayed = AssertUnwindSafe(relay::run(
         client,
         upstream,
         &settings,
@@ -470,8 +488,21 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Ar
         hook.as_ref().map(|h| h as &dyn MessageHook),
         compression.terminate,
         stop,
-    )
+    ))
+    .catch_unwind()
     .await;
+    // After a panic both sockets are gone (dropped with the relay); the connection is still
+    // counted as closed and its plugins still hear of it.
+    let outcome = relayed.unwrap_or_else(|panic| {
+        tracing::error!(conn = conn.as_ref().map(|c| c.id), "the relay panicked: {}", panic_text(&*panic));
+        RelayOutcome {
+            code: relay::close::code::ABNORMAL,
+            messages_from_client: 0,
+            messages_from_upstream: 0,
+            bytes_from_client: 0,
+            bytes_from_upstream: 0,
+        }
+    });
     metrics.connections_active.dec();
     metrics.messages_from_client.add(outcome.messages_from_client);
     metrics.messages_from_upstream.add(outcome.messages_from_upstream);
@@ -553,7 +584,9 @@ impl MessageHook for ChainHook {
                     // left it, or the connection closes, as its on_error says.
                     self.errors.inc();
                     tracing::warn!(plugin = plugin.name(), error = %e, "message hook failed");
-                    if plugin.on_error() == Some(OnError::Deny) {
+                    // Fail closed unless the operator chose "allow": a failure an attacker
+                    // can provoke must not let through what the plugin would have stopped.
+                    if plugin.on_error() != Some(OnError::Allow) {
                         return MessageAction::Close(relay::close::code::INTERNAL_ERROR, "plugin failed".into());
                     }
                 }

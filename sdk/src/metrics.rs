@@ -1,4 +1,7 @@
-//! Metrics on the gateway's admin `/metrics` page, prefixed `wasmgate_plugin_`.
+//! Metrics on the gateway's admin `/metrics` page, named `wasmgate_plugin_<plugin>__<name>`
+//! where `<plugin>` is the plugin's name in the gateway's config. Each plugin may have
+//! `max_metric_series` series (default 256) with at most 8 labels of 128 bytes (256 bytes in
+//! all); updates made by a hook call that fails are not recorded.
 //!
 //! Labels are `(name, value)` pairs: `metrics::counter_add("denied", &[("reason", "token")], 1)`.
 //! Off Wasm they are recorded per thread so tests can read them back through

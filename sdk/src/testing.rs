@@ -15,6 +15,13 @@ pub fn seed_random(seed: u64) {
     native::RANDOM.set(seed);
 }
 
+/// Shrinks (or grows) this thread's kv share to `max_keys` keys and `max_bytes` bytes (keys,
+/// values and 64 per entry, as the gateway charges), to test what a plugin does when the
+/// store refuses its writes. The default is the gateway's: 10,000 keys, 4 MiB.
+pub fn set_kv_share(max_keys: usize, max_bytes: usize) {
+    crate::kv::native::SHARE.set((max_keys, max_bytes));
+}
+
 /// The sum of everything added to a counter.
 pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
     crate::metrics::native::read(name, labels).counter

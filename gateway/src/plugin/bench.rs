@@ -125,7 +125,7 @@ fn plugin_call_costs() {
     let noop = rt
         .load(&PluginSpec::new("noop", wasm("noop_messages")))
         .unwrap();
-    let mut instance = noop.pool.take().unwrap();
+    let mut instance = noop.pool.take(std::time::Duration::from_secs(1)).unwrap();
     instance.store.set_epoch_deadline(u64::MAX / 2);
     let raw = per_call(200_000, || {
         let guard = HostState::enter(&mut instance.store, &conn).with_message(b"hello");
@@ -189,7 +189,7 @@ fn plugin_call_costs() {
             }),
         ));
     }
-    let mut instance = least.pool.take().unwrap();
+    let mut instance = least.pool.take(std::time::Duration::from_secs(1)).unwrap();
     instance.store.set_epoch_deadline(u64::MAX / 2);
     let (servers, cands) = pool(100, true);
     rows.push((

@@ -15,6 +15,7 @@ use super::exports::ExportIndices;
 use super::hooks::Plugin;
 use super::host::{HostState, PluginEnv};
 use super::kv::Kv;
+use super::plugin_metrics::Namespaces;
 use super::types::OnError;
 use super::wasi;
 use crate::metrics::Registry;
@@ -34,8 +35,6 @@ pub struct RuntimeOptions {
     pub max_memory_size: usize,
     /// Elements per table; interpreted languages' components have large function tables.
     pub max_table_elements: usize,
-    /// Total size of the shared kv store.
-    pub kv_max_bytes: usize,
 }
 
 impl Default for RuntimeOptions {
@@ -45,7 +44,6 @@ impl Default for RuntimeOptions {
             max_instances: 1000,
             max_memory_size: 1 << 30,
             max_table_elements: 100_000,
-            kv_max_bytes: 64 << 20,
         }
     }
 }
@@ -57,7 +55,7 @@ pub struct PluginSpec {
     pub wasm_path: PathBuf,
     /// Handed to `init`.
     pub config_json: String,
-    /// `None`: per-hook default (handshake deny, balancer fallback, messages forward).
+    /// `None`: per-hook default (handshake and messages deny, balancer fallback).
     pub on_error: Option<OnError>,
     /// Deadline of each handshake, select and close call.
     pub handshake_timeout: Duration,
@@ -67,6 +65,11 @@ pub struct PluginSpec {
     pub memory_limit: usize,
     /// Idle instances kept; more are made when all are busy, and dropped when returned.
     pub max_instances: usize,
+    /// Series the plugin's own metrics may have on `/metrics`.
+    pub max_metric_series: usize,
+    /// The plugin's share of the kv store: keys, and bytes (keys, values and 64 per entry).
+    pub kv_max_keys: usize,
+    pub kv_max_bytes: usize,
 }
 
 impl PluginSpec {
@@ -81,6 +84,9 @@ impl PluginSpec {
             message_timeout: Duration::from_millis(5),
             memory_limit: 64 << 20,
             max_instances: 4,
+            max_metric_series: 256,
+            kv_max_keys: 10_000,
+            kv_max_bytes: 4 << 20,
         }
     }
 }
@@ -91,6 +97,8 @@ pub struct PluginRuntime {
     cache: CompileCache,
     kv: Arc<Kv>,
     metrics: Arc<Registry>,
+    /// Which plugin owns each metric name prefix; kept across reloads.
+    metric_names: Namespaces,
     opts: RuntimeOptions,
     started: Instant,
     /// Started with the first plugin: a gateway without plugins has no thread waking up
@@ -127,13 +135,14 @@ impl PluginRuntime {
             .map_err(wasm_error)?;
 
         let cache = CompileCache::new(&engine, opts.cache_dir.clone())?;
-        let kv = Kv::new(opts.kv_max_bytes, Duration::from_secs(1))?;
+        let kv = Kv::new(Duration::from_secs(1))?;
         Ok(Arc::new(PluginRuntime {
             engine,
             linker,
             cache,
             kv,
             metrics,
+            metric_names: Namespaces::default(),
             opts,
             started: Instant::now(),
             ticking: std::sync::OnceLock::new(),
@@ -191,10 +200,16 @@ impl PluginRuntime {
             .with_context(|| {
                 format!("{}: imports something the gateway does not provide", what())
             })?;
+        let metric_names = self.metric_names.claim(&spec.name, spec.max_metric_series);
+        if let Err(e) = &metric_names {
+            tracing::warn!(target: "wasmgate::plugin", plugin = %spec.name, "metrics refused: {e}");
+        }
         let env = PluginEnv::new(
             &spec.name,
             self.kv.clone(),
+            self.kv.share(&spec.name, spec.kv_max_keys, spec.kv_max_bytes),
             self.metrics.clone(),
+            metric_names,
             self.started,
             self.ticking()?,
         );

@@ -4,6 +4,8 @@
 //! deadline, call, check the answer, give the instance back. Failures are counted per kind
 //! and returned for the caller to apply the plugin's `on_error`.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,6 +17,7 @@ use super::engine::{deadline_ticks, PluginSpec};
 use super::exports::{ExportIndices, Exports};
 use super::host::{ConnGuard, HostState, PluginEnv};
 use super::pool::{classify, Pool};
+use super::validate;
 use super::types::{
     Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
     Hooks, OnError, Opcode, PluginError, PoolInfo, Verdict,
@@ -114,6 +117,19 @@ pub struct PluginInfo {
     pub memory_limit_hits: u64,
     /// Ready instances waiting for a call.
     pub idle_instances: usize,
+    /// Instances that failed to start in a row; while it is not 0, new instances wait
+    /// `instance_backoff_ms` (100 ms doubling to 30 s) and calls that find no idle one fail.
+    pub instance_failures: u32,
+    pub instance_backoff_ms: u64,
+    pub last_instance_error: Option<String>,
+    /// Series of the plugin's own metrics on `/metrics`, and the most it may have.
+    pub metric_series: usize,
+    pub max_metric_series: usize,
+    /// Keys and bytes the plugin holds in the kv store, and its share.
+    pub kv_keys: usize,
+    pub kv_bytes: usize,
+    pub kv_max_keys: usize,
+    pub kv_max_bytes: usize,
 }
 
 impl Plugin {
@@ -125,17 +141,17 @@ impl Plugin {
         env: Arc<PluginEnv>,
         metrics: &Registry,
     ) -> anyhow::Result<Arc<Plugin>> {
-        let pool = Pool::new(
+        let hooks_found = indices.clone();
+        let (pool, flags) = Pool::new(
             pre,
             indices,
             env,
             spec.config_json.clone(),
             spec.memory_limit,
             spec.max_instances.max(1),
-        );
-        let (first, flags) = pool.make().map_err(anyhow::Error::msg)?;
-        let hooks = effective_hooks(&spec.name, pool.indices(), flags);
-        pool.put_first(first);
+        )
+        .map_err(anyhow::Error::msg)?;
+        let hooks = effective_hooks(&spec.name, &hooks_found, flags);
         Ok(Arc::new(Plugin {
             handshake_ticks: deadline_ticks(spec.handshake_timeout),
             message_ticks: deadline_ticks(spec.message_timeout),
@@ -191,7 +207,7 @@ impl Plugin {
             self.spec.handshake_timeout,
             |guard, exports| exports.on_handshake(guard.store, req),
         )?;
-        self.checked(verdict.check().map(|()| verdict))
+        self.checked(validate::verdict(&verdict).map(|()| verdict))
     }
 
     /// Indexes into `candidates` (servers of `pool`), best first. Without the hook:
@@ -269,6 +285,9 @@ impl Plugin {
     pub fn info(&self) -> PluginInfo {
         let s = &self.stats;
         let errors = [&s.trap, &s.timeout, &s.memory, &s.unavailable, &s.invalid];
+        let (metric_series, max_metric_series) = self.pool.env().metric_series();
+        let (kv_keys, kv_bytes) = self.pool.env().kv_used();
+        let starts = self.pool.start_health();
         PluginInfo {
             name: self.spec.name.clone(),
             wasm_path: self.spec.wasm_path.clone(),
@@ -287,6 +306,15 @@ impl Plugin {
             timeouts: s.timeout.get(),
             memory_limit_hits: s.memory.get(),
             idle_instances: self.pool.idle(),
+            instance_failures: starts.failures,
+            instance_backoff_ms: starts.backoff_ms,
+            last_instance_error: starts.last_error,
+            metric_series,
+            max_metric_series,
+            kv_keys,
+            kv_bytes,
+            kv_max_keys: self.spec.kv_max_keys,
+            kv_max_bytes: self.spec.kv_max_bytes,
         }
     }
 
@@ -302,19 +330,35 @@ impl Plugin {
     ) -> Result<R, PluginError> {
         let mut instance = self
             .pool
-            .take()
+            .take(timeout)
             .inspect_err(|e| self.stats.count_error(e))?;
         instance.store.set_epoch_deadline(ticks);
-        let result = f(HostState::enter(&mut instance.store, conn), &instance.exports)
-            .expect("hooks() only lists exported hooks");
+        // A panic on the host side of the call (in a host function or in wasmtime itself)
+        // fails this call like a trap; the instance it left in an unknown state is dropped.
+        let called = catch_unwind(AssertUnwindSafe(|| {
+            f(HostState::enter(&mut instance.store, conn), &instance.exports)
+        }));
+        let result = match called {
+            Ok(result) => result.expect("hooks() only lists exported hooks"),
+            Err(panic) => {
+                let err = PluginError::Trap(format!("the host panicked during the call: {}", panic_text(&*panic)));
+                tracing::error!(target: "wasmgate::plugin", plugin = self.name(), conn = conn.id, "{err}");
+                self.stats.count_error(&err);
+                self.pool.replace_dropped();
+                return Err(err);
+            }
+        };
         match result {
             Ok(r) => {
+                instance.store.data_mut().commit_metrics();
                 self.pool.put(instance);
                 Ok(r)
             }
             Err(e) => {
                 let err = classify(e, &instance.store.data().limits, timeout);
                 self.stats.count_error(&err);
+                drop(instance);
+                self.pool.replace_dropped();
                 Err(err)
             }
         }
@@ -329,6 +373,15 @@ impl Plugin {
             e
         })
     }
+}
+
+/// The message a panic carried, when it is text.
+pub fn panic_text(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Declared hooks whose interface the component does not export are ignored, with a warning.

@@ -3,7 +3,6 @@
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,63 +12,109 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{connection, host, kv, message, metrics, types as wit, upstreams};
 use super::engine::Ticking;
-use super::kv::Kv;
+use super::kv::{Kv, KvError, Share};
+use super::log_text::{self, Throttle};
+use super::plugin_metrics::{Namespace, PendingUpdate, Value, MAX_UPDATES_PER_CALL};
 use super::types::{ConnContext, PoolInfo, META_LIMIT_BYTES};
 use super::wasi;
-use crate::metrics::{MetricError, Registry, DEFAULT_BUCKETS};
+use crate::metrics::{Counter, Registry};
 
 /// The representation the host gives every `connection` and `pool` handle: a call has at
 /// most one of each, found in `HostState::lent`.
 pub(super) const LENT_REP: u32 = 0;
 
-/// Plugin-defined metrics are named with this prefix and labelled with the plugin's name.
-const METRIC_PREFIX: &str = "wasmgate_plugin_";
-
-/// Refused kv writes are logged at most this often per plugin.
-const KV_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Refused kv writes and metric updates are logged at most this often per plugin.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What all instances of one plugin version share.
 pub(super) struct PluginEnv {
     pub name: Arc<str>,
     pub kv: Arc<Kv>,
+    /// This plugin's namespace and share of `kv`.
+    kv_share: Arc<Share>,
     pub metrics: Arc<Registry>,
+    /// Where this plugin's own metrics go; an error when their names are taken.
+    metric_names: Result<Namespace, String>,
     /// Origin of `monotonic-ns`.
     pub started: Instant,
-    /// Milliseconds after `started` of the last refused-kv-write warning, plus one.
-    kv_warned_at: AtomicU64,
+    refused: Refused,
     _ticking: Ticking,
+}
+
+/// Writes the host refused, counted on `/metrics` and logged at most every `WARN_EVERY`.
+struct Refused {
+    kv: Counter,
+    metric: Counter,
+    kv_warned: Throttle,
+    metric_warned: Throttle,
 }
 
 impl PluginEnv {
     pub fn new(
         name: &str,
         kv: Arc<Kv>,
+        kv_share: Arc<Share>,
         metrics: Arc<Registry>,
+        metric_names: Result<Namespace, String>,
         started: Instant,
         ticking: Ticking,
     ) -> PluginEnv {
+        let refused = |what| {
+            metrics.counter(
+                "wasmgate_plugins_refused_writes_total",
+                "kv writes and metric updates of plugins that the host refused (a share full, a limit passed).",
+                &[("plugin", name), ("what", what)],
+            )
+        };
         PluginEnv {
+            refused: Refused {
+                kv: refused("kv"),
+                metric: refused("metric"),
+                kv_warned: Throttle::new(WARN_EVERY),
+                metric_warned: Throttle::new(WARN_EVERY),
+            },
             name: name.into(),
             kv,
+            kv_share,
             metrics,
+            metric_names,
             started,
-            kv_warned_at: AtomicU64::new(0),
             _ticking: ticking,
         }
     }
 
-    fn warn_kv(&self, key: &str, err: &super::kv::KvError) {
-        let now = self.started.elapsed().as_millis() as u64 + 1;
-        let last = self.kv_warned_at.load(Ordering::Relaxed);
-        let due = last == 0 || now - last >= KV_WARN_EVERY.as_millis() as u64;
-        if due
-            && self
-                .kv_warned_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::error!(target: "wasmgate::plugin", plugin = &*self.name, key, "kv write refused: {err}");
+    /// Counts a refused kv write (the share full: also logged) and says why to the plugin.
+    fn refuse_kv(&self, key: &str, err: KvError) -> kv::KvError {
+        match err {
+            KvError::Full { .. } => {
+                self.refused.kv.inc();
+                if self.refused.kv_warned.due(self.started) {
+                    let key = log_text::printable(key);
+                    tracing::warn!(target: "wasmgate::plugin", plugin = &*self.name, %key, "kv write refused: {err}");
+                }
+                kv::KvError::Full
+            }
+            KvError::NotAnInteger => kv::KvError::NotAnInteger,
+            KvError::Overflow => kv::KvError::Overflow,
         }
+    }
+
+    fn refuse_metric(&self, name: &str, why: &dyn std::fmt::Display) {
+        self.refused.metric.inc();
+        if self.refused.metric_warned.due(self.started) {
+            let name = log_text::printable(name);
+            tracing::warn!(target: "wasmgate::plugin", plugin = &*self.name, metric = %name, "metric refused: {why}");
+        }
+    }
+
+    /// Keys and bytes this plugin holds in the kv store.
+    pub fn kv_used(&self) -> (usize, usize) {
+        self.kv_share.used()
+    }
+
+    /// Series this plugin's metrics use, and the most allowed.
+    pub fn metric_series(&self) -> (usize, usize) {
+        self.metric_names.as_ref().map_or((0, 0), Namespace::usage)
     }
 }
 
@@ -80,6 +125,8 @@ pub(super) struct HostState {
     lent: Lent,
     /// What the hook set on the message during the call; taken by `ConnGuard::take_edits`.
     edits: MessageEdits,
+    /// Metric updates of the call in progress, applied by `commit_metrics` if it succeeds.
+    metric_updates: Vec<PendingUpdate>,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -120,6 +167,7 @@ impl HostState {
             },
             lent: Lent::default(),
             edits: MessageEdits::default(),
+            metric_updates: Vec::new(),
             table: ResourceTable::new(),
         }
     }
@@ -132,6 +180,7 @@ impl HostState {
         let state = store.data_mut();
         state.lent = Lent { conn: Some(NonNull::from(conn)), ..Lent::default() };
         state.edits = MessageEdits::default();
+        state.metric_updates.clear();
         // A refusal a guest survived in an earlier call must not explain this call's trap.
         state.limits.memory_exceeded = false;
         ConnGuard { store, lent: PhantomData }
@@ -161,30 +210,25 @@ impl HostState {
         }
     }
 
-    /// Registers (or finds) a plugin's metric series and hands it to `update`. A refused
-    /// metric is the plugin's bug but not worth failing a hook over: it is logged.
-    fn with_metric<M>(
-        &self,
-        name: &str,
-        labels: Vec<(String, String)>,
-        register: impl FnOnce(&Registry, &str, &[(String, String)]) -> Result<M, MetricError>,
-        update: impl FnOnce(M),
-    ) {
-        let full = format!("{METRIC_PREFIX}{name}");
-        let result = if labels.iter().any(|(k, _)| k == "plugin") {
-            Err(MetricError::InvalidLabel(
-                "plugin (reserved for the plugin's name)".into(),
-            ))
+    /// Keeps a metric update for `commit_metrics`, or refuses it.
+    fn queue_metric(&mut self, name: String, labels: Vec<(String, String)>, value: Value) {
+        if let Err(e) = &self.env.metric_names {
+            self.env.refuse_metric(&name, e);
+        } else if self.metric_updates.len() >= MAX_UPDATES_PER_CALL {
+            let why = format!("more than {MAX_UPDATES_PER_CALL} metric updates in one call");
+            self.env.refuse_metric(&name, &why);
         } else {
-            let mut all = Vec::with_capacity(labels.len() + 1);
-            all.push(("plugin".to_string(), self.env.name.to_string()));
-            all.extend(labels);
-            register(&self.env.metrics, &full, &all)
-        };
-        match result {
-            Ok(m) => update(m),
-            Err(e) => {
-                tracing::warn!(target: "wasmgate::plugin", plugin = &*self.env.name, metric = full, "metric refused: {e}")
+            self.metric_updates.push(PendingUpdate { name, labels, value });
+        }
+    }
+
+    /// Applies the metric updates of a call that succeeded. A refused one is the plugin's
+    /// bug but not worth failing the hook over: it is counted and logged.
+    pub fn commit_metrics(&mut self) {
+        let Ok(names) = &self.env.metric_names else { return };
+        for update in self.metric_updates.drain(..) {
+            if let Err(e) = names.apply(&self.env.metrics, &update) {
+                self.env.refuse_metric(&update.name, &e);
             }
         }
     }
@@ -267,6 +311,7 @@ impl WasiView for HostState {
 impl host::Host for HostState {
     fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
         let plugin = &*self.env.name;
+        let message = super::log_text::printable(&message);
         match level {
             host::Level::Trace => tracing::trace!(target: "wasmgate::plugin", plugin, "{message}"),
             host::Level::Debug => tracing::debug!(target: "wasmgate::plugin", plugin, "{message}"),
@@ -389,45 +434,34 @@ impl message::Host for HostState {
 
 impl kv::Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        Ok(self.env.kv.get(&self.env.name, &key))
+        Ok(self.env.kv.get(&self.env.kv_share, &key))
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> wasmtime::Result<()> {
-        if let Err(e) = self.env.kv.set(
-            &self.env.name,
-            &key,
-            &value,
-            ttl_ms.map(Duration::from_millis),
-        ) {
-            self.env.warn_kv(&key, &e);
-        }
-        Ok(())
+    fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Result<(), kv::KvError>> {
+        let ttl = ttl_ms.map(Duration::from_millis);
+        Ok(self.env.kv.set(&self.env.kv_share, &key, &value, ttl).map_err(|e| self.env.refuse_kv(&key, e)))
     }
 
     fn delete(&mut self, key: String) -> wasmtime::Result<()> {
-        self.env.kv.delete(&self.env.name, &key);
+        self.env.kv.delete(&self.env.kv_share, &key);
         Ok(())
     }
 
-    fn incr(&mut self, key: String, delta: i64, ttl_ms: Option<u64>) -> wasmtime::Result<i64> {
-        match self.env.kv.incr(
-            &self.env.name,
-            &key,
-            delta,
-            ttl_ms.map(Duration::from_millis),
-        ) {
-            Ok(v) => Ok(v),
-            Err(e @ super::kv::KvError::Full(_)) => {
-                // Not the plugin's fault: answer as if stored, as `set` does.
-                self.env.warn_kv(&key, &e);
-                Ok(delta)
-            }
-            Err(e) => wasmtime::bail!("kv.incr `{key}`: {e}"),
-        }
+    fn incr(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Result<i64, kv::KvError>> {
+        let ttl = ttl_ms.map(Duration::from_millis);
+        Ok(self.env.kv.incr(&self.env.kv_share, &key, delta, ttl).map_err(|e| self.env.refuse_kv(&key, e)))
     }
 }
-
-const PLUGIN_METRIC_HELP: &str = "Defined by a plugin.";
 
 impl metrics::Host for HostState {
     fn counter_add(
@@ -436,12 +470,7 @@ impl metrics::Host for HostState {
         labels: Vec<(String, String)>,
         value: u64,
     ) -> wasmtime::Result<()> {
-        self.with_metric(
-            &name,
-            labels,
-            |r, n, l| r.try_counter(n, PLUGIN_METRIC_HELP, l),
-            |c| c.add(value),
-        );
+        self.queue_metric(name, labels, Value::CounterAdd(value));
         Ok(())
     }
 
@@ -451,12 +480,7 @@ impl metrics::Host for HostState {
         labels: Vec<(String, String)>,
         value: f64,
     ) -> wasmtime::Result<()> {
-        self.with_metric(
-            &name,
-            labels,
-            |r, n, l| r.try_gauge(n, PLUGIN_METRIC_HELP, l),
-            |g| g.set(value),
-        );
+        self.queue_metric(name, labels, Value::GaugeSet(value));
         Ok(())
     }
 
@@ -466,12 +490,7 @@ impl metrics::Host for HostState {
         labels: Vec<(String, String)>,
         value: f64,
     ) -> wasmtime::Result<()> {
-        self.with_metric(
-            &name,
-            labels,
-            |r, n, l| r.try_histogram(n, PLUGIN_METRIC_HELP, l, DEFAULT_BUCKETS),
-            |h| h.observe(value),
-        );
+        self.queue_metric(name, labels, Value::HistogramObserve(value));
         Ok(())
     }
 }

@@ -2,10 +2,11 @@
 //! deadlines and memory limits, the functions they import, and hot reload.
 //!
 //! Module map: `engine` (runtime and loading) → `cache` (compiled components on disk) →
-//! `exports` (finding and calling hooks) → `pool` (shared instances) → `hooks` (a loaded
-//! plugin's hook calls) → `registry` (named, swappable plugins). `host`, `wasi` and `kv`
-//! are what plugins import; `types` the hook arguments and results; `watch` the file
-//! watcher behind hot reload.
+//! `exports` (finding and calling hooks) → `pool` (shared instances, made off the calling
+//! thread) → `hooks` (a loaded plugin's hook calls) → `registry` (named, swappable plugins).
+//! `host`, `wasi`, `kv` and `plugin_metrics` are what plugins import; `log_text` makes their
+//! log text safe to print; `types` the hook arguments and results, `validate` the checks on
+//! handshake answers; `watch` the file watcher behind hot reload.
 
 #[cfg(test)]
 mod bench;
@@ -16,14 +17,17 @@ mod exports;
 mod hooks;
 mod host;
 mod kv;
+mod log_text;
+mod plugin_metrics;
 mod pool;
 mod registry;
 mod types;
+mod validate;
 mod wasi;
 mod watch;
 
 pub use engine::{PluginRuntime, PluginSpec, RuntimeOptions};
-pub use hooks::{Plugin, PluginInfo};
+pub use hooks::{panic_text, Plugin, PluginInfo};
 pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport, StagedPlugins};
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,

@@ -2,12 +2,23 @@
 //! componentize-py and jco components import `wasi:cli`, `wasi:io` and friends) and nothing
 //! that reaches outside: no files, no environment, no arguments, no network.
 //!
-//! Two things differ from wasmtime-wasi's synchronous bindings:
-//! - Their blocking stream and poll functions run a future with `Handle::block_on`, which
-//!   panics on a Tokio worker thread, where the gateway calls hooks. Here the blocking
-//!   stream functions act without waiting (the only streams are stdio, always ready) and
-//!   `wasi:io/poll` traps: a hook must not wait, and sleeping is waiting.
-//! - stdout and stderr go to the gateway's log, line by line, tagged with the plugin.
+//! What differs from wasmtime-wasi's synchronous bindings:
+//! - Several of them (blocking streams, poll, `create-udp-socket`, and the socket and
+//!   filesystem methods behind them) run a future with `Handle::block_on`, which panics on a
+//!   Tokio worker thread, where the gateway calls hooks. Here the blocking stream functions
+//!   act without waiting (the only streams are stdio, always ready) and `wasi:io/poll` traps:
+//!   a hook must not wait, and sleeping is waiting.
+//! - Creating a TCP or UDP socket and looking up a name answer `access-denied` without
+//!   touching the operating system. No socket resource can then exist, so none of the
+//!   socket methods (some of which block) can be reached. No directory is preopened, so no
+//!   filesystem descriptor exists either.
+//! - Random bytes come in calls of at most `MAX_RANDOM` bytes, so a guest cannot make the
+//!   host allocate its default of 64 MiB per call.
+//! - stdout and stderr go to the gateway's log, line by line, tagged with the plugin, with
+//!   control characters escaped (see `log_text`).
+//!
+//! `gateway/tests/plugin_runtime.rs` and `tests/e2e/containment.rs` call every interface
+//! Rust's std links from a hook (`tests/plugins/hostile-wasi`) on a Tokio worker.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,14 +26,21 @@ use std::task::{Context, Poll};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::{self, ResolveAddressStream};
+use wasmtime_wasi::p2::bindings::sockets::network::{self, ErrorCode, IpAddress, IpAddressFamily, Network};
+use wasmtime_wasi::p2::bindings::sockets::tcp_create_socket;
 use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
+use wasmtime_wasi::p2::bindings::sync::sockets::udp_create_socket;
 use wasmtime_wasi::p2::{
-    DynInputStream, DynOutputStream, DynPollable, OutputStream, Pollable, StreamError, StreamResult,
+    DynInputStream, DynOutputStream, DynPollable, IoError, OutputStream, Pollable, SocketError, SocketResult, StreamError,
+    StreamResult, TcpSocket, UdpSocket,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
 
 /// A partial line longer than this is logged as it is.
-const MAX_LINE: usize = 4096;
+const MAX_LINE: usize = super::log_text::MAX_RECORD;
+/// Most random bytes one `get-random-bytes` call returns (a larger request traps).
+const MAX_RANDOM: u64 = 64 * 1024;
 /// What a log stream accepts per write; `blocking-write-and-flush` allows 4096.
 const WRITE_PERMIT: usize = 64 * 1024;
 
@@ -40,18 +58,91 @@ pub(super) fn deny_all_ctx(plugin: &Arc<str>) -> WasiCtx {
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
+        .max_random_size(MAX_RANDOM)
         .build()
 }
 
 /// Adds WASI p2 to `linker`, with `wasi:io/streams` and `wasi:io/poll` replaced by the
-/// non-waiting versions below.
+/// non-waiting versions below, and socket creation and name lookup by refusals.
 pub(super) fn add_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     linker.allow_shadowing(true);
     streams::add_to_linker::<T, NoWait>(linker, |t| NoWaitIo(t.ctx().table))?;
     poll::add_to_linker::<T, NoWait>(linker, |t| NoWaitIo(t.ctx().table))?;
+    tcp_create_socket::add_to_linker::<T, NoNetwork>(linker, |t| NoNetworkIo(t.ctx().table))?;
+    udp_create_socket::add_to_linker::<T, NoNetwork>(linker, |t| NoNetworkIo(t.ctx().table))?;
+    ip_name_lookup::add_to_linker::<T, NoNetwork>(linker, |t| NoNetworkIo(t.ctx().table))?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// Socket creation and name lookup, refused.
+struct NoNetwork;
+
+impl HasData for NoNetwork {
+    type Data<'a> = NoNetworkIo<'a>;
+}
+
+struct NoNetworkIo<'a>(&'a mut ResourceTable);
+
+/// Turns the refusals above into the guest's `error-code`; required by the bindings.
+impl network::Host for NoNetworkIo<'_> {
+    fn convert_error_code(&mut self, error: SocketError) -> wasmtime::Result<ErrorCode> {
+        error.downcast()
+    }
+    fn network_error_code(&mut self, _: Resource<IoError>) -> wasmtime::Result<Option<ErrorCode>> {
+        Ok(None)
+    }
+}
+
+impl network::HostNetwork for NoNetworkIo<'_> {
+    fn drop(&mut self, n: Resource<Network>) -> wasmtime::Result<()> {
+        self.0.delete(n)?;
+        Ok(())
+    }
+}
+
+impl tcp_create_socket::Host for NoNetworkIo<'_> {
+    fn create_tcp_socket(&mut self, _: IpAddressFamily) -> SocketResult<Resource<TcpSocket>> {
+        Err(ErrorCode::AccessDenied.into())
+    }
+}
+
+impl udp_create_socket::Host for NoNetworkIo<'_> {
+    fn create_udp_socket(&mut self, _: IpAddressFamily) -> SocketResult<Resource<UdpSocket>> {
+        Err(ErrorCode::AccessDenied.into())
+    }
+}
+
+impl ip_name_lookup::Host for NoNetworkIo<'_> {
+    fn resolve_addresses(
+        &mut self,
+        _: Resource<Network>,
+        _: String,
+    ) -> SocketResult<Resource<ResolveAddressStream>> {
+        Err(ErrorCode::AccessDenied.into())
+    }
+}
+
+const NO_LOOKUP: &str = "no name lookup stream exists: lookups are refused";
+
+impl ip_name_lookup::HostResolveAddressStream for NoNetworkIo<'_> {
+    fn resolve_next_address(
+        &mut self,
+        _: Resource<ResolveAddressStream>,
+    ) -> SocketResult<Option<IpAddress>> {
+        Err(SocketError::trap(wasmtime::format_err!(NO_LOOKUP)))
+    }
+    fn subscribe(
+        &mut self,
+        _: Resource<ResolveAddressStream>,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        wasmtime::bail!(NO_LOOKUP)
+    }
+    fn drop(&mut self, s: Resource<ResolveAddressStream>) -> wasmtime::Result<()> {
+        self.0.delete(s)?;
+        Ok(())
+    }
 }
 
 struct NoWait;
@@ -218,7 +309,8 @@ impl LineLogger {
             self.line.clear();
             return;
         }
-        let text = String::from_utf8_lossy(&self.line);
+        let lossy = String::from_utf8_lossy(&self.line);
+        let text = super::log_text::printable(&lossy);
         let plugin = &*self.to.plugin;
         if self.to.stderr {
             tracing::warn!(target: "wasmgate::plugin", plugin, "stderr: {text}");

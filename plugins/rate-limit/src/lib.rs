@@ -1,7 +1,9 @@
 //! Rate limits: new connections per client (by IP, or a header, query parameter or
 //! metadata key) per time window, refused with 429 and `Retry-After`; and data messages
 //! per connection per second as a token bucket, over which the connection is closed with
-//! 1008. See README.md for the config.
+//! 1008. A connection the kv store cannot count (the plugin's share full) is refused with
+//! 503 unless `uncounted = "allow"`: a limit that stops counting must not stop limiting.
+//! See README.md for the config.
 
 use serde::Deserialize;
 use wasmgate_sdk::{
@@ -25,6 +27,8 @@ pub struct Config {
     count: String,
     #[serde(default = "defaults::close_code")]
     close_code: u16,
+    #[serde(default = "defaults::uncounted")]
+    uncounted: String,
 }
 
 mod defaults {
@@ -39,6 +43,9 @@ mod defaults {
     }
     pub fn close_code() -> u16 {
         1008
+    }
+    pub fn uncounted() -> String {
+        "refuse".into()
     }
 }
 
@@ -59,6 +66,17 @@ pub struct RateLimit {
     messages: Option<(f64, f64)>,
     count_both: bool,
     close_code: u16,
+    /// Let a connection through when the store cannot count it.
+    allow_uncounted: bool,
+}
+
+/// Why `admit` turned a connection away.
+#[derive(Debug, PartialEq)]
+enum Turned {
+    /// Over the limit; retry in this many seconds.
+    Limited(u64),
+    /// The store refused to count it.
+    Uncounted(kv::Error),
 }
 
 impl Plugin for RateLimit {
@@ -115,6 +133,11 @@ impl Plugin for RateLimit {
         if !matches!(c.close_code, 1008 | 1013 | 3000..=4999) {
             return Err("bad config: close_code must be 1008, 1013 or 3000..=4999".into());
         }
+        let allow_uncounted = match c.uncounted.as_str() {
+            "refuse" => false,
+            "allow" => true,
+            other => return Err(format!("bad config: uncounted {other:?} is not \"refuse\" or \"allow\"")),
+        };
         Ok(RateLimit {
             connections: c.connections_per_window,
             window_ms: c.window_secs * 1000,
@@ -122,6 +145,7 @@ impl Plugin for RateLimit {
             messages,
             count_both,
             close_code: c.close_code,
+            allow_uncounted,
         })
     }
 
@@ -151,7 +175,18 @@ impl Plugin for RateLimit {
         let client = client.unwrap_or_default();
         match self.admit(&client, limit) {
             Ok(()) => Verdict::accept(),
-            Err(retry_secs) => {
+            Err(Turned::Uncounted(e)) => {
+                wasmgate_sdk::metrics::counter_add("rate_limit_uncounted_total", &[], 1);
+                if self.allow_uncounted {
+                    return Verdict::accept();
+                }
+                wasmgate_sdk::warn!("connection not counted (kv: {}): refused", e.name());
+                wasmgate_sdk::metrics::counter_add("rate_limit_refused_total", &[("what", "uncounted")], 1);
+                Reject::new(503, "the rate limit cannot count connections now; retry in 1 s")
+                    .header("retry-after", "1")
+                    .into()
+            }
+            Err(Turned::Limited(retry_secs)) => {
                 wasmgate_sdk::metrics::counter_add(
                     "rate_limit_refused_total",
                     &[("what", "connection")],
@@ -203,13 +238,13 @@ impl Plugin for RateLimit {
 impl RateLimit {
     /// Counts a new connection of `client` against a sliding window (the current fixed
     /// window's count plus the previous one's, weighted by how much of it still overlaps).
-    /// Refused attempts are not counted. `Err` holds the seconds to wait.
-    fn admit(&self, client: &str, limit: u64) -> Result<(), u64> {
+    /// Refused attempts are not counted.
+    fn admit(&self, client: &str, limit: u64) -> Result<(), Turned> {
         let now = wasmgate_sdk::now_ms();
         let w = self.window_ms;
         let (index, elapsed) = (now / w, now % w);
         let current = format!("c:{w}:{index}:{client}");
-        let count = kv::incr(&current, 1, Some(2 * w)) as f64;
+        let count = kv::incr(&current, 1, Some(2 * w)).map_err(Turned::Uncounted)? as f64;
         let previous = kv::get(&format!("c:{w}:{}:{client}", index.wrapping_sub(1)))
             .and_then(|v| String::from_utf8(v).ok()?.parse::<f64>().ok())
             .unwrap_or(0.0);
@@ -218,7 +253,8 @@ impl RateLimit {
         if estimate <= limit {
             return Ok(());
         }
-        kv::incr(&current, -1, None);
+        // Taking back an increment never needs room.
+        let _ = kv::incr(&current, -1, None);
         let before = count - 1.0;
         // When would one more fit? Later in this window, as the previous one slides out...
         let wait_ms = if before + 1.0 <= limit && previous > 0.0 {
@@ -233,7 +269,7 @@ impl RateLimit {
             };
             w - elapsed + at
         };
-        Err(((wait_ms / 1000.0).ceil() as u64).max(1))
+        Err(Turned::Limited(((wait_ms / 1000.0).ceil() as u64).max(1)))
     }
 }
 
@@ -392,6 +428,27 @@ mod tests {
     }
 
     #[test]
+    fn connections_the_store_cannot_count_are_refused_unless_allowed() {
+        let uncounted = |v: &Verdict| match v {
+            Verdict::Reject(r) => (r.status, r.headers.iter().find(|h| h.name == "retry-after").map(|h| h.value.clone())),
+            _ => (101, None),
+        };
+        let conn = Conn::new(1);
+        let mut strict = plugin(r#"{"connections_per_window":100}"#);
+        assert_eq!(strict.on_handshake(&conn, &from("10.0.0.1")), Verdict::accept());
+        // The share is full: a client already counted can still be counted...
+        wasmgate_sdk::testing::set_kv_share(1, 1 << 20);
+        assert_eq!(strict.on_handshake(&conn, &from("10.0.0.1")), Verdict::accept());
+        // ...a new one cannot, and is refused.
+        let refused = strict.on_handshake(&conn, &from("10.0.0.2"));
+        assert_eq!(uncounted(&refused), (503, Some("1".into())));
+        assert_eq!(wasmgate_sdk::testing::counter("rate_limit_refused_total", &[("what", "uncounted")]), 1);
+        let mut lenient = plugin(r#"{"connections_per_window":100,"uncounted":"allow"}"#);
+        assert_eq!(lenient.on_handshake(&conn, &from("10.0.0.3")), Verdict::accept());
+        assert_eq!(wasmgate_sdk::testing::counter("rate_limit_uncounted_total", &[]), 2);
+    }
+
+    #[test]
     fn bad_config_is_refused() {
         for bad in [
             r#"{}"#,
@@ -404,6 +461,7 @@ mod tests {
             r#"{"messages_per_sec":1,"count":"upstream"}"#,
             r#"{"messages_per_sec":1,"close_code":1000}"#,
             r#"{"messages_per_sec":1,"typo":1}"#,
+            r#"{"connections_per_window":1,"uncounted":"maybe"}"#,
         ] {
             assert!(RateLimit::from_json(bad).is_err(), "{bad}");
         }

@@ -16,7 +16,10 @@ impl Plugin for RoundRobin {
     }
 
     fn select(&mut self, _: &Conn, pool: &Pool, candidates: &[Candidate]) -> Vec<u32> {
-        let turn = kv::incr(&format!("turn:{}", pool.name()), 1, None) - 1;
+        // A store with no room for the counter (a new pool, the share full) still spreads
+        // connections: a random start, the rotation after it.
+        let turn = kv::incr(&format!("turn:{}", pool.name()), 1, None)
+            .map_or_else(|_| wasmgate_sdk::random_u64() as i64, |t| t - 1);
         rotation(turn, candidates.len())
     }
 }
@@ -62,6 +65,20 @@ mod tests {
             firsts[ranked[0] as usize] += 1;
         }
         assert_eq!(firsts, [1000; 4]);
+    }
+
+    #[test]
+    fn a_full_store_still_spreads_connections() {
+        wasmgate_sdk::testing::set_kv_share(0, 0);
+        let mut rr = RoundRobin::from_json("{}").unwrap();
+        let (conn, chat) = (Conn::new(1), pool("chat", 4));
+        let mut firsts = [0; 4];
+        for _ in 0..4000 {
+            let ranked = rr.select(&conn, &chat.view(), &chat.candidates());
+            assert_eq!(ranked.len(), 4);
+            firsts[ranked[0] as usize] += 1;
+        }
+        assert!(firsts.iter().all(|&n| (800..1200).contains(&n)), "{firsts:?}");
     }
 
     #[test]
