@@ -46,6 +46,7 @@ impl GatewayProcess {
         let text = config
             .replace("LISTEN", "127.0.0.1:0")
             .replace("ADMIN", &admin.to_string())
+            .replace("TOKEN", ADMIN_TOKEN)
             .replace("CACHE", &dir.0.join("cache").display().to_string());
         std::fs::write(&path, text).unwrap();
         let mut child = Command::new(gateway_binary())
@@ -89,7 +90,10 @@ impl GatewayProcess {
     }
 
     async fn admin(&self, path: &str) -> String {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let admin = self.admin;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        );
         let (status, text) = raw_http(self.admin, &request).await;
         assert_eq!(status, 200, "{path}: {text}");
         text[text.find("\r\n\r\n").unwrap() + 4..].to_string()
@@ -156,7 +160,7 @@ fn metric_sum(metrics: &str, name: &str) -> f64 {
 /// plugin tables, and routes `(path, chain)`; `/clean` has no plugins.
 fn config(backend: &EchoServer, plugins: &str, routes: &[(String, String)]) -> String {
     let mut text = format!(
-        "[gateway]\nlisten = \"LISTEN\"\nadmin = \"ADMIN\"\nplugin_cache = \"CACHE\"\n\n\
+        "[gateway]\nlisten = \"LISTEN\"\nadmin = \"ADMIN\"\nadmin_token = \"TOKEN\"\nplugin_cache = \"CACHE\"\n\n\
          [[upstream]]\nname = \"echo\"\nservers = [\"{}\"]\nconnect_timeout_ms = 2000\n\n{plugins}\n\
          [[route]]\npath = \"/clean\"\nupstream = \"echo\"\n\n",
         backend.addr
