@@ -48,7 +48,9 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
             tracing::error!(%client_addr, "the handshake panicked: {}", panic_text(&*panic));
             shared.metrics.handshakes_refused.inc();
             let refusal = Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "the gateway failed while answering this request");
-            handshake::refuse(&mut stream, refusal).await;
+            // Boxed: unboxed, the refusal's 4 KiB drain buffer would size every
+            // connection's task for its whole life (idle RSS 3.5 -> 6.5 KiB).
+            Box::pin(handshake::refuse(&mut stream, refusal)).await;
         }
     }
 }
