@@ -347,15 +347,7 @@ async fn wasi_calls_end_as_errors_or_traps_that_follow_on_error() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let under_attack = clean_route_median(&gw).await;
-    let rounds = attacks.stop().await;
-    let rss_after = gw.rss_mib();
-    println!(
-        "wasi: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; RSS {rss_before} -> {rss_after} MiB"
-    );
-    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
-    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    let rounds = clean_route_holds(&gw, attacks, "wasi", normal, rss_before).await;
     // Round r attacked urls[r % 5]; on the message routes each relayed one connection.
     for (i, name) in [(1, "udp_bind_message_deny"), (3, "exit_message_deny"), (4, "abort_message_allow")] {
         let n = rounds / 5 + u64::from(rounds % 5 > i);
@@ -580,15 +572,7 @@ async fn what_plugins_add_toward_the_upstream_is_valid_and_bounded() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let under_attack = clean_route_median(&gw).await;
-    let rounds = attacks.stop().await;
-    let rss_after = gw.rss_mib();
-    println!(
-        "headers: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; RSS {rss_before} -> {rss_after} MiB"
-    );
-    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
-    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    clean_route_holds(&gw, attacks, "headers", normal, rss_before).await;
     gw.assert_settled(&HashMap::new()).await;
 }
 
@@ -662,15 +646,7 @@ async fn a_plugin_filling_the_kv_store_fills_only_its_own_share() {
             let _ = ws.close(None).await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let under_attack = clean_route_median(&gw).await;
-    let rounds = attacks.stop().await;
-    let rss_after = gw.rss_mib();
-    println!(
-        "kv: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; RSS {rss_before} -> {rss_after} MiB"
-    );
-    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
-    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    clean_route_holds(&gw, attacks, "kv", normal, rss_before).await;
     gw.assert_settled(&HashMap::new()).await;
 }
 
@@ -743,4 +719,19 @@ async fn instances_are_made_off_the_connection_path() {
     assert_eq!(metric_sum(&metrics, "wasmgate_plugins_backing_off{plugin=\"failing\"}"), 1.0, "{metrics}");
     assert!(metric_sum(&metrics, "wasmgate_plugins_errors_total{kind=\"unavailable\",plugin=\"slow\"}") > 0.0, "{metrics}");
     gw.assert_settled(&HashMap::new()).await;
+}
+
+/// While `attacks` run, the route without plugins keeps its latency and RSS stays within
+/// 64 MiB of `rss_before`; stops the attacks and returns how many rounds ran.
+async fn clean_route_holds(gw: &GatewayProcess, attacks: Hammer, what: &str, normal: Duration, rss_before: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under_attack = clean_route_median(gw).await;
+    let rounds = attacks.stop().await;
+    let rss_after = gw.rss_mib();
+    println!(
+        "{what}: clean route median {normal:?} alone, {under_attack:?} during {rounds} attacks; RSS {rss_before} -> {rss_after} MiB"
+    );
+    assert!(under_attack < CLEAN_ROUTE_MEDIAN_LIMIT, "{under_attack:?}");
+    assert!(rss_after < rss_before + 64, "RSS {rss_before} -> {rss_after} MiB");
+    rounds
 }
