@@ -4,6 +4,7 @@
 //! the upstream as headers and to later plugins as connection metadata; optionally, a live
 //! connection closed with 4001 once its token expires. See README.md for the config.
 
+mod cache;
 mod keys;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use wasmgate_sdk::{
     Accept, Action, CloseFrame, Conn, Hooks, Message, Plugin, Reject, Request, Verdict,
 };
 
+use cache::{VerifiedTokens, NO_EXP_KEEP_SECS};
 use keys::{b64url, Alg, Key};
 
 /// Metadata key holding the token's `exp` (seconds since the epoch) when
@@ -59,6 +61,9 @@ pub struct Config {
     close_on_expiry: bool,
     #[serde(default = "defaults::realm")]
     realm: String,
+    /// Tokens whose signature verified, kept per instance so a reconnect skips the check.
+    #[serde(default = "defaults::verified_cache_size")]
+    verified_cache_size: usize,
 }
 
 mod defaults {
@@ -73,6 +78,9 @@ mod defaults {
     }
     pub fn realm() -> String {
         "wasmgate".into()
+    }
+    pub fn verified_cache_size() -> usize {
+        10_000
     }
 }
 
@@ -153,6 +161,7 @@ pub struct JwtAuth {
     claims_to_meta: Vec<(String, String)>,
     close_on_expiry: bool,
     realm: String,
+    verified: VerifiedTokens,
 }
 
 /// Why a handshake is refused.
@@ -298,6 +307,7 @@ impl Plugin for JwtAuth {
             claims_to_meta,
             close_on_expiry: config.close_on_expiry,
             realm: config.realm,
+            verified: VerifiedTokens::new(config.verified_cache_size),
         })
     }
 
@@ -340,7 +350,7 @@ impl Plugin for JwtAuth {
 }
 
 impl JwtAuth {
-    fn authenticate(&self, conn: &Conn, req: &Request) -> Result<Accept, Refusal> {
+    fn authenticate(&mut self, conn: &Conn, req: &Request) -> Result<Accept, Refusal> {
         let (token, source) = self.find_token(req)?;
         let claims = self.verify(&token)?;
         self.check_claims(&claims)?;
@@ -433,8 +443,37 @@ impl JwtAuth {
         Err(Refusal::Missing)
     }
 
-    /// Checks the token's form, signature and validity period; returns its claims.
-    fn verify(&self, token: &str) -> Result<Map<String, Value>, Refusal> {
+    /// Checks the token's form, signature and validity period; returns its claims. A token
+    /// whose signature verified before is taken from the cache; its times are checked anew.
+    fn verify(&mut self, token: &str) -> Result<Map<String, Value>, Refusal> {
+        let now = now_secs();
+        let key = self.verified.key(token);
+        let cached = key.as_ref().and_then(|k| self.verified.get(k, now)).map(parse_payload);
+        let claims = match cached {
+            Some(claims) => {
+                wasmgate_sdk::metrics::counter_add("jwt_auth_verify_total", &[("cache", "hit")], 1);
+                claims?
+            }
+            None => {
+                let (claims, payload) = self.verify_signature(token)?;
+                if let Some(key) = key {
+                    let keep_until = match claims.get("exp") {
+                        None => now + NO_EXP_KEEP_SECS,
+                        // A malformed `exp` is refused below; keep nothing for it.
+                        Some(exp) => exp.as_f64().map_or(now, |exp| exp + self.leeway_secs),
+                    };
+                    self.verified.insert(key, payload, keep_until, now);
+                }
+                wasmgate_sdk::metrics::counter_add("jwt_auth_verify_total", &[("cache", "miss")], 1);
+                claims
+            }
+        };
+        self.check_times(&claims, now)?;
+        Ok(claims)
+    }
+
+    /// Checks the token's form and signature; returns its claims and its decoded payload.
+    fn verify_signature(&self, token: &str) -> Result<(Map<String, Value>, Vec<u8>), Refusal> {
         let invalid = |why: &str| Refusal::Invalid(why.to_string());
         let mut parts = token.split('.');
         let (Some(head), Some(body), Some(sig), None) =
@@ -444,18 +483,12 @@ impl JwtAuth {
                 "malformed token: expected three dot-separated parts",
             ));
         };
-        let json_part = |part: &str, what: &str| -> Result<Map<String, Value>, Refusal> {
-            let bytes = b64url(part)
-                .ok_or_else(|| invalid(&format!("malformed token: {what} is not base64url")))?;
-            match serde_json::from_slice(&bytes) {
-                Ok(Value::Object(map)) => Ok(map),
-                _ => Err(invalid(&format!(
-                    "malformed token: {what} is not a JSON object"
-                ))),
-            }
+        let decode = |part: &str, what: &str| -> Result<Vec<u8>, Refusal> {
+            b64url(part).ok_or_else(|| invalid(&format!("malformed token: {what} is not base64url")))
         };
-        let header = json_part(head, "header")?;
-        let claims = json_part(body, "payload")?;
+        let header = json_object(&decode(head, "header")?, "header")?;
+        let payload = decode(body, "payload")?;
+        let claims = parse_payload(&payload)?;
         let signature =
             b64url(sig).ok_or_else(|| invalid("malformed token: signature is not base64url"))?;
 
@@ -480,8 +513,12 @@ impl JwtAuth {
         if !candidates.iter().any(|k| k.verify(input, &signature)) {
             return Err(invalid("signature does not verify"));
         }
+        Ok((claims, payload))
+    }
 
-        let now = now_secs();
+    /// `exp` (required unless `require_exp = false`) and `nbf`, with the leeway.
+    fn check_times(&self, claims: &Map<String, Value>, now: f64) -> Result<(), Refusal> {
+        let invalid = |why: &str| Refusal::Invalid(why.to_string());
         let time = |name: &str| -> Result<Option<f64>, Refusal> {
             match claims.get(name) {
                 None => Ok(None),
@@ -501,7 +538,7 @@ impl JwtAuth {
                 return Err(invalid("token not valid yet (`nbf`)"));
             }
         }
-        Ok(claims)
+        Ok(())
     }
 
     /// Issuer, audience and required claims: what makes a good token right for this route.
@@ -563,6 +600,20 @@ impl JwtAuth {
         };
         let reject = Reject::new(status, &reason).header("www-authenticate", &challenge);
         (label, reject.into())
+    }
+}
+
+/// A token's decoded payload as its claims.
+fn parse_payload(payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
+    json_object(payload, "payload")
+}
+
+fn json_object(bytes: &[u8], what: &str) -> Result<Map<String, Value>, Refusal> {
+    match serde_json::from_slice(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(Refusal::Invalid(format!(
+            "malformed token: {what} is not a JSON object"
+        ))),
     }
 }
 

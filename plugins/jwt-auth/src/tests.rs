@@ -531,3 +531,95 @@ fn bad_config_is_refused() {
     assert!(err(json!({"secret": SECRET, "typo": 1})).starts_with("bad config: unknown field"));
     assert!(err(json!({"secret": SECRET, "realm": "a\"b"})).contains("realm"));
 }
+
+/// The verified-token cache: a token presented again is not verified again, and what the
+/// cache keeps is only the signature's verdict.
+mod verified_cache {
+    use super::*;
+    use wasmgate_sdk::testing::{advance_clock, counter};
+
+    fn verified(cache: &str) -> u64 {
+        counter("jwt_auth_verify_total", &[("cache", cache)])
+    }
+
+    #[test]
+    fn a_token_presented_again_is_a_cache_hit_for_every_algorithm() {
+        for alg in ["HS256", "RS256", "ES256"] {
+            let mut p = plugin(json!({"secret": SECRET, "public_key": if alg == "ES256" { EC_PUBLIC } else { RSA_PUBLIC }}));
+            let before = (verified("hit"), verified("miss"));
+            let req = bearer(&token(alg, json!({}), claims()));
+            let first = handshake(&mut p, &req);
+            let second = handshake(&mut p, &req);
+            assert_eq!(accepted(&first), accepted(&second), "{alg}: the same answer from the cache");
+            assert_eq!((verified("hit") - before.0, verified("miss") - before.1), (1, 1), "{alg}");
+            assert_eq!(p.verified.counts(), (1, 1));
+        }
+    }
+
+    #[test]
+    fn a_cached_token_still_expires_and_is_still_checked_against_the_route() {
+        let mut p = plugin(json!({"secret": SECRET, "leeway_secs": 0, "audience": "chat"}));
+        let mut c = claims();
+        c["exp"] = json!(now() + 5);
+        let req = bearer(&token("HS256", json!({}), c));
+        accepted(&handshake(&mut p, &req));
+        accepted(&handshake(&mut p, &req));
+        advance_clock(6_000);
+        assert_eq!(refused(&handshake(&mut p, &req)).1, "invalid token: token expired");
+        assert_eq!(p.verified.len(), 0, "the expired entry is gone");
+
+        // A good signature for the wrong audience is cached as verified, and refused every time.
+        let mut other = claims();
+        other["aud"] = json!("billing");
+        let req = bearer(&token("HS256", json!({}), other));
+        for _ in 0..2 {
+            assert_eq!(refused(&handshake(&mut p, &req)).0, 403);
+        }
+    }
+
+    #[test]
+    fn a_copied_signature_on_another_payload_is_verified_in_full_and_refused() {
+        let mut p = plugin(json!({"secret": SECRET}));
+        let good = token("HS256", json!({}), claims());
+        accepted(&handshake(&mut p, &bearer(&good)));
+        let mut admin = claims();
+        admin["sub"] = json!("mallory");
+        let other = token("HS256", json!({}), admin);
+        let (head, rest) = other.split_once('.').unwrap();
+        let (body, _) = rest.split_once('.').unwrap();
+        let sig = good.rsplit('.').next().unwrap();
+        let forged = format!("{head}.{body}.{sig}");
+        assert_eq!(
+            refused(&handshake(&mut p, &bearer(&forged))).1,
+            "invalid token: signature does not verify"
+        );
+    }
+
+    #[test]
+    fn bad_tokens_are_not_kept_and_the_cache_can_be_turned_off() {
+        let mut p = plugin(json!({"secret": SECRET}));
+        let mut bad = token("HS256", json!({}), claims());
+        bad.push('A');
+        for _ in 0..3 {
+            assert_eq!(refused(&handshake(&mut p, &bearer(&bad))).0, 401);
+        }
+        assert_eq!(p.verified.len(), 0);
+
+        let mut off = plugin(json!({"secret": SECRET, "verified_cache_size": 0}));
+        let req = bearer(&token("HS256", json!({}), claims()));
+        accepted(&handshake(&mut off, &req));
+        accepted(&handshake(&mut off, &req));
+        assert_eq!(off.verified.len(), 0);
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_size() {
+        let mut p = plugin(json!({"secret": SECRET, "verified_cache_size": 3}));
+        for i in 0..10 {
+            let mut c = claims();
+            c["sub"] = json!(format!("user{i}"));
+            accepted(&handshake(&mut p, &bearer(&token("HS256", json!({}), c))));
+        }
+        assert_eq!(p.verified.len(), 3);
+    }
+}
