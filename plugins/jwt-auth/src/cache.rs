@@ -110,11 +110,13 @@ impl VerifiedTokens {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// (hits, misses) since the instance started.
+    #[cfg(test)]
     pub fn counts(&self) -> (u64, u64) {
         (self.hits, self.misses)
     }
