@@ -12,6 +12,9 @@
 //! Each plugin instance has its own cache (instances are shared by connections, a few per
 //! plugin), in the instance's memory, bounded by `verified_cache_size` entries; a config
 //! reload makes new instances, so a changed key never meets a verdict of the old one.
+//! Verdicts on RS256 and ES256 tokens are also shared between instances through the kv
+//! store, under a prefix that fingerprints the public keys (`shared_prefix`), with the
+//! token's remaining lifetime as TTL and the plugin's kv share as the bound.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -44,6 +47,31 @@ struct Entry {
 
 /// A token's cache key.
 pub type TokenKey = [u8; 32];
+
+/// The kv prefix under which instances share verdicts on tokens signed with the public keys
+/// among `keys`, or none when there are none. Instances are per worker thread, so a client
+/// reconnecting lands on another instance about half the time; sharing RS256 and ES256
+/// verdicts through the host's kv store makes those hits too. A verdict on an HMAC token is
+/// never shared: the check costs less than the lookup, and a secret cannot be fingerprinted
+/// here without keeping it.
+pub fn shared_prefix(keys: &[crate::keys::Key]) -> Option<String> {
+    let mut hasher = Sha256::new();
+    let mut any = false;
+    for key in keys.iter().filter(|k| k.alg() != crate::keys::Alg::Hs256) {
+        key.identify_public(&mut hasher);
+        any = true;
+    }
+    any.then(|| format!("verified:{}:", hex(&hasher.finalize()[..12])))
+}
+
+/// The kv key of one token's shared verdict.
+pub fn shared_key(prefix: &str, key: &TokenKey) -> String {
+    format!("{prefix}{}", hex(key))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 impl VerifiedTokens {
     /// A cache of at most `capacity` tokens; 0 turns caching off.

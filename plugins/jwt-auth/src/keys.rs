@@ -176,6 +176,20 @@ impl Key {
         }
     }
 
+    /// Feeds what identifies a public key (its id, algorithm and numbers) into `hasher`;
+    /// secrets feed nothing, so their verdicts are never shared (see `cache`).
+    pub fn identify_public(&self, hasher: &mut Sha256) {
+        let material: Vec<u8> = match &self.material {
+            Material::Hmac(_) => return,
+            Material::Rsa(key) => [key.n().to_bytes_be(), key.e().to_bytes_be()].concat(),
+            Material::Ec(key) => key.to_encoded_point(false).as_bytes().to_vec(),
+        };
+        for part in [self.kid.as_deref().unwrap_or("").as_bytes(), self.alg().name().as_bytes(), &material] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+    }
+
     /// Whether `signature` signs `input` under this key.
     pub fn verify(&self, input: &[u8], signature: &[u8]) -> bool {
         match &self.material {

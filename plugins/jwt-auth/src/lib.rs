@@ -162,6 +162,9 @@ pub struct JwtAuth {
     close_on_expiry: bool,
     realm: String,
     verified: VerifiedTokens,
+    /// The kv key prefix of verdicts shared by all instances, for RS256 and ES256 tokens; it
+    /// names the public keys, so a changed key set never meets an old verdict.
+    shared_prefix: Option<String>,
 }
 
 /// Why a handshake is refused.
@@ -291,7 +294,9 @@ impl Plugin for JwtAuth {
         if config.realm.contains(['"', '\\']) {
             return Err(bad("realm: no quotes or backslashes".into()));
         }
+        let shared_prefix = cache::shared_prefix(&keys);
         Ok(JwtAuth {
+            shared_prefix,
             keys,
             issuers: config.issuer.map(OneOrMany::into_vec).unwrap_or_default(),
             audiences: config.audience.map(OneOrMany::into_vec).unwrap_or_default(),
@@ -455,16 +460,33 @@ impl JwtAuth {
                 claims?
             }
             None => {
-                let (claims, payload) = self.verify_signature(token)?;
+                // Another instance of this plugin may have verified it (RS256 and ES256 only:
+                // an HMAC check costs less than the lookup).
+                let shared = key.as_ref().zip(self.shared_prefix.as_deref()).filter(|_| is_asymmetric(token));
+                let shared = shared.map(|(key, prefix)| cache::shared_key(prefix, key));
+                let (claims, payload, outcome) = match shared.as_deref().and_then(wasmgate_sdk::kv::get) {
+                    Some(payload) => (parse_payload(&payload)?, payload, "shared"),
+                    None => {
+                        let (claims, payload) = self.verify_signature(token)?;
+                        (claims, payload, "miss")
+                    }
+                };
+                let keep_until = match claims.get("exp") {
+                    None => now + NO_EXP_KEEP_SECS,
+                    // A malformed `exp` is refused below; keep nothing for it.
+                    Some(exp) => exp.as_f64().map_or(now, |exp| exp + self.leeway_secs),
+                };
+                if let (Some(shared), "miss") = (&shared, outcome) {
+                    if keep_until > now {
+                        let ttl_ms = ((keep_until - now) * 1000.0) as u64;
+                        // A full share only means the next instance verifies it again.
+                        let _ = wasmgate_sdk::kv::set(shared, &payload, Some(ttl_ms));
+                    }
+                }
                 if let Some(key) = key {
-                    let keep_until = match claims.get("exp") {
-                        None => now + NO_EXP_KEEP_SECS,
-                        // A malformed `exp` is refused below; keep nothing for it.
-                        Some(exp) => exp.as_f64().map_or(now, |exp| exp + self.leeway_secs),
-                    };
                     self.verified.insert(key, payload, keep_until, now);
                 }
-                wasmgate_sdk::metrics::counter_add("jwt_auth_verify_total", &[("cache", "miss")], 1);
+                wasmgate_sdk::metrics::counter_add("jwt_auth_verify_total", &[("cache", outcome)], 1);
                 claims
             }
         };
@@ -601,6 +623,16 @@ impl JwtAuth {
         let reject = Reject::new(status, &reason).header("www-authenticate", &challenge);
         (label, reject.into())
     }
+}
+
+/// Whether the token's header names RS256 or ES256 (only a hint for where to look: the
+/// signature is what decides).
+fn is_asymmetric(token: &str) -> bool {
+    let header = token.split('.').next().and_then(b64url);
+    let alg = header.and_then(|h| json_object(&h, "header").ok()).and_then(|h| {
+        h.get("alg").and_then(Value::as_str).and_then(Alg::parse)
+    });
+    matches!(alg, Some(Alg::Rs256 | Alg::Es256))
 }
 
 /// A token's decoded payload as its claims.

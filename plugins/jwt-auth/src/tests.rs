@@ -623,3 +623,60 @@ mod verified_cache {
         assert_eq!(p.verified.len(), 3);
     }
 }
+
+/// RS256 and ES256 verdicts are shared between instances through kv; HS256 ones are not, and
+/// a changed key set never meets an old verdict.
+mod shared_cache {
+    use super::*;
+    use wasmgate_sdk::testing::counter;
+
+    fn count(cache: &str) -> u64 {
+        counter("jwt_auth_verify_total", &[("cache", cache)])
+    }
+
+    #[test]
+    fn another_instance_takes_an_rs256_verdict_from_kv_but_verifies_hs256_itself() {
+        let config = json!({"secret": SECRET, "public_key": RSA_PUBLIC});
+        let (mut a, mut b) = (plugin(config.clone()), plugin(config));
+        let rs = bearer(&token("RS256", json!({}), claims()));
+        accepted(&handshake(&mut a, &rs));
+        accepted(&handshake(&mut b, &rs));
+        assert_eq!((count("miss"), count("shared")), (1, 1));
+        let hs = bearer(&token("HS256", json!({}), claims()));
+        accepted(&handshake(&mut a, &hs));
+        accepted(&handshake(&mut b, &hs));
+        assert_eq!((count("miss"), count("shared")), (3, 1));
+    }
+
+    #[test]
+    fn a_new_key_set_does_not_see_verdicts_made_under_the_old_one() {
+        let rs = bearer(&token("RS256", json!({}), claims()));
+        accepted(&handshake(&mut plugin(json!({"public_key": RSA_PUBLIC})), &rs));
+        // The key was rotated: the same plugin (same kv namespace) now trusts another key.
+        let mut rotated = plugin(json!({"public_key": RSA_OTHER_PUBLIC}));
+        assert_eq!(
+            refused(&handshake(&mut rotated, &rs)).1,
+            "invalid token: signature does not verify"
+        );
+        assert_eq!(count("shared"), 0);
+    }
+
+    #[test]
+    fn a_shared_verdict_still_expires_and_is_checked_against_the_route() {
+        let mut c = claims();
+        c["exp"] = json!(now() + 5);
+        let rs = bearer(&token("RS256", json!({}), c));
+        let config = json!({"public_key": RSA_PUBLIC, "leeway_secs": 0, "audience": "chat"});
+        accepted(&handshake(&mut plugin(config.clone()), &rs));
+        wasmgate_sdk::testing::advance_clock(6_000);
+        assert_eq!(
+            refused(&handshake(&mut plugin(config), &rs)).1,
+            "invalid token: token expired"
+        );
+        let mut strict = plugin(json!({"public_key": RSA_PUBLIC, "audience": "billing"}));
+        let fresh = bearer(&token("RS256", json!({}), claims()));
+        accepted(&handshake(&mut plugin(json!({"public_key": RSA_PUBLIC})), &fresh));
+        assert_eq!(refused(&handshake(&mut strict, &fresh)).0, 403);
+        assert_eq!(count("shared"), 1, "the audience check ran on the shared verdict");
+    }
+}
