@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use anyhow::Context as _;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -32,7 +33,13 @@ pub struct EchoServer {
 impl EchoServer {
     /// Binds `addr` (use port 0 for an ephemeral port) and serves until dropped.
     pub async fn start(addr: &str, name: &str) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        // A deep accept queue, as the gateway's: benchmarks storm the backends with
+        // reconnects, and std's 128 would drop SYNs there instead of in the proxy under test.
+        let addr: SocketAddr = tokio::net::lookup_host(addr).await?.next().context("no address")?;
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         let addr = listener.local_addr()?;
         let name = name.to_string();
         let closes = Arc::new(Mutex::new(Vec::new()));

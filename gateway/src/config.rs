@@ -71,6 +71,12 @@ pub struct GatewaySection {
     /// 429. 0 = no per-address limit.
     #[serde(default)]
     pub max_connections_per_ip: u64,
+    /// Connections the kernel queues for the client listener before they are accepted
+    /// (`listen(2)`'s backlog, capped by `net.core.somaxconn`). A reconnect storm arrives
+    /// faster than any accept loop: a full queue drops SYNs, and each dropped client waits a
+    /// second for its retransmit. nginx's default is 511; Rust's standard library's is 128.
+    #[serde(default = "defaults::listen_backlog")]
+    pub listen_backlog: u32,
     /// Client sockets still in their handshake (request, plugins, upstream connect); more
     /// are answered 503.
     #[serde(default = "defaults::max_handshakes")]
@@ -322,6 +328,9 @@ mod defaults {
     }
     pub fn compression_window_bits() -> u8 {
         15
+    }
+    pub fn listen_backlog() -> u32 {
+        4096
     }
     pub fn max_handshakes() -> toml::Spanned<u64> {
         toml::Spanned::new(0..0, 1024)

@@ -443,7 +443,7 @@ impl Gateway {
         let routing = Routing::build(&config, None, &staged).map_err(anyhow::Error::msg)?;
         plugins.commit(staged).map_err(anyhow::Error::msg)?;
 
-        let listener = TcpListener::bind(config.gateway.listen_addr()).await.map_err(|e| {
+        let listener = crate::listener::bind(config.gateway.listen_addr(), config.gateway.listen_backlog).map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}", config.gateway.listen.get_ref())
         })?;
         let listen_addr = listener.local_addr()?;

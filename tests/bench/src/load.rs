@@ -125,7 +125,7 @@ pub struct Metric {
 }
 
 impl Metric {
-    fn new(label: String, unit: Unit) -> Metric {
+    pub fn new(label: String, unit: Unit) -> Metric {
         Metric { label, unit }
     }
 }

@@ -7,6 +7,7 @@
 //! cargo run --release -p wasmgate-bench -- [--quick] [--only TARGET,...]
 //!     [--scenario echo,connect,rss] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- soak [--minutes 30] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- storm [--clients 20000] [--only TARGET,...] [--out FILE]
 //! ```
 //! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
@@ -20,6 +21,8 @@
 //! - `wasmgate-auth`: `jwt-auth` (HS256) on the route, `least-conn` as the upstream's balancer:
 //!   a Wasm handshake and a Wasm balancer call per connection. Two plugins.
 //! - `wasmgate-3`: `jwt-auth` + `noop-messages` on the route, `least-conn` balancer. Three.
+//! - `wasmgate-rs256`, `wasmgate-rs256-nocache` (not in the default set): as `wasmgate-auth`
+//!   with RS256 tokens, jwt-auth's verified-token cache on (its default) or off.
 //! - `nginx`, `haproxy`: round robin.
 //! - `haproxy-tcp`: HAProxy in `mode tcp`, a byte relay that never parses the handshake or a
 //!   frame: what the kernel work of proxying costs with next to nothing on top, the floor
@@ -28,6 +31,8 @@
 //! Every handshake, to every target, carries `Authorization: Bearer <HS256 JWT>` signed with
 //! the secret the generated jwt-auth config checks (see `jwt`), so all targets get the same
 //! requests.
+//!
+//! `storm` drops many idle clients at once and times their reconnecting (see `storm`).
 //!
 //! `soak` runs something else: one wasmgate under 30 minutes of mixed work, checking that its
 //! memory and descriptors end where they started (see `soak`).
@@ -40,6 +45,7 @@ mod machine;
 mod procs;
 mod proxies;
 mod soak;
+mod storm;
 mod table;
 mod wasmgate;
 
@@ -97,6 +103,12 @@ enum Mode {
     /// Soak wasmgate: mixed work for a while (30 minutes by default), its RSS and open
     /// descriptors sampled every 10 s; they must end within 10% of where they started.
     Soak(soak::Options),
+    /// A reconnect storm: idle clients all dropped at once and reconnecting with their
+    /// tokens; the time until 99% and 100% are back, per proxy.
+    Storm(storm::Options),
+    /// One process of the storm's clients (started by `storm`).
+    #[command(hide = true)]
+    StormClient(storm::ClientOptions),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +118,8 @@ fn main() -> ExitCode {
     // stops them all. It runs on this thread, which children's parent-death signal watches.
     let result = match args.mode.take() {
         Some(Mode::Soak(options)) => runtime.block_on(until_signal(soak::run(options))),
+        Some(Mode::Storm(options)) => runtime.block_on(until_signal(storm::run(options))),
+        Some(Mode::StormClient(options)) => runtime.block_on(until_signal(storm::client(options))),
         None => runtime.block_on(until_signal(run(args))),
     };
     match result {
@@ -144,7 +158,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     proxies::ensure_installed(&targets)?;
     let nofile = procs::raise_nofile_limit()?;
     let bins = Binaries::locate(&targets)?;
-    let authorization = jwt::bearer();
     let dir = procs::TempDir::new()?;
     let header = header(&bins, &targets, timing, args.rounds, nofile);
     let load_at_start = machine::load_1min();
@@ -160,6 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for round in 1..=args.rounds {
         for (&(scenario, target), rounds) in cells.iter().zip(&mut outcomes) {
             eprint!("{round} {target:>13} {:<14} ", scenario.name());
+            let authorization = jwt::bearer_for(target.token_alg(), "bench");
             let outcome = measure(scenario, target, &bins, &dir.0, &authorization, timing).await;
             match &outcome {
                 Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
@@ -275,6 +289,13 @@ fn header(bins: &Binaries, targets: &[Target], timing: Timing, rounds: u32, nofi
         paths.push(
             "jwt-auth checks the HS256 token (signature, exp, audience; sub to a header) that every \
              handshake to every target carries."
+                .to_string(),
+        );
+    }
+    if loads(wasmgate::Plugin::JwtAuthRs256) || loads(wasmgate::Plugin::JwtAuthRs256Uncached) {
+        paths.push(
+            "The RS256 columns get RS256 tokens instead (jwt-auth's test key, 2048-bit); -nocache turns \
+             jwt-auth's verified-token cache off."
                 .to_string(),
         );
     }

@@ -46,6 +46,32 @@ impl Proc {
         Ok(Proc { name: name.to_string(), child, log })
     }
 
+    /// As `spawn`, with the child's stdin and stdout piped to the caller (stderr to the log).
+    pub fn spawn_piped(
+        name: &str,
+        mut cmd: Command,
+        log_dir: &Path,
+    ) -> anyhow::Result<(Proc, std::process::ChildStdin, std::process::ChildStdout)> {
+        let log = log_dir.join(format!("{name}.log"));
+        let err = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let parent = std::process::id() as libc::pid_t;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(err).process_group(0);
+        // Safety: as in `spawn`.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let stdin = child.stdin.take().context("piped stdin")?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        Ok((Proc { name: name.to_string(), child, log }, stdin, stdout))
+    }
+
     /// Waits until `addr` accepts TCP connections, failing early if the process exits.
     pub fn wait_listening(&mut self, addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;

@@ -33,6 +33,12 @@ pub enum Target {
     /// All three: JWT, per-message hook, balancer.
     #[value(name = "wasmgate-3")]
     Wasmgate3,
+    /// As wasmgate-auth with RS256 tokens; verified tokens cached (jwt-auth's default).
+    #[value(name = "wasmgate-rs256")]
+    WasmgateRs256,
+    /// RS256 with jwt-auth's verified-token cache off: a signature check per handshake.
+    #[value(name = "wasmgate-rs256-nocache")]
+    WasmgateRs256Nocache,
     Nginx,
     Haproxy,
     /// HAProxy relaying bytes (`mode tcp`): no HTTP, no WebSocket, not even the handshake
@@ -49,8 +55,20 @@ impl Target {
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
             Target::WasmgateAuth => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
+            Target::WasmgateRs256 => Some(&[Plugin::JwtAuthRs256, Plugin::LeastConn]),
+            Target::WasmgateRs256Nocache => Some(&[Plugin::JwtAuthRs256Uncached, Plugin::LeastConn]),
             Target::Direct | Target::Nginx | Target::Haproxy | Target::HaproxyTcp => None,
         }
+    }
+}
+
+impl Target {
+    /// The token every handshake to this target carries: RS256 for the RS256 columns, HS256
+    /// for the rest (checked by jwt-auth where it runs, passed on and ignored elsewhere).
+    pub fn token_alg(self) -> crate::jwt::Alg {
+        self.wasmgate_plugins()
+            .and_then(|plugins| plugins.iter().map(|p| p.token_alg()).find(|a| *a != crate::jwt::Alg::Hs256))
+            .unwrap_or(crate::jwt::Alg::Hs256)
     }
 }
 
@@ -62,6 +80,8 @@ impl fmt::Display for Target {
             Target::WasmgateHook => "wasmgate-hook",
             Target::WasmgateAuth => "wasmgate-auth",
             Target::Wasmgate3 => "wasmgate-3",
+            Target::WasmgateRs256 => "wasmgate-rs256",
+            Target::WasmgateRs256Nocache => "wasmgate-rs256-nocache",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::HaproxyTcp => "haproxy-tcp",
@@ -168,10 +188,11 @@ pub fn ensure_installed(targets: &[Target]) -> anyhow::Result<()> {
     run(&[&["install", "-y"], missing.as_slice()].concat())
 }
 
-/// Two backends and, unless direct, one proxy in front of them.
+/// Two backends and, unless direct, the proxy in front of them (one process group, or for
+/// the storm scenario several, each on its own address).
 pub struct Running {
     // Declared first so it is dropped (stopped) before the backends it talks to.
-    proxy: Option<Proc>,
+    proxy: Vec<Proc>,
     backends: Vec<Proc>,
     /// What the load generator connects to, round robin: the proxy, or both backends.
     pub entry: Vec<SocketAddr>,
@@ -182,6 +203,13 @@ pub struct Running {
 impl Running {
     /// Starts fresh backends and the target's proxy, with configs and logs in `dir`.
     pub fn start(target: Target, bins: &Binaries, dir: &Path) -> anyhow::Result<Running> {
+        Running::start_instances(target, bins, dir, 1)
+    }
+
+    /// As `start`, with `instances` proxy processes, each on its own address (`entry` lists
+    /// them): one process may hold only ~9,900 proxied connections under the machine's
+    /// open-file limit. With more than one, nginx runs one worker per instance.
+    pub fn start_instances(target: Target, bins: &Binaries, dir: &Path, instances: usize) -> anyhow::Result<Running> {
         let mut backends = Vec::new();
         let mut servers = Vec::new();
         for name in ["backend1", "backend2"] {
@@ -194,46 +222,18 @@ impl Running {
             servers.push(addr);
         }
         if target == Target::Direct {
-            return Ok(Running { proxy: None, backends, entry: servers, admin: None });
+            return Ok(Running { proxy: Vec::new(), backends, entry: servers, admin: None });
         }
-        let listen = free_addr()?;
-        let mut admin = None;
-        let cmd = match target {
-            Target::Direct => unreachable!("handled above"),
-            Target::Wasmgate | Target::WasmgateHook | Target::WasmgateAuth | Target::Wasmgate3 => {
-                if !bins.wasmgate.exists() {
-                    bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
-                }
-                let plugins = target.wasmgate_plugins().expect("a wasmgate target");
-                // Only columns with plugins get an admin listener (for their failure count), so
-                // the plain column runs as it always did.
-                admin = if plugins.is_empty() { None } else { Some(free_addr()?) };
-                let text = wasmgate::config(listen, admin, &servers, plugins, &dir.join("plugin-cache"));
-                let config = write(dir, "wasmgate.toml", &text)?;
-                let mut cmd = Command::new(&bins.wasmgate);
-                // Per-connection info logs would be extra work the other proxies (access_log
-                // off) do not do. NO_COLOR keeps escape codes out of the error messages.
-                cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "warn").env("NO_COLOR", "1");
-                cmd
-            }
-            Target::Nginx => {
-                let config = write(dir, "nginx.conf", &nginx_config(listen, &servers, dir))?;
-                let mut cmd = Command::new(NGINX);
-                // -e: the startup error log, before the config's error_log applies.
-                cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(config);
-                cmd
-            }
-            Target::Haproxy | Target::HaproxyTcp => {
-                let mode = if target == Target::HaproxyTcp { "tcp" } else { "http" };
-                let config = write(dir, "haproxy.cfg", &haproxy_config(listen, &servers, mode))?;
-                let mut cmd = Command::new(HAPROXY);
-                cmd.arg("-db").arg("-f").arg(config);
-                cmd
-            }
-        };
-        let mut proxy = Proc::spawn(&target.to_string(), cmd, dir)?;
-        proxy.wait_listening(listen, STARTUP_LIMIT)?;
-        Ok(Running { proxy: Some(proxy), backends, entry: vec![listen], admin })
+        let mut running = Running { proxy: Vec::new(), backends, entry: Vec::new(), admin: None };
+        for instance in 0..instances {
+            let dir = if instances == 1 { dir.to_path_buf() } else { dir.join(format!("instance-{instance}")) };
+            std::fs::create_dir_all(&dir)?;
+            let (proxy, listen, admin) = start_proxy(target, bins, &dir, &servers, instances)?;
+            running.proxy.push(proxy);
+            running.entry.push(listen);
+            running.admin = running.admin.or(admin);
+        }
+        Ok(running)
     }
 
     /// For a wasmgate column with plugins, the plugin calls that have failed so far (timed
@@ -244,19 +244,74 @@ impl Running {
     }
 }
 
+/// One proxy process group in front of `servers`: the process, its address and its admin
+/// address (wasmgate with plugins only).
+fn start_proxy(
+    target: Target,
+    bins: &Binaries,
+    dir: &Path,
+    servers: &[SocketAddr],
+    instances: usize,
+) -> anyhow::Result<(Proc, SocketAddr, Option<SocketAddr>)> {
+    let listen = free_addr()?;
+    let mut admin = None;
+    let cmd = match target {
+        Target::Direct => unreachable!("handled above"),
+        Target::Wasmgate
+        | Target::WasmgateHook
+        | Target::WasmgateAuth
+        | Target::Wasmgate3
+        | Target::WasmgateRs256
+        | Target::WasmgateRs256Nocache => {
+            if !bins.wasmgate.exists() {
+                bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
+            }
+            let plugins = target.wasmgate_plugins().expect("a wasmgate target");
+            // Only columns with plugins get an admin listener (for their failure count), so
+            // the plain column runs as it always did.
+            admin = if plugins.is_empty() { None } else { Some(free_addr()?) };
+            let text = wasmgate::config(listen, admin, servers, plugins, &dir.join("plugin-cache"));
+            let config = write(dir, "wasmgate.toml", &text)?;
+            let mut cmd = Command::new(&bins.wasmgate);
+            // Per-connection info logs would be extra work the other proxies (access_log
+            // off) do not do. NO_COLOR keeps escape codes out of the error messages.
+            cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "warn").env("NO_COLOR", "1");
+            cmd
+        }
+        Target::Nginx => {
+            let workers = if instances == 1 { 2 } else { 1 };
+            let config = write(dir, "nginx.conf", &nginx_config(listen, servers, dir, workers))?;
+            let mut cmd = Command::new(NGINX);
+            // -e: the startup error log, before the config's error_log applies.
+            cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(config);
+            cmd
+        }
+        Target::Haproxy | Target::HaproxyTcp => {
+            let mode = if target == Target::HaproxyTcp { "tcp" } else { "http" };
+            let config = write(dir, "haproxy.cfg", &haproxy_config(listen, servers, mode))?;
+            let mut cmd = Command::new(HAPROXY);
+            cmd.arg("-db").arg("-f").arg(config);
+            cmd
+        }
+    };
+    let mut proxy = Proc::spawn(&target.to_string(), cmd, dir)?;
+    proxy.wait_listening(listen, STARTUP_LIMIT)?;
+    Ok((proxy, listen, admin))
+}
+
 /// The proxy, or for the direct path the two backends together.
 impl Probe for Running {
     fn rss_kib(&self) -> anyhow::Result<u64> {
-        match &self.proxy {
-            Some(proxy) => proxy.rss_kib(),
-            None => self.backends.iter().map(Proc::rss_kib).sum(),
+        match self.proxy.is_empty() {
+            false => self.proxy.iter().map(Proc::rss_kib).sum(),
+            true => self.backends.iter().map(Proc::rss_kib).sum(),
         }
     }
 
     fn cpu_secs(&self) -> anyhow::Result<f64> {
-        match &self.proxy {
-            Some(proxy) => proxy.cpu_secs(),
-            None => self.backends.iter().map(Proc::cpu_secs).sum(),
+        match self.proxy.is_empty() {
+            false => self.proxy.iter().map(Proc::cpu_secs).sum(),
+            true => self.backends.iter().map(Proc::cpu_secs).sum(),
         }
     }
 }
@@ -267,15 +322,16 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Two workers; each may end up holding all 9,000 idle connections of the RSS scenario, two
-/// sockets each, within the machine's hard limit of 20,000 open files.
-fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path) -> String {
+/// Two workers (one per core; one per instance when several run); each may end up holding
+/// all 9,000 idle connections of the RSS scenario, two sockets each, within the machine's
+/// hard limit of 20,000 open files.
+fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path, workers: usize) -> String {
     let dir = dir.display();
     let servers: String = servers.iter().map(|s| format!("        server {s};\n")).collect();
     format!(
         r#"daemon off;
 master_process on;
-worker_processes 2;
+worker_processes {workers};
 worker_rlimit_nofile 20000;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;

@@ -17,6 +17,10 @@ use crate::jwt;
 pub enum Plugin {
     /// HS256 token check with an audience, `sub` passed upstream as a header.
     JwtAuth,
+    /// The same with RS256 tokens (the expensive check), verified tokens cached (the default).
+    JwtAuthRs256,
+    /// RS256 with the verified-token cache off: every handshake verifies a signature.
+    JwtAuthRs256Uncached,
     /// The upstream's balancer: fewest open connections.
     LeastConn,
     /// A message hook that forwards every message: one Wasm call per message each way.
@@ -27,9 +31,17 @@ impl Plugin {
     /// Its `[[plugin]]` name, also the name of its crate under plugins/.
     pub fn name(self) -> &'static str {
         match self {
-            Plugin::JwtAuth => "jwt-auth",
+            Plugin::JwtAuth | Plugin::JwtAuthRs256 | Plugin::JwtAuthRs256Uncached => "jwt-auth",
             Plugin::LeastConn => "least-conn",
             Plugin::NoopMessages => "noop-messages",
+        }
+    }
+
+    /// How the tokens this plugin checks are signed (HS256 for plugins that check none).
+    pub fn token_alg(self) -> jwt::Alg {
+        match self {
+            Plugin::JwtAuthRs256 | Plugin::JwtAuthRs256Uncached => jwt::Alg::Rs256,
+            _ => jwt::Alg::Hs256,
         }
     }
 
@@ -45,6 +57,12 @@ impl Plugin {
                 jwt::SECRET,
                 jwt::AUDIENCE,
                 extra.jwt_leeway_secs.map(|secs| format!(", leeway_secs = {secs}")).unwrap_or_default()
+            ),
+            Plugin::JwtAuthRs256 | Plugin::JwtAuthRs256Uncached => format!(
+                r#"{{ public_key = "${{file:{}}}", audience = "{}", claims_to_headers = {{ sub = "x-user-id" }}{} }}"#,
+                jwt::rs256_public_key().display(),
+                jwt::AUDIENCE,
+                if self == Plugin::JwtAuthRs256Uncached { ", verified_cache_size = 0" } else { "" }
             ),
             Plugin::LeastConn | Plugin::NoopMessages => "{}".into(),
         }
