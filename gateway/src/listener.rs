@@ -16,7 +16,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shared.shutdown.cancelled() => break,
+            _ = shared.upgrade.accepting.cancelled() => break,
         };
         let (stream, client_addr) = match accepted {
             Ok(pair) => pair,
