@@ -7,6 +7,7 @@
 //! cargo run --release -p wasmgate-bench -- [--quick] [--only TARGET,...]
 //!     [--scenario echo,connect,rss] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- soak [--minutes 30] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- scale [--connections 100000] [--gateways 12] [--out FILE]
 //! ```
 //! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
@@ -39,6 +40,7 @@ mod load;
 mod machine;
 mod procs;
 mod proxies;
+mod scale;
 mod soak;
 mod table;
 mod wasmgate;
@@ -97,6 +99,12 @@ enum Mode {
     /// Soak wasmgate: mixed work for a while (30 minutes by default), its RSS and open
     /// descriptors sampled every 10 s; they must end within 10% of where they started.
     Soak(soak::Options),
+    /// Hold many idle proxied connections (100,000 by default) with several gateway
+    /// processes sharing one port; report memory per connection and the handshake rate.
+    Scale(scale::Options),
+    /// One client process of `scale` (started by it).
+    #[command(hide = true)]
+    ScaleClient(scale::ClientOptions),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +114,8 @@ fn main() -> ExitCode {
     // stops them all. It runs on this thread, which children's parent-death signal watches.
     let result = match args.mode.take() {
         Some(Mode::Soak(options)) => runtime.block_on(until_signal(soak::run(options))),
+        Some(Mode::Scale(options)) => runtime.block_on(until_signal(scale::run(options))),
+        Some(Mode::ScaleClient(options)) => runtime.block_on(until_signal(scale::client(options))),
         None => runtime.block_on(until_signal(run(args))),
     };
     match result {
