@@ -10,7 +10,9 @@
 //!   its connections are closed with 1012 at N per second (default: spread over the pool's
 //!   `drain_secs`); `.../undrain` takes it back;
 //! - `POST /upstreams/{pool}/rebalance?rate=N&target=R`: move connections off the most loaded
-//!   servers (N per second, default 10) until max/min load ≤ R (default 1.2).
+//!   servers (N per second, default 10) until max/min load ≤ R (default 1.2);
+//! - `POST /shutdown?drain_secs=N`: retire this process (see `upgrade`): stop accepting,
+//!   close live connections with 1012 spread over N seconds, exit.
 //!
 //! Who may ask: every request must name this admin address in its `Host` (its IP and port
 //! as the client reached it, `localhost:PORT` on loopback, or one of `admin_hosts`), else
@@ -71,7 +73,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shared.shutdown.cancelled() => break,
+            _ = shared.upgrade.accepting.cancelled() => break,
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
@@ -199,7 +201,8 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<By
             Err(error) => json(StatusCode::CONFLICT, &serde_json::json!({ "error": error })),
         },
         (&Method::GET, "/upstreams") => json(StatusCode::OK, &shared.upstreams_status()),
-        (_, "/healthz" | "/metrics" | "/plugins" | "/plugins/reload" | "/upstreams") => {
+        (&Method::POST, "/shutdown") => answer(crate::upgrade::retire::admin_shutdown(req.uri().query(), shared)),
+        (_, "/healthz" | "/metrics" | "/plugins" | "/plugins/reload" | "/upstreams" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
         }
         (method, path) if path.starts_with("/upstreams/") => upstream_action(method, path, req.uri().query(), shared),
@@ -242,6 +245,11 @@ fn upstream_action(method: &Method, path: &str, query: Option<&str>, shared: &Sh
         }
         _ => return text(StatusCode::NOT_FOUND, "not found\n".into()),
     };
+    answer(result)
+}
+
+/// An admin action's answer: 202 with its JSON, or the error's status.
+fn answer(result: Result<serde_json::Value, AdminError>) -> Response<Full<Bytes>> {
     match result {
         Ok(body) => json(StatusCode::ACCEPTED, &body),
         Err(AdminError::NotFound(e)) => error(StatusCode::NOT_FOUND, e),

@@ -131,6 +131,20 @@ pub struct GatewaySection {
     /// Every client connection opens with a PROXY protocol v1 or v2 header, from a peer in
     /// `trusted_proxies`; its client address replaces the socket's. Default false.
     pub proxy_protocol: Option<Spanned<bool>>,
+    /// Unix socket through which a new gateway process takes over this one's listening
+    /// sockets for an upgrade that refuses nothing (see `upgrade`); relative to the config
+    /// file; off when absent.
+    pub handover: Option<String>,
+    /// When this process retires (SIGUSR2, a handover), its live connections are closed with
+    /// 1012 spread over this long; then it exits.
+    #[serde(default = "defaults::shutdown_drain_secs")]
+    pub shutdown_drain_secs: u64,
+    /// DNS servers (`ip:port`) that resolve upstream server names; default: the system's.
+    #[serde(default)]
+    pub resolvers: Vec<Spanned<String>>,
+    /// How often upstream server names are resolved again (an upstream may say otherwise).
+    #[serde(default = "defaults::resolve_interval_secs")]
+    pub resolve_interval_secs: Spanned<u64>,
     /// `admin_token` expanded, made by `validate`.
     #[serde(skip)]
     pub admin_secret: Option<crate::admin::AdminToken>,
@@ -158,6 +172,8 @@ pub struct UpstreamSection {
     /// drain request gives a rate; 0 = all at once.
     #[serde(default = "defaults::drain_secs")]
     pub drain_secs: u64,
+    /// How often this pool's server names are resolved again; default: the gateway's.
+    pub resolve_interval_secs: Option<Spanned<u64>>,
 }
 
 /// `health = { interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3, path = "/probe" }`,
@@ -274,6 +290,12 @@ mod defaults {
     }
     pub fn shutdown_grace_secs() -> u64 {
         5
+    }
+    pub fn shutdown_drain_secs() -> u64 {
+        10
+    }
+    pub fn resolve_interval_secs() -> toml::Spanned<u64> {
+        toml::Spanned::new(0..0, 30)
     }
     pub fn connect_timeout_ms() -> u64 {
         3000
@@ -438,6 +460,13 @@ impl Config {
             return Err(ConfigError(format!("{}: compression_window_bits must be 8..=15", at.origin)));
         }
         validate_edge(at, g)?;
+        for r in &g.resolvers {
+            r.get_ref().parse::<SocketAddr>().map_err(|_| at.error(r.span(), "resolvers entries must be ip:port, like \"127.0.0.1:53\""))?;
+        }
+        let intervals = self.upstreams.iter().filter_map(|u| u.resolve_interval_secs.as_ref());
+        if let Some(zero) = std::iter::once(&g.resolve_interval_secs).chain(intervals).find(|i| *i.get_ref() == 0) {
+            return Err(at.error(zero.span(), "resolve_interval_secs must be at least 1"));
+        }
         let plugin_names = unique_names(at, self.plugins.iter().map(|p| &p.name), "plugin")?;
         let upstream_names = unique_names(at, self.upstreams.iter().map(|u| &u.name), "upstream")?;
         for p in &self.plugins {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,6 +30,7 @@ use crate::routes::RouteTable;
 use crate::upstream::Pool;
 
 /// What one configuration decides, ready for the hot path.
+#[derive(Clone)]
 pub struct Routing {
     pub routes: RouteTable,
     pub pools: HashMap<String, Arc<Pool>>,
@@ -48,7 +48,12 @@ impl Routing {
     /// Builds routing from a validated config on staged plugins, carrying server statistics
     /// over from `previous` (without changing them). Fails when a referenced plugin is not
     /// loaded.
-    pub fn build(config: &Config, previous: Option<&Routing>, plugins: &StagedPlugins) -> Result<Routing, String> {
+    pub fn build(
+        config: &Config,
+        previous: Option<&Routing>,
+        plugins: &StagedPlugins,
+        names: &crate::upstream::resolve::Names,
+    ) -> Result<Routing, String> {
         let slot = |name: &str| -> Result<Arc<PluginSlot>, String> {
             plugins.get(name).ok_or_else(|| format!("plugin `{name}` is not loaded"))
         };
@@ -57,7 +62,7 @@ impl Routing {
         for u in &config.upstreams {
             let old = previous.and_then(|p| p.pools.get(u.name.get_ref())).map(|p| p.as_ref());
             let balancer = u.balancer.as_ref().map(|b| slot(b.get_ref())).transpose()?;
-            pools.insert(u.name.get_ref().clone(), Arc::new(Pool::build(u, old, balancer)));
+            pools.insert(u.name.get_ref().clone(), Arc::new(Pool::build(u, old, balancer, names)));
         }
         let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Ok(Routing {
@@ -146,11 +151,20 @@ pub struct Shared {
     /// Servers a reload removed while they still had connections: drained, listed by
     /// `GET /upstreams` until their last connection closes.
     retired: std::sync::Mutex<Vec<(String, Arc<crate::upstream::Server>)>>,
+    /// Accepting, handing the listeners over, retiring (see [`crate::upgrade`]).
+    pub upgrade: crate::upgrade::Upgrade,
+    /// The last good addresses of upstream server names.
+    pub names: crate::upstream::resolve::Names,
 }
 
 impl Shared {
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Servers a reload removed that still have connections.
+    pub fn retired_servers(&self) -> Vec<Arc<crate::upstream::Server>> {
+        self.retired.lock().unwrap().iter().map(|(_, s)| s.clone()).collect()
     }
 
     /// Applies `config` as one transaction: changed plugins are compiled and initialised and
@@ -167,12 +181,13 @@ impl Shared {
             tracing::warn!("the admin address changes only on restart; keeping the old one");
         }
         let staged = self.stage_plugins(&config).await;
+        self.names.resolve_missing(&config).await;
         let previous = self.routing.load_full();
         let refused = |e: String, staged: &StagedPlugins| {
             self.metrics.reload_failures.inc();
             format!("reload refused, the running configuration stays: {e}; {}", failures(staged.report()))
         };
-        let routing = match Routing::build(&config, Some(&previous), &staged) {
+        let routing = match Routing::build(&config, Some(&previous), &staged, &self.names) {
             Ok(routing) => Arc::new(routing),
             Err(e) => return Err(refused(e, &staged)),
         };
@@ -191,6 +206,25 @@ impl Shared {
             tracing::error!("configuration reloaded; previous versions keep serving for: {}", failures(&report));
         }
         Ok(report)
+    }
+
+    /// New answers for upstream server names: the pools are rebuilt on the running
+    /// configuration; servers that appeared join, those that went are drained.
+    pub async fn apply_resolved(self: &Arc<Self>) {
+        let _one_at_a_time = self.reloading.lock().await;
+        let config = self.config.load_full();
+        let previous = self.routing.load_full();
+        let mut routing = (*previous).clone();
+        for u in &config.upstreams {
+            let name = u.name.get_ref();
+            let Some(old) = previous.pools.get(name) else { continue };
+            let balancer = old.balancer.as_ref().map(|(_, slot)| slot.clone());
+            routing.pools.insert(name.clone(), Arc::new(Pool::build(u, Some(old), balancer, &self.names)));
+        }
+        let routing = Arc::new(routing);
+        self.routing.store(routing.clone());
+        self.retire_removed_servers(&previous, &routing);
+        self.sync_pool_tasks();
     }
 
     /// Re-reads the configuration file the gateway was started from and reloads it.
@@ -408,7 +442,7 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<usize> {
     if !staged.report().is_ok() {
         anyhow::bail!("plugins failed to load: {}", failures(staged.report()));
     }
-    Routing::build(config, None, &staged).map_err(anyhow::Error::msg)?;
+    Routing::build(config, None, &staged, &crate::upstream::resolve::Names::none()).map_err(anyhow::Error::msg)?;
     Ok(specs.len())
 }
 
@@ -440,25 +474,19 @@ impl Gateway {
         if !staged.report().is_ok() {
             anyhow::bail!("plugins failed to load: {}", failures(staged.report()));
         }
-        let routing = Routing::build(&config, None, &staged).map_err(anyhow::Error::msg)?;
+        let names = crate::upstream::resolve::Names::new(&config.gateway);
+        names.resolve_missing(&config).await;
+        let routing = Routing::build(&config, None, &staged, &names).map_err(anyhow::Error::msg)?;
         plugins.commit(staged).map_err(anyhow::Error::msg)?;
 
-        let listener = crate::listener::bind(config.gateway.listen_addr(), config.gateway.listen_backlog).map_err(|e| {
-            anyhow::anyhow!("cannot listen on {}: {e}", config.gateway.listen.get_ref())
-        })?;
+        // SO_REUSEPORT, or the sockets of the gateway this one takes over from.
+        let crate::upgrade::Bound { listener, admin: admin_listener, predecessor, offered } = crate::upgrade::bind(&config).await?;
         let listen_addr = listener.local_addr()?;
-        let admin_listener = match config.gateway.admin_addr() {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on admin address {addr}: {e}"))?,
-            ),
-            None => None,
-        };
         let admin_addr = admin_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let watch_paths = config.gateway.watch.then(|| watched_paths(&config));
         let open_files = crate::resources::open_file_limit();
         let default_connections = crate::resources::default_max_connections(open_files);
+        let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             routing: ArcSwap::from_pointee(routing),
             config: ArcSwap::from_pointee(config),
@@ -467,18 +495,25 @@ impl Gateway {
             admission: Admission::new(&metrics_registry, default_connections),
             resources: Arc::new(ResourceErrors::new(&metrics_registry)),
             metrics_registry,
-            shutdown: CancellationToken::new(),
+            upgrade: crate::upgrade::Upgrade::new(&shutdown, offered),
+            shutdown,
             tasks: TaskTracker::new(),
             next_connection_id: AtomicU64::new(1),
             reloading: tokio::sync::Mutex::new(()),
             pool_tasks: std::sync::Mutex::new(HashMap::new()),
             retired: std::sync::Mutex::new(Vec::new()),
+            names,
         });
         shared.sync_pool_tasks();
+        tokio::spawn(crate::upstream::resolve::run(Arc::downgrade(&shared), shared.shutdown.child_token()));
         tokio::spawn(crate::listener::accept_loop(listener, shared.clone()));
         if let Some(admin) = admin_listener {
             tokio::spawn(crate::admin::serve(admin, shared.clone()));
         }
+        if let Some(predecessor) = predecessor {
+            predecessor.ready();
+        }
+        crate::upgrade::serve_handover(&shared.config.load(), &shared)?;
         let watch = match watch_paths {
             Some(paths) => Some(start_watch(paths, &shared)?),
             None => None,
@@ -497,6 +532,20 @@ impl Gateway {
     /// Re-reads the configuration file and reloads it (what SIGHUP does).
     pub async fn reload_from_source(&self) -> Result<ReloadReport, String> {
         self.shared.reload_from_source().await
+    }
+
+    /// Retires this gateway (what SIGUSR2 does): stops accepting, closes live connections
+    /// with 1012 spread over `shutdown_drain_secs`, then shuts down; [`Gateway::retired`]
+    /// completes when it is done. False when it is retiring already.
+    pub fn retire(&self) -> bool {
+        let drain = Duration::from_secs(self.shared.config.load().gateway.shutdown_drain_secs);
+        crate::upgrade::retire::start(&self.shared, drain, "signal").is_some()
+    }
+
+    /// Completes once a retirement (SIGUSR2, `POST /shutdown`, a successor's handover) has
+    /// closed every connection.
+    pub async fn retired(&self) {
+        self.shared.upgrade.retired.cancelled().await
     }
 
     /// Proxied connections open right now.

@@ -26,6 +26,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod resources;
 pub mod routes;
+pub mod upgrade;
 pub mod upstream;
 
 pub use config::Config;

@@ -15,10 +15,13 @@ use crate::resources::AcceptBackoff;
 
 /// The client listener, with `backlog` queued connections (tokio's `TcpListener::bind`
 /// asks for 128, which a reconnect storm overflows: measured with 600 clients reconnecting
-/// at once, half of them waited a second for a SYN retransmit).
+/// at once, half of them waited a second for a SYN retransmit). `SO_REUSEPORT` lets another
+/// process of the same user bind the address too (see [`crate::upgrade`]); the admin
+/// listener is not shared this way: an admin request must reach the process it names.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
 }
@@ -28,7 +31,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shared.shutdown.cancelled() => break,
+            _ = shared.upgrade.accepting.cancelled() => break,
         };
         let (stream, client_addr) = match accepted {
             Ok(pair) => pair,

@@ -95,22 +95,46 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // allows far more. The default max_connections follows the limit in force.
     wasmgate::resources::raise_open_file_limit();
     let gateway = Gateway::start(config).await?;
+    // Handlers first: a script that signals on reading the line must not kill the process.
+    let signals = Signals::new()?;
     println!("wasmgate listening on ws://{}", gateway.listen_addr);
-    wait_for_signals(&gateway).await?;
-    tracing::info!("shutting down: closing connections with 1001");
+    if wait_for_signals(&gateway, signals).await? {
+        tracing::info!("shutting down: closing connections with 1001");
+    }
     gateway.shutdown().await;
     Ok(())
 }
 
-/// Returns on SIGTERM or Ctrl-C; reloads the configuration file on SIGHUP.
-async fn wait_for_signals(gateway: &Gateway) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
+/// The signals the gateway answers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+}
+
+/// Returns true on SIGTERM or Ctrl-C, false once the gateway retired (SIGUSR2, `POST
+/// /shutdown`, a successor took over); reloads the configuration file on SIGHUP.
+async fn wait_for_signals(gateway: &Gateway, signals: Signals) -> anyhow::Result<bool> {
+    let Signals { mut term, mut hup, mut usr2 } = signals;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(true),
+            _ = term.recv() => return Ok(true),
+            _ = gateway.retired() => return Ok(false),
+            _ = usr2.recv() => {
+                gateway.retire();
+            }
             _ = hup.recv() => {
                 // Failures are logged by the reload itself; the running configuration stays.
                 if let Err(e) = gateway.reload_from_source().await {

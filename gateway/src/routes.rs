@@ -19,7 +19,7 @@ pub struct Route {
     pub chain: Vec<Arc<PluginSlot>>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct RouteTable {
     /// Host-specific routes first, then by prefix length, longest first.
     routes: Vec<Route>,

@@ -164,6 +164,16 @@ impl Connections {
         self.draining.store(false, Ordering::SeqCst);
     }
 
+    /// The connections not yet asked to close, oldest first (a retiring gateway closes them
+    /// all).
+    pub fn open_signals(&self) -> Vec<CloseSignal> {
+        let registry = self.registry.lock().unwrap();
+        let mut open: Vec<(u64, CloseSignal)> =
+            registry.live.iter().filter(|(_, s)| !s.is_closing()).map(|(&id, s)| (id, s.clone())).collect();
+        open.sort_unstable_by_key(|(id, _)| *id);
+        open.into_iter().map(|(_, s)| s).collect()
+    }
+
     /// The oldest connection not yet asked to close.
     fn oldest_open(&self) -> Option<CloseSignal> {
         let registry = self.registry.lock().unwrap();

@@ -10,6 +10,7 @@
 mod connect;
 pub mod drain;
 pub mod health;
+pub mod resolve;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -259,11 +260,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Builds a pool, reusing `Server` objects (and their statistics) from `previous`.
+    /// Builds a pool, reusing `Server` objects (and their statistics) from `previous`; a
+    /// server entry that names a host stands for each address in `names` (see [`resolve`]).
     pub fn build(
         section: &crate::config::UpstreamSection,
         previous: Option<&Pool>,
         balancer: Option<Arc<crate::plugin::PluginSlot>>,
+        names: &resolve::Names,
     ) -> Pool {
         let old: HashMap<&ServerAddress, &Arc<Server>> = previous
             .map(|p| p.servers.iter().map(|s| (&s.address, s)).collect())
@@ -271,15 +274,15 @@ impl Pool {
         let servers = section
             .servers
             .iter()
-            .map(|entry| {
-                let entry = entry.get_ref();
-                let address = ServerAddress::parse(entry.address()).expect("validated");
-                match old.get(&address) {
-                    Some(s) if s.weight == entry.weight() && s.labels == entry.labels() => Arc::clone(s),
-                    // Same server, new weight or labels: same counters, health and connections.
-                    Some(s) => Arc::new(Server::with_state(address, entry.weight(), entry.labels(), s.state.clone())),
-                    None => Arc::new(Server::new(address, entry.weight(), entry.labels())),
-                }
+            .flat_map(|entry| {
+                let weight = entry.get_ref().weight();
+                resolve::expand(entry.get_ref(), names).into_iter().map(move |(address, labels)| (address, weight, labels))
+            })
+            .map(|(address, weight, labels)| match old.get(&address) {
+                Some(s) if s.weight == weight && s.labels == labels => Arc::clone(s),
+                // Same server, new weight or labels: same counters, health and connections.
+                Some(s) => Arc::new(Server::with_state(address, weight, labels, s.state.clone())),
+                None => Arc::new(Server::new(address, weight, labels)),
             })
             .collect::<Vec<_>>();
         let name = section.name.get_ref().clone();
@@ -445,7 +448,7 @@ mod tests {
             "[gateway]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"p\"\nservers = {servers}\n[[route]]\nupstream = \"p\"\n"
         );
         let config = crate::config::Config::parse(&text, "t.toml", Default::default()).unwrap();
-        Pool::build(&config.upstreams[0], previous, None)
+        Pool::build(&config.upstreams[0], previous, None, &resolve::Names::none())
     }
 
     #[test]

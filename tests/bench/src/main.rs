@@ -8,6 +8,7 @@
 //!     [--scenario echo,connect,rss] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- soak [--minutes 30] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- storm [--clients 20000] [--only TARGET,...] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- scale [--connections 100000] [--gateways 12] [--out FILE]
 //! ```
 //! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
@@ -44,6 +45,7 @@ mod load;
 mod machine;
 mod procs;
 mod proxies;
+mod scale;
 mod soak;
 mod storm;
 mod table;
@@ -109,6 +111,12 @@ enum Mode {
     /// One process of the storm's clients (started by `storm`).
     #[command(hide = true)]
     StormClient(storm::ClientOptions),
+    /// Hold many idle proxied connections (100,000 by default) with several gateway
+    /// processes sharing one port; report memory per connection and the handshake rate.
+    Scale(scale::Options),
+    /// One client process of `scale` (started by it).
+    #[command(hide = true)]
+    ScaleClient(scale::ClientOptions),
 }
 
 fn main() -> ExitCode {
@@ -120,6 +128,8 @@ fn main() -> ExitCode {
         Some(Mode::Soak(options)) => runtime.block_on(until_signal(soak::run(options))),
         Some(Mode::Storm(options)) => runtime.block_on(until_signal(storm::run(options))),
         Some(Mode::StormClient(options)) => runtime.block_on(until_signal(storm::client(options))),
+        Some(Mode::Scale(options)) => runtime.block_on(until_signal(scale::run(options))),
+        Some(Mode::ScaleClient(options)) => runtime.block_on(until_signal(scale::client(options))),
         None => runtime.block_on(until_signal(run(args))),
     };
     match result {

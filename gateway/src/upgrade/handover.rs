@@ -1,0 +1,236 @@
+//! The handover socket: a gateway offers its listening sockets on a Unix socket; a new
+//! process connects, receives them (`SCM_RIGHTS`), accepts on them, and answers `ready`,
+//! after which the old process retires. Until `ready` the old process keeps accepting, so a
+//! successor that dies while starting costs nothing.
+//!
+//! One exchange per connection: the old process sends one message whose bytes are JSON
+//! (`{"listen": "ip:port", "admin": "ip:port" | null}`) and whose ancillary data carries the
+//! listening descriptors in that order; the new one answers `ready\n`. Only a peer running
+//! as the same user is served (the socket is made 0600, and the peer's credentials are
+//! checked).
+
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::gateway::Shared;
+
+/// How long a successor may take between receiving the sockets and saying it accepts on
+/// them (it has loaded its plugins before asking).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the descriptors of the message are.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+}
+
+/// Copies (dup) of the listening sockets, kept to hand over.
+pub struct Offered {
+    listener: OwnedFd,
+    admin: Option<OwnedFd>,
+    manifest: Manifest,
+}
+
+impl Offered {
+    pub fn new(listener: &TcpListener, admin: Option<&TcpListener>) -> std::io::Result<Offered> {
+        Ok(Offered {
+            listener: listener.as_fd().try_clone_to_owned()?,
+            admin: admin.map(|a| a.as_fd().try_clone_to_owned()).transpose()?,
+            manifest: Manifest { listen: listener.local_addr()?, admin: admin.map(|a| a.local_addr()).transpose()? },
+        })
+    }
+
+    fn try_clone(&self) -> std::io::Result<Offered> {
+        Ok(Offered {
+            listener: self.listener.try_clone()?,
+            admin: self.admin.as_ref().map(|a| a.try_clone()).transpose()?,
+            manifest: Manifest { ..self.manifest },
+        })
+    }
+}
+
+/// Sockets taken over from a running gateway.
+pub struct Taken {
+    pub listener: Option<std::net::TcpListener>,
+    pub admin: Option<std::net::TcpListener>,
+    pub predecessor: Predecessor,
+}
+
+/// The process that handed its sockets over, waiting to hear that we accept on them.
+pub struct Predecessor {
+    stream: UnixStream,
+}
+
+impl Predecessor {
+    /// Tells the predecessor we accept on its sockets: it stops accepting and retires.
+    pub fn ready(mut self) {
+        if let Err(e) = self.stream.write_all(b"ready\n") {
+            tracing::warn!("could not tell the previous process to retire: {e}");
+        }
+    }
+}
+
+/// Asks the gateway serving `path` for its listening sockets, keeping those bound to the
+/// addresses this config wants. None when no gateway answers there (a first start, or a
+/// stale socket) or none of its sockets fit; the caller then binds its own.
+pub fn take_over(path: &Path, listen: SocketAddr, admin: Option<SocketAddr>) -> Option<Taken> {
+    let stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), "no gateway to take over from: {e}");
+            return None;
+        }
+    };
+    match receive(&stream) {
+        Ok((manifest, mut fds)) => {
+            let mut fds = fds.drain(..);
+            let listener = fds.next().map(std::net::TcpListener::from);
+            let admin_fd = manifest.admin.and_then(|_| fds.next()).map(std::net::TcpListener::from);
+            let listener = listener.filter(|_| manifest.listen == listen);
+            let admin_taken = admin_fd.filter(|_| manifest.admin.is_some() && manifest.admin == admin);
+            if listener.is_none() {
+                tracing::warn!(theirs = %manifest.listen, ours = %listen, "the gateway at the handover socket listens elsewhere; binding our own");
+                return None;
+            }
+            for l in listener.iter().chain(admin_taken.iter()) {
+                if let Err(e) = l.set_nonblocking(true) {
+                    tracing::warn!("cannot use a handed-over socket: {e}");
+                    return None;
+                }
+            }
+            tracing::info!(listen = %manifest.listen, admin = ?manifest.admin, "took over the listening sockets");
+            Some(Taken { listener, admin: admin_taken, predecessor: Predecessor { stream } })
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "handover failed, binding our own sockets: {e}");
+            None
+        }
+    }
+}
+
+fn receive(stream: &UnixStream) -> std::io::Result<(Manifest, Vec<OwnedFd>)> {
+    stream.set_read_timeout(Some(READY_TIMEOUT))?;
+    let mut bytes = [0u8; 1024];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(stream, &mut [IoSliceMut::new(&mut bytes)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = message {
+            fds.extend(rights);
+        }
+    }
+    let manifest: Manifest = serde_json::from_slice(&bytes[..received.bytes])
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad handover manifest: {e}")))?;
+    let want = 1 + usize::from(manifest.admin.is_some());
+    if fds.len() != want {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} descriptors, {want} announced", fds.len())));
+    }
+    Ok((manifest, fds))
+}
+
+/// The handover socket this process serves.
+pub struct Serving {
+    path: PathBuf,
+    /// (device, inode) of the socket file we made: removed on retiring only if it is still
+    /// ours (a successor replaces it with its own).
+    file: (u64, u64),
+}
+
+impl Serving {
+    /// Binds `path` (replacing a predecessor's or a stale socket file), private to this user.
+    pub fn bind(path: &Path) -> anyhow::Result<(Serving, UnixListener)> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot replace the handover socket {}: {e}", path.display()),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot bind the handover socket {}: {e}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let meta = std::fs::metadata(path)?;
+        Ok((Serving { path: path.to_path_buf(), file: (meta.dev(), meta.ino()) }, listener))
+    }
+
+    pub fn remove(self) {
+        let ours = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Answers successors until this process stops accepting.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("handover accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shared.upgrade.accepting.cancelled() => break,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let offered = shared.upgrade.offered.lock().unwrap().as_ref().map(Offered::try_clone);
+            let offered = match offered {
+                Some(Ok(o)) => o,
+                Some(Err(e)) => return tracing::warn!("cannot copy the listening sockets for a successor: {e}"),
+                None => return,
+            };
+            let stream = match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!("handover: {e}"),
+            };
+            match tokio::task::spawn_blocking(move || offer(stream, offered)).await {
+                Ok(Ok(())) => {
+                    shared.upgrade.handed_over.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let drain = Duration::from_secs(shared.config.load().gateway.shutdown_drain_secs);
+                    super::retire::start(&shared, drain, "handover");
+                }
+                Ok(Err(e)) => tracing::warn!("handover did not complete; still serving: {e}"),
+                Err(e) => tracing::error!("handover task failed: {e}"),
+            }
+        });
+    }
+}
+
+/// Sends the sockets and waits for `ready`.
+fn offer(stream: UnixStream, offered: Offered) -> std::io::Result<()> {
+    let peer = rustix::net::sockopt::socket_peercred(&stream)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if peer.uid.as_raw() != me {
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("peer runs as uid {}", peer.uid.as_raw())));
+    }
+    let manifest = serde_json::to_vec(&offered.manifest).expect("serializable");
+    let mut fds = vec![offered.listener.as_fd()];
+    fds.extend(offered.admin.as_ref().map(|a| a.as_fd()));
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    rustix::net::sendmsg(&stream, &[IoSlice::new(&manifest)], &mut control, SendFlags::empty())?;
+    tracing::info!(pid = peer.pid.as_raw_nonzero().get(), "handed the listening sockets to a successor; waiting for it to accept");
+    stream.set_read_timeout(Some(READY_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    if line.trim_end() != "ready" {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the successor left without saying ready"));
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Restarts and upgrades that refuse nothing: a new gateway process takes over the port
+//! while the old one moves its live connections off and exits.
+//!
+//! The client listener is bound with `SO_REUSEPORT`, so a second process (a new binary or a
+//! new config) can always bind the same address while the first still runs. That alone is
+//! not enough: the kernel hashes new connections across every socket of the group, and a
+//! socket that is closed resets the connections still waiting in its accept queue (unless
+//! `net.ipv4.tcp_migrate_req = 1`, Linux 5.14+, a per-host switch an operator may not have).
+//! So the upgrade path passes the listening socket itself: with `[gateway] handover = PATH`
+//! each gateway offers its listening sockets on a Unix socket ([`handover`]); a new process
+//! started with the same `handover` receives them (`SCM_RIGHTS`, as nginx, HAProxy and
+//! Envoy's hot restart do), starts accepting on the very same socket — same accept queue, no
+//! second socket for the kernel to hash to — and tells the old one it is ready. Only then
+//! does the old one retire ([`retire`]): it stops accepting at once, closes its connections
+//! with 1012 at a paced rate, and exits. No connection attempt meets a closed socket at any
+//! point, on any kernel, without privileges.
+//!
+//! SIGUSR2 and `POST /shutdown?drain_secs=N` retire a process the same way without a
+//! handover (a new process bound its own socket with `SO_REUSEPORT`); then connections
+//! queued on the old socket when it closes are reset unless `tcp_migrate_req` is on, which
+//! the retiring process checks and warns about.
+
+pub mod handover;
+pub mod retire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// The listening sockets a gateway serves on, whether bound here or taken over.
+pub struct Bound {
+    pub listener: TcpListener,
+    pub admin: Option<TcpListener>,
+    /// The process whose sockets these are, waiting for our "ready" to retire.
+    pub predecessor: Option<handover::Predecessor>,
+    /// Copies of the listening sockets, offered to the next process.
+    pub offered: handover::Offered,
+}
+
+/// Binds (or takes over, see [`handover`]) the client listener and the admin listener of
+/// `config`.
+pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
+    let g = &config.gateway;
+    let listen = g.listen_addr();
+    let admin_addr = g.admin_addr();
+    let taken = match handover_path(config) {
+        Some(path) => tokio::task::spawn_blocking(move || handover::take_over(&path, listen, admin_addr)).await?,
+        None => None,
+    };
+    let (taken_listener, taken_admin, predecessor) = match taken {
+        Some(t) => (t.listener, t.admin, Some(t.predecessor)),
+        None => (None, None, None),
+    };
+    let listener = match taken_listener {
+        Some(l) => TcpListener::from_std(l)?,
+        None => crate::listener::bind(listen, g.listen_backlog).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", g.listen.get_ref()))?,
+    };
+    let admin = match (taken_admin, admin_addr) {
+        (Some(l), _) => Some(TcpListener::from_std(l)?),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on admin address {addr}: {e}"))?,
+        ),
+        (None, None) => None,
+    };
+    let offered = handover::Offered::new(&listener, admin.as_ref())?;
+    Ok(Bound { listener, admin, predecessor, offered })
+}
+
+/// `[gateway] handover`, resolved against the config file's directory.
+pub fn handover_path(config: &Config) -> Option<PathBuf> {
+    config.gateway.handover.as_ref().map(|p| config.base_dir.join(p))
+}
+
+/// A process's part in upgrades: whether it still accepts, the sockets it offers to a
+/// successor, and its retirement.
+pub struct Upgrade {
+    /// Cancelled when this process stops accepting (it retires or shuts down): the client
+    /// and admin accept loops end.
+    pub accepting: CancellationToken,
+    /// Cancelled once a retirement has closed every connection.
+    pub retired: CancellationToken,
+    retiring: AtomicBool,
+    offered: Mutex<Option<handover::Offered>>,
+    /// The handover socket this process serves, removed when it retires.
+    serving: Mutex<Option<handover::Serving>>,
+    /// A successor took our sockets (so closing ours resets nothing).
+    handed_over: AtomicBool,
+}
+
+impl Upgrade {
+    pub fn new(shutdown: &CancellationToken, offered: handover::Offered) -> Upgrade {
+        Upgrade {
+            accepting: shutdown.child_token(),
+            retired: CancellationToken::new(),
+            retiring: AtomicBool::new(false),
+            offered: Mutex::new(Some(offered)),
+            serving: Mutex::new(None),
+            handed_over: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(Ordering::SeqCst)
+    }
+
+    /// Starts retiring; false when it had started already.
+    fn begin_retiring(&self) -> bool {
+        !self.retiring.swap(true, Ordering::SeqCst)
+    }
+
+    /// Stops accepting and lets go of everything that would lead a client or a successor
+    /// here: the offered socket copies and the handover socket's path.
+    fn stop_accepting(&self) {
+        self.accepting.cancel();
+        self.offered.lock().unwrap().take();
+        if let Some(serving) = self.serving.lock().unwrap().take() {
+            serving.remove();
+        }
+    }
+}
+
+/// Starts serving the handover socket of `config`, if it has one.
+pub fn serve_handover(config: &Config, shared: &Arc<crate::gateway::Shared>) -> anyhow::Result<()> {
+    let Some(path) = handover_path(config) else { return Ok(()) };
+    let (serving, listener) = handover::Serving::bind(&path)?;
+    *shared.upgrade.serving.lock().unwrap() = Some(serving);
+    tokio::spawn(handover::serve(listener, shared.clone()));
+    tracing::info!(path = %path.display(), "offering the listening sockets for handover");
+    Ok(())
+}
