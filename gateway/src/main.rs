@@ -102,15 +102,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns on SIGTERM or Ctrl-C; reloads the configuration file on SIGHUP.
+/// Returns on SIGTERM or Ctrl-C; reloads the configuration file on SIGHUP; reopens the
+/// access log file on SIGUSR1.
 async fn wait_for_signals(gateway: &Gateway) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
+            _ = usr1.recv() => gateway.reopen_access_log(),
             _ = hup.recv() => {
                 // Failures are logged by the reload itself; the running configuration stays.
                 if let Err(e) = gateway.reload_from_source().await {
