@@ -171,3 +171,39 @@ async fn live_numbers_per_server_agree_with_metrics() {
     assert!(closed, "the closed connection left the dashboard's live count");
     gw.shutdown().await;
 }
+
+/// Every series the Grafana dashboard in examples/grafana queries exists on `/metrics`.
+#[tokio::test]
+async fn the_grafana_dashboard_reads_series_that_exist() {
+    let backends = echo_backends(1).await;
+    let log = std::env::temp_dir().join(format!("wasmgate-grafana-{}.log", std::process::id()));
+    let extra = format!(
+        "metrics_public = true\naccess_log = \"{}\"\n\n[[plugin]]\nname = \"stamp\"\nwasm = \"{}\"\nconfig = {{ header = \"x-a\", value = \"b\" }}",
+        log.display(),
+        plugin_wasm("header-stamp").display()
+    );
+    let text = basic_config(&server_list(&backends), &extra).replace("upstream = \"echo\"\n", "upstream = \"echo\"\nplugins = [\"stamp\"]\n");
+    let gw = start_gateway(&text).await;
+    let mut ws = connect(&ws_url(&gw, "/")).await;
+    roundtrip(&mut ws, Message::text("x")).await;
+    let admin = gw.admin_addr.unwrap();
+    let (_, metrics) = raw_http(admin, &format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")).await;
+    let dashboard = std::fs::read_to_string(repo_root().join("examples/grafana/wasmgate-dashboard.json")).unwrap();
+    let _: Value = serde_json::from_str(&dashboard).expect("valid JSON");
+    let mut names: Vec<&str> = dashboard
+        .match_indices("wasmgate_")
+        .map(|(at, _)| {
+            let rest = &dashboard[at..];
+            &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        let family = name.strip_suffix("_bucket").unwrap_or(name);
+        assert!(metrics.contains(&format!("# TYPE {family} ")), "{family} is not on /metrics");
+    }
+    let _ = std::fs::remove_file(log);
+    gw.shutdown().await;
+}
