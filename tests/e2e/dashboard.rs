@@ -207,3 +207,97 @@ async fn the_grafana_dashboard_reads_series_that_exist() {
     let _ = std::fs::remove_file(log);
     gw.shutdown().await;
 }
+
+/// The dashboard in headless Chromium (tests/python/dashboard_browser.py, over the DevTools
+/// protocol): it shows the live connections on the right servers, marks a killed backend
+/// down within its health checks' interval, and its drain button moves connections.
+/// Screenshots go to target/screenshots/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_browser_shows_servers_marks_a_dead_one_and_drains() {
+    use tokio::io::AsyncBufReadExt;
+    let mut backends = echo_backends(3).await;
+    let text = format!(
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+admin_token = "{ADMIN_TOKEN}"
+
+[[upstream]]
+name = "echo"
+servers = {}
+drain_secs = 0
+health = {{ interval_ms = 500, timeout_ms = 300, kind = "tcp", fall = 2 }}
+
+[[route]]
+path = "/"
+upstream = "echo"
+"#,
+        server_list(&backends)
+    );
+    let gw = start_gateway(&text).await;
+    let admin = gw.admin_addr.unwrap();
+    // Round robin: b0, b1, b2, b0.
+    let mut clients = Vec::new();
+    for expected in ["b0", "b1", "b2", "b0"] {
+        let mut ws = connect(&ws_url(&gw, "/")).await;
+        assert_eq!(roundtrip(&mut ws, Message::text("whoami")).await, Message::text(expected));
+        clients.push(ws);
+    }
+    let key = |i: usize| format!("echo/{}", backends[i].addr);
+    let expect = serde_json::json!({
+        "live": { key(0): 2, key(1): 1, key(2): 1 },
+        "down": key(1),
+        "drain": key(0),
+    });
+    let shots = repo_root().join("target/screenshots");
+    let mut browser = tokio::process::Command::new(python())
+        .arg(repo_root().join("tests/python/dashboard_browser.py"))
+        .arg(format!("http://{admin}"))
+        .arg(ADMIN_TOKEN)
+        .arg(&shots)
+        .arg(expect.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = browser.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(browser.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(40), lines.next_line())
+            .await
+            .expect("the browser script answers")
+            .unwrap()
+            .expect("the browser script ended early (its error is above)")
+    };
+
+    let live = next_line().await;
+    let rows: Value = serde_json::from_str(live.strip_prefix("LIVE ").expect(&live)).unwrap();
+    let (_, metrics) = admin_request(&gw, "GET", "/metrics").await;
+    for (i, n) in [(0, 2), (1, 1), (2, 1)] {
+        assert_eq!(rows[key(i)]["live"], n, "{rows}");
+        assert_eq!(rows[key(i)]["state"], "up", "{rows}");
+        let series = format!("wasmgate_upstream_connections_active{{pool=\"echo\",server=\"{}\"}}", backends[i].addr);
+        assert_eq!(sample(&metrics, &series), n, "the page agrees with /metrics");
+    }
+
+    drop(backends.remove(1));
+    stdin.write_all(b"KILLED\n").await.unwrap();
+    let down = next_line().await;
+    let seconds: f64 = down.strip_prefix("DOWN ").expect(&down).parse().unwrap();
+    // fall = 2 probes 500 ms apart, plus a snapshot a second.
+    assert!(seconds < 3.0, "marked down after {seconds} s");
+
+    assert_eq!(next_line().await, "DRAINING");
+    // The two connections on b0 are closed with 1012; reconnecting lands on b2, the one
+    // server left available.
+    for i in [0, 3] {
+        assert_eq!(close_code(&mut clients[i]).await, 1012);
+        let mut again = connect(&ws_url(&gw, "/")).await;
+        assert_eq!(roundtrip(&mut again, Message::text("whoami")).await, Message::text("b2"));
+    }
+    assert!(browser.wait().await.unwrap().success());
+    assert!(shots.join("dashboard-draining.png").exists());
+    gw.shutdown().await;
+}
