@@ -13,6 +13,8 @@
 //!   servers (N per second, default 10) until max/min load ≤ R (default 1.2);
 //! - `POST /shutdown?drain_secs=N`: retire this process (see `upgrade`): stop accepting,
 //!   close live connections with 1012 spread over N seconds, exit.
+//! - `GET /`: the live [dashboard](crate::dashboard) (the page needs no token, its data
+//!   stream `GET /events` does unless `dashboard_public = true`).
 //!
 //! Who may ask: every request must name this admin address in its `Host` (its IP and port
 //! as the client reached it, `localhost:PORT` on loopback, or one of `admin_hosts`), else
@@ -29,7 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -39,6 +41,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::config::GatewaySection;
+use crate::dashboard::Body;
 use crate::gateway::{AdminError, Shared};
 use crate::resources::AcceptBackoff;
 
@@ -103,7 +106,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Checks the Host, then the token, then answers.
-async fn guard(req: Request<Incoming>, local: SocketAddr, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
+async fn guard(req: Request<Incoming>, local: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
     let config = shared.config.load();
     let g = &config.gateway;
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
@@ -111,25 +114,31 @@ async fn guard(req: Request<Incoming>, local: SocketAddr, shared: &Arc<Shared>) 
         return text(
             StatusCode::MISDIRECTED_REQUEST,
             "the Host header does not name this admin address; add the name to [gateway] admin_hosts\n".into(),
-        );
+        )
+        .map(BodyExt::boxed);
     }
     let open = match req.uri().path() {
         "/healthz" => true,
         "/metrics" => g.metrics_public,
-        _ => false,
+        "/events" => g.dashboard_public,
+        page => crate::dashboard::is_page(page),
     };
     if !open {
         let Some(token) = &g.admin_secret else {
-            return text(StatusCode::FORBIDDEN, "the admin API is locked: set [gateway] admin_token to use it\n".into());
+            return text(StatusCode::FORBIDDEN, "the admin API is locked: set [gateway] admin_token to use it\n".into())
+                .map(BodyExt::boxed);
         };
         if let Err(challenge) = authorize(&req, token) {
             let mut response = text(StatusCode::UNAUTHORIZED, "a valid admin token is needed: Authorization: Bearer <admin_token>\n".into());
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
-            return response;
+            return response.map(BodyExt::boxed);
         }
     }
     drop(config);
-    route(req, shared).await
+    if let Some(response) = crate::dashboard::answer(req.method(), req.uri().path(), shared) {
+        return response;
+    }
+    route(req, shared).await.map(BodyExt::boxed)
 }
 
 /// Ok when the request carries exactly one `Authorization: Bearer <token>` with the right

@@ -63,6 +63,15 @@ pub struct GatewaySection {
     /// Serve `/metrics` without the admin token.
     #[serde(default)]
     pub metrics_public: bool,
+    /// Serve the dashboard's data (`/events`) without the admin token; its actions still
+    /// need it. The dashboard page itself holds no data and is always served.
+    #[serde(default)]
+    pub dashboard_public: bool,
+    /// One line per connection when it ends: "off" (default), "stdout", or a file path
+    /// (relative to the config file), reopened on SIGUSR1. Set on start only.
+    pub access_log: Option<Spanned<String>>,
+    /// The access log's lines: "json" (default) or "text" (logfmt).
+    pub log_format: Option<Spanned<String>>,
     /// Client sockets held at once, from accept to close, handshakes included; more are
     /// answered 503. Default: half the open-file limit, less a reserve (each connection
     /// holds a client and an upstream socket).
@@ -458,6 +467,12 @@ impl Config {
         }
         if !(8..=15).contains(&g.compression_window_bits) {
             return Err(ConfigError(format!("{}: compression_window_bits must be 8..=15", at.origin)));
+        }
+        if let Some(format) = g.log_format.as_ref().filter(|f| !matches!(f.get_ref().as_str(), "json" | "text")) {
+            return Err(at.error(format.span(), "log_format must be \"json\" or \"text\""));
+        }
+        if let Some(log) = g.access_log.as_ref().filter(|l| l.get_ref().trim().is_empty()) {
+            return Err(at.error(log.span(), "access_log must be \"off\", \"stdout\" or a file path"));
         }
         validate_edge(at, g)?;
         for r in &g.resolvers {

@@ -98,10 +98,12 @@ pub struct GatewayMetrics {
     pub connections_total: Counter,
     pub handshakes_refused: Counter,
     pub upstream_connect_failures: Counter,
-    pub messages_from_client: Counter,
-    pub messages_from_upstream: Counter,
-    pub bytes_from_client: Counter,
-    pub bytes_from_upstream: Counter,
+    /// Messages and payload bytes each way, published by relays while they run.
+    pub traffic: crate::relay::TrafficCounters,
+    /// From a whole request to the 101 or the refusal written: plugins, balancing and the
+    /// upstream connect (the client's own pace of sending its request is not counted).
+    pub handshake_accepted_seconds: crate::metrics::Histogram,
+    pub handshake_refused_seconds: crate::metrics::Histogram,
     pub plugin_errors: Counter,
     pub reloads: Counter,
     pub reload_failures: Counter,
@@ -115,15 +117,23 @@ impl GatewayMetrics {
             connections_total: r.counter("wasmgate_connections_total", "Proxied connections opened", none),
             handshakes_refused: r.counter("wasmgate_handshakes_refused_total", "Upgrade requests answered with an error status", none),
             upstream_connect_failures: r.counter("wasmgate_upstream_connect_failures_total", "Failed upstream connection attempts", none),
-            messages_from_client: r.counter("wasmgate_messages_total", "Data messages relayed", &[("from", "client")]),
-            messages_from_upstream: r.counter("wasmgate_messages_total", "Data messages relayed", &[("from", "upstream")]),
-            bytes_from_client: r.counter("wasmgate_payload_bytes_total", "Payload bytes relayed", &[("from", "client")]),
-            bytes_from_upstream: r.counter("wasmgate_payload_bytes_total", "Payload bytes relayed", &[("from", "upstream")]),
+            traffic: crate::relay::TrafficCounters::register(r, "", none),
+            handshake_accepted_seconds: handshake_seconds(r, "accepted"),
+            handshake_refused_seconds: handshake_seconds(r, "refused"),
             plugin_errors: r.counter("wasmgate_plugin_call_failures_total", "Hook calls that trapped, timed out or broke the contract", none),
             reloads: r.counter("wasmgate_reloads_total", "Configuration reloads applied", none),
             reload_failures: r.counter("wasmgate_reload_failures_total", "Configuration reloads rejected or partly failed", none),
         }
     }
+}
+
+fn handshake_seconds(r: &Registry, result: &str) -> crate::metrics::Histogram {
+    r.histogram(
+        "wasmgate_handshake_seconds",
+        "From a client's whole upgrade request to the gateway's answer (plugins, balancing, upstream connect)",
+        &[("result", result)],
+        crate::upstream::server_metrics::CONNECT_BUCKETS,
+    )
 }
 
 /// State shared by the listener, every connection and the admin API.
@@ -142,6 +152,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// One line per connection when it ends, when `access_log` is on.
+    pub access_log: Option<crate::access_log::AccessLog>,
     next_connection_id: AtomicU64,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
@@ -176,6 +188,9 @@ impl Shared {
         let old = self.config.load();
         if old.gateway.listen.get_ref() != config.gateway.listen.get_ref() {
             tracing::warn!("the listen address changes only on restart; keeping the old one");
+        }
+        if crate::access_log::configured(&old) != crate::access_log::configured(&config) {
+            tracing::warn!("access_log and log_format change only on restart; keeping the old ones");
         }
         if old.gateway.admin.as_ref().map(|a| a.get_ref()) != config.gateway.admin.as_ref().map(|a| a.get_ref()) {
             tracing::warn!("the admin address changes only on restart; keeping the old one");
@@ -484,6 +499,10 @@ impl Gateway {
         let listen_addr = listener.local_addr()?;
         let admin_addr = admin_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let watch_paths = config.gateway.watch.then(|| watched_paths(&config));
+        let access_log = match crate::access_log::configured(&config) {
+            Some((target, format)) => Some(crate::access_log::AccessLog::start(target, format, &metrics_registry)?),
+            None => None,
+        };
         let open_files = crate::resources::open_file_limit();
         let default_connections = crate::resources::default_max_connections(open_files);
         let shutdown = CancellationToken::new();
@@ -498,6 +517,7 @@ impl Gateway {
             upgrade: crate::upgrade::Upgrade::new(&shutdown, offered),
             shutdown,
             tasks: TaskTracker::new(),
+            access_log,
             next_connection_id: AtomicU64::new(1),
             reloading: tokio::sync::Mutex::new(()),
             pool_tasks: std::sync::Mutex::new(HashMap::new()),
@@ -546,6 +566,13 @@ impl Gateway {
     /// closed every connection.
     pub async fn retired(&self) {
         self.shared.upgrade.retired.cancelled().await
+    }
+
+    /// Reopens the access log file at its path (after logrotate renamed it; SIGUSR1).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
     }
 
     /// Proxied connections open right now.

@@ -109,6 +109,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 struct Signals {
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
     usr2: tokio::signal::unix::Signal,
 }
 
@@ -118,15 +119,17 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
             usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }
 
 /// Returns true on SIGTERM or Ctrl-C, false once the gateway retired (SIGUSR2, `POST
-/// /shutdown`, a successor took over); reloads the configuration file on SIGHUP.
+/// /shutdown`, a successor took over); reloads the configuration file on SIGHUP; reopens
+/// the access log file on SIGUSR1.
 async fn wait_for_signals(gateway: &Gateway, signals: Signals) -> anyhow::Result<bool> {
-    let Signals { mut term, mut hup, mut usr2 } = signals;
+    let Signals { mut term, mut hup, mut usr1, mut usr2 } = signals;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(true),
@@ -135,6 +138,7 @@ async fn wait_for_signals(gateway: &Gateway, signals: Signals) -> anyhow::Result
             _ = usr2.recv() => {
                 gateway.retire();
             }
+            _ = usr1.recv() => gateway.reopen_access_log(),
             _ = hup.recv() => {
                 // Failures are logged by the reload itself; the running configuration stays.
                 if let Err(e) = gateway.reload_from_source().await {

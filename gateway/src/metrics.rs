@@ -194,6 +194,12 @@ impl Histogram {
     pub fn sum(&self) -> f64 {
         f64::from_bits(self.0.sum.load(Ordering::Relaxed))
     }
+
+    /// The upper bounds, and the count of each bucket (not cumulative; one more than the
+    /// bounds: the last is above them all).
+    pub fn buckets(&self) -> (&[f64], Vec<u64>) {
+        (&self.0.bounds, self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect())
+    }
 }
 
 fn add_f64(cell: &AtomicU64, delta: f64) {

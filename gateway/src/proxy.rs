@@ -16,6 +16,7 @@ use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::access_log::Trace;
 use crate::forwarding;
 use crate::gateway::Shared;
 use crate::limits::{Limits, Permit};
@@ -33,40 +34,61 @@ use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamReques
 /// Serves one client socket: answers its upgrade request, then relays, in this one task.
 /// `permit` counts the socket against the connection limits until it closes.
 pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<Shared>, mut permit: Permit) {
+    let mut trace = Trace::start(shared.access_log.as_ref(), client_addr);
     // The handshake's state (5 KiB: the upstream connect, plugin decisions) is boxed and
     // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
     // future kept a second copy of it): a connection's task is 1,712 bytes for its life
     // (64 of them the permit). A panic on the way (a bug; plugin calls catch their own)
     // still gets the client an answer instead of a silently dropped socket.
     let answered =
-        AssertUnwindSafe(Box::pin(answer(&mut stream, client_addr, &shared, &mut permit))).catch_unwind().await;
+        AssertUnwindSafe(Box::pin(answer(&mut stream, client_addr, &shared, &mut permit, &mut trace))).catch_unwind().await;
     permit.handshake_done();
     match answered {
-        Ok(Some(prepared)) => relay_connection(stream, prepared, shared).await,
+        Ok(Some(prepared)) => relay_connection(stream, prepared, &shared, &mut trace).await,
         Ok(None) => {}
         Err(panic) => {
             tracing::error!(%client_addr, "the handshake panicked: {}", panic_text(&*panic));
             shared.metrics.handshakes_refused.inc();
             let refusal = Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "the gateway failed while answering this request");
+            trace.refused(refusal.status.as_u16(), &refusal.reason);
             // Boxed: unboxed, the refusal's 4 KiB drain buffer would size every
             // connection's task for its whole life (idle RSS 3.5 -> 6.5 KiB).
             Box::pin(handshake::refuse(&mut stream, refusal)).await;
         }
     }
+    trace.finish(shared.access_log.as_ref());
 }
 
 /// Reads the upgrade request and answers it: with a 101, returning what the relay needs, or
 /// with a refusal, after which the socket is done.
-async fn answer(stream: &mut TcpStream, peer: SocketAddr, shared: &Arc<Shared>, permit: &mut Permit) -> Option<Box<Prepared>> {
+async fn answer(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    permit: &mut Permit,
+    trace: &mut Trace,
+) -> Option<Box<Prepared>> {
+    let handshake_time = &shared.metrics;
     let refusal = match read_upgrade(stream, peer, shared, permit).await {
-        Ok((head, client_addr)) => match upgrade(head, client_addr, shared).await {
-            Ok((response, prepared)) => return stream.write_all(&response).await.is_ok().then(|| Box::new(prepared)),
-            Err(refusal) => refusal,
-        },
+        Ok((head, client_addr)) => {
+            let started = Instant::now();
+            match upgrade(head, client_addr, shared, trace).await {
+                Ok((response, prepared)) => {
+                    let written = stream.write_all(&response).await.is_ok();
+                    handshake_time.handshake_accepted_seconds.observe(started.elapsed().as_secs_f64());
+                    return written.then(|| Box::new(prepared));
+                }
+                Err(refusal) => {
+                    handshake_time.handshake_refused_seconds.observe(started.elapsed().as_secs_f64());
+                    refusal
+                }
+            }
+        }
         Err(ReadError::Gone) => return None,
         Err(ReadError::Refused(refusal)) => refusal,
     };
     shared.metrics.handshakes_refused.inc();
+    trace.refused(refusal.status.as_u16(), &refusal.reason);
     tracing::debug!(%peer, status = refusal.status.as_u16(), reason = %refusal.reason, "handshake refused");
     handshake::refuse(stream, refusal).await;
     None
@@ -100,10 +122,16 @@ async fn read_upgrade(
 }
 
 /// Everything up to the 101: its bytes, and what the relay needs.
-async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared>) -> Result<(Vec<u8>, Prepared), Refusal> {
+async fn upgrade(
+    head: RequestHead,
+    client_addr: SocketAddr,
+    shared: &Arc<Shared>,
+    trace: &mut Trace,
+) -> Result<(Vec<u8>, Prepared), Refusal> {
     let routing = shared.routing.load_full();
     let RequestHead { method, version, target, headers, rest: client_already_read } = head;
     let mut upgrade = handshake::validate(&method, version, &target, headers)?;
+    trace.request(client_addr, &upgrade.path);
     // Forwarding headers are believed from trusted proxies only, plugins included.
     if !routing.trusted_proxies.contains(client_addr.ip()) {
         forwarding::drop_client_claims(&mut upgrade.headers);
@@ -112,6 +140,7 @@ async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared
         .routes
         .find(&upgrade.host, &upgrade.path)
         .ok_or_else(|| Refusal::new(StatusCode::NOT_FOUND, format!("no route for {}", upgrade.path)))?;
+    trace.route(&route.prefix);
     let chain = route.chain.clone();
     // Plugins see the connection through a host-side context; connections without plugins
     // skip it.
@@ -120,11 +149,12 @@ async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared
     let mut conn = (!chain.is_empty()).then(new_context);
     let errors = &shared.metrics.plugin_errors;
     let decision = match &conn {
-        Some(conn) => run_handshake_chain(&chain, conn, &upgrade, client_addr, errors)?,
+        Some(conn) => run_handshake_chain(&chain, conn, &upgrade, client_addr, errors, trace)?,
         None => Accept::default(),
     };
 
     let pool_name = decision.upstream.as_deref().unwrap_or(&route.upstream);
+    trace.pool(pool_name);
     let pool = routing.pools.get(pool_name).cloned().ok_or_else(|| {
         Refusal::new(StatusCode::BAD_GATEWAY, format!("a plugin chose upstream {pool_name:?}, which is not configured"))
     })?;
@@ -148,9 +178,9 @@ async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared
     if conn.is_none() && pool.balancer.is_some() {
         conn = Some(new_context());
     }
-    let order = rank_servers(&pool, conn.as_deref(), errors)?;
+    let order = rank_servers(&pool, conn.as_deref(), errors, trace)?;
     let edited = decision.rewrite_path.is_some() || !decision.add_headers.is_empty() || !decision.remove_headers.is_empty();
-    let (socket, active) = connect_ranked(&pool, &order, &request, edited, shared).await?;
+    let (socket, active) = connect_ranked(&pool, &order, &request, edited, shared, trace).await?;
 
     let subprotocol = decision.subprotocol.clone().or_else(|| socket.subprotocol.clone());
     if let Some(chosen) = &subprotocol {
@@ -171,6 +201,12 @@ async fn upgrade(head: RequestHead, client_addr: SocketAddr, shared: &Arc<Shared
     }
     let response =
         handshake::switching_protocols(&upgrade.key, subprotocol.as_deref(), compression.header.as_deref());
+    let agreed = match (&compression.terminate, compression.header.is_some()) {
+        (Some(_), _) => Some("terminate"),
+        (None, true) => Some("passthrough"),
+        (None, false) => None,
+    };
+    trace.negotiated(subprotocol.as_deref(), agreed);
     let settings = routing.relay.clone();
     // The message hook follows the decision the compression mode was based on.
     let chain = Chain { slots: chain, conn, reads_messages };
@@ -185,6 +221,7 @@ fn run_handshake_chain(
     upgrade: &ClientUpgrade,
     client_addr: SocketAddr,
     errors: &Counter,
+    trace: &mut Trace,
 ) -> Result<Accept, Refusal> {
     let mut decision = Accept::default();
     let mut request = None;
@@ -197,6 +234,7 @@ fn run_handshake_chain(
         match plugin.on_handshake(conn, request) {
             Ok(Verdict::Accept(accept)) => merge(&mut decision, accept),
             Ok(Verdict::Reject(reject)) => {
+                trace.refused_by(plugin.name());
                 let status = StatusCode::from_u16(reject.status).unwrap_or(StatusCode::FORBIDDEN);
                 let mut refusal = Refusal::new(status, reject.reason);
                 refusal.headers = reject.headers.into_iter().map(|h| (h.name, h.value)).collect();
@@ -206,6 +244,7 @@ fn run_handshake_chain(
                 errors.inc();
                 tracing::warn!(plugin = plugin.name(), error = %e, "handshake hook failed");
                 if plugin.on_error() != Some(OnError::Allow) {
+                    trace.refused_by(plugin.name());
                     return Err(Refusal::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("plugin {} failed: {}", plugin.name(), e.kind()),
@@ -265,7 +304,7 @@ fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, decision: 
 /// balancer falls back to round robin unless its `on_error` is "deny". Only available servers
 /// (healthy, not ejected, not draining) are offered to the plugin, as `candidates` whose
 /// indexes map back to the pool's list; none available is a 503.
-fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Result<Vec<usize>, Refusal> {
+fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter, trace: &mut Trace) -> Result<Vec<usize>, Refusal> {
     let available = pool.available();
     if available.is_empty() {
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, pool.unavailable_reason()));
@@ -288,6 +327,7 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Re
                 }
             }
             if order.is_empty() {
+                trace.refused_by(plugin.name());
                 return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, format!("balancer {} chose no server", plugin.name())));
             }
             Ok(order)
@@ -296,6 +336,7 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter) -> Re
             errors.inc();
             tracing::warn!(plugin = plugin.name(), error = %e, "balancer failed");
             if plugin.on_error() == Some(OnError::Deny) {
+                trace.refused_by(plugin.name());
                 return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, format!("balancer {} failed", plugin.name())));
             }
             Ok(pool.round_robin_order(&available))
@@ -316,11 +357,13 @@ async fn connect_ranked(
     request: &UpstreamRequest,
     edited: bool,
     shared: &Shared,
+    trace: &mut Trace,
 ) -> Result<(UpstreamSocket, ActiveConnection), Refusal> {
     let failures = &shared.metrics.upstream_connect_failures;
     let mut last_error = String::from("no servers");
     for &index in order.iter().take(pool.max_attempts as usize) {
         let server = &pool.servers[index];
+        trace.server(&server.address.authority);
         let started = Instant::now();
         // Counted as active while it connects, so concurrent balancer calls see it.
         let active = server.connecting();
@@ -329,7 +372,9 @@ async fn connect_ranked(
                 last_error = format!("{}: draining", server.address.authority);
             }
             Ok(socket) => {
-                server.record_success(started.elapsed());
+                let took = started.elapsed();
+                server.record_success(took);
+                server.metrics(&shared.metrics_registry, &pool.name).connect_seconds.observe(took.as_secs_f64());
                 active.established();
                 return Ok((socket, active));
             }
@@ -445,13 +490,30 @@ struct Prepared {
     compression: NegotiatedCompression,
 }
 
-async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Arc<Shared>) {
+async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &Shared, trace: &mut Trace) {
     let Prepared { client_already_read, upstream, settings, active, chain, compression } = *prepared;
     let client = Endpoint { stream: client, already_read: client_already_read };
     let started = Instant::now();
     let metrics = &shared.metrics;
     metrics.connections_active.inc();
     metrics.connections_total.inc();
+    let server = active.server().state.metrics.get();
+    if let Some(server) = server {
+        server.connections_active.inc();
+        server.connections_total.inc();
+    }
+    // The gateway's and the server's counters follow the relay while it runs.
+    let (gateway_only, with_server);
+    let traffic: &[&relay::TrafficCounters] = match server {
+        Some(server) => {
+            with_server = [&metrics.traffic, &server.traffic];
+            &with_server
+        }
+        None => {
+            gateway_only = [&metrics.traffic];
+            &gateway_only
+        }
+    };
     let upstream = Endpoint { stream: upstream.stream, already_read: upstream.already_read };
     let max = settings.max_message_size;
     let rules = (
@@ -490,6 +552,7 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Ar
         hook.as_ref().map(|h| h as &dyn MessageHook),
         compression.terminate,
         stop,
+        traffic,
     ))
     .catch_unwind()
     .await;
@@ -503,13 +566,14 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Ar
             messages_from_upstream: 0,
             bytes_from_client: 0,
             bytes_from_upstream: 0,
+            closed_by: relay::Closer::Gateway,
         }
     });
+    trace.relayed(&outcome);
     metrics.connections_active.dec();
-    metrics.messages_from_client.add(outcome.messages_from_client);
-    metrics.messages_from_upstream.add(outcome.messages_from_upstream);
-    metrics.bytes_from_client.add(outcome.bytes_from_client);
-    metrics.bytes_from_upstream.add(outcome.bytes_from_upstream);
+    if let Some(server) = server {
+        server.connections_active.dec();
+    }
     drop(active);
     if let Some(conn) = &conn {
         notify_close(&chain, conn, &outcome, started);

@@ -29,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  connect:  ws://{}/echo     (send whoami or headers)", gateway.listen_addr);
     println!("            ws://{}/tagged   (a message plugin prefixes what you send)", gateway.listen_addr);
     if let Some(admin) = gateway.admin_addr {
+        println!("  dashboard: http://{admin}/   (live connections and messages per server; drain needs [gateway] admin_token)");
         println!("  admin:    http://{admin}/metrics   (the rest of the admin API needs [gateway] admin_token)");
     }
     println!("  try:      .venv/bin/python -m websockets ws://{}/echo   (then type whoami)", gateway.listen_addr);

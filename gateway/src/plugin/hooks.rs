@@ -8,7 +8,7 @@ use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use wasmtime::component::{Component, InstancePre};
@@ -22,7 +22,7 @@ use super::types::{
     Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
     Hooks, OnError, Opcode, PluginError, PoolInfo, Verdict,
 };
-use crate::metrics::{Counter, Registry};
+use crate::metrics::{Counter, Histogram, Registry};
 
 pub struct Plugin {
     spec: PluginSpec,
@@ -56,7 +56,20 @@ struct Stats {
     memory: Counter,
     unavailable: Counter,
     invalid: Counter,
+    /// Call time by hook: handshake, select, message, close.
+    call_seconds: [Histogram; 4],
 }
+
+/// Upper bounds (seconds) of plugin call times: a few microseconds for a small hook, up to
+/// the default deadlines (5 ms for messages, 20 ms for the rest) and past them.
+pub const CALL_BUCKETS: &[f64] =
+    &[0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05];
+
+/// Indexes of `Stats::call_seconds`.
+const HANDSHAKE: usize = 0;
+const SELECT: usize = 1;
+const MESSAGE: usize = 2;
+const CLOSE: usize = 3;
 
 impl Stats {
     fn new(metrics: &Registry, plugin: &str) -> Stats {
@@ -74,7 +87,16 @@ impl Stats {
                 &[("plugin", plugin), ("kind", kind)],
             )
         };
+        let time = |hook| {
+            metrics.histogram(
+                "wasmgate_plugin_call_seconds",
+                "Time of hook calls into plugins, waiting for an instance included",
+                &[("plugin", plugin), ("hook", hook)],
+                CALL_BUCKETS,
+            )
+        };
         Stats {
+            call_seconds: [time("handshake"), time("select"), time("message"), time("close")],
             handshake: calls("handshake"),
             select: calls("select"),
             message: calls("message"),
@@ -202,6 +224,7 @@ impl Plugin {
         }
         self.stats.handshake.inc();
         let verdict = self.call(
+            HANDSHAKE,
             conn,
             self.handshake_ticks,
             self.spec.handshake_timeout,
@@ -223,6 +246,7 @@ impl Plugin {
         }
         self.stats.select.inc();
         let order = self.call(
+            SELECT,
             conn,
             self.handshake_ticks,
             self.spec.handshake_timeout,
@@ -251,6 +275,7 @@ impl Plugin {
         }
         self.stats.message.inc();
         let action = self.call(
+            MESSAGE,
             conn,
             self.message_ticks,
             self.spec.message_timeout,
@@ -272,6 +297,7 @@ impl Plugin {
         }
         self.stats.close.inc();
         let done = self.call(
+            CLOSE,
             conn,
             self.handshake_ticks,
             self.spec.handshake_timeout,
@@ -322,6 +348,20 @@ impl Plugin {
     /// `ticks`; `f` may lend more through the guard. `f` answers `None` when the export is
     /// missing, which `hooks` rules out.
     fn call<'l, R>(
+        &self,
+        hook: usize,
+        conn: &'l ConnContext,
+        ticks: u64,
+        timeout: Duration,
+        f: impl FnOnce(ConnGuard<'_, 'l>, &Exports) -> Option<wasmtime::Result<R>>,
+    ) -> Result<R, PluginError> {
+        let started = Instant::now();
+        let result = self.call_timed(conn, ticks, timeout, f);
+        self.stats.call_seconds[hook].observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn call_timed<'l, R>(
         &self,
         conn: &'l ConnContext,
         ticks: u64,

@@ -27,7 +27,7 @@ mod wasi;
 mod watch;
 
 pub use engine::{PluginRuntime, PluginSpec, RuntimeOptions};
-pub use hooks::{panic_text, Plugin, PluginInfo};
+pub use hooks::{panic_text, Plugin, PluginInfo, CALL_BUCKETS};
 pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport, StagedPlugins};
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,

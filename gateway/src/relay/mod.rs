@@ -18,6 +18,7 @@ pub mod frame;
 pub mod link;
 mod pool;
 mod stop;
+pub mod traffic;
 pub mod utf8;
 
 use std::future::{poll_fn, Future};
@@ -35,6 +36,7 @@ use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
 pub use stop::Stop;
 use stop::StopWatch;
+pub use traffic::TrafficCounters;
 
 /// How much one read takes at most.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
@@ -73,6 +75,36 @@ pub struct RelayOutcome {
     pub messages_from_upstream: u64,
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
+    /// Who started the end: the side whose close frame or disappearance came first, or the
+    /// gateway (its own close: a protocol error, a drain, shutdown, a timeout).
+    pub closed_by: Closer,
+}
+
+/// Who started a connection's end (for access logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+impl Closer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Closer::Client => "client",
+            Closer::Upstream => "upstream",
+            Closer::Gateway => "gateway",
+        }
+    }
+}
+
+impl From<Side> for Closer {
+    fn from(side: Side) -> Closer {
+        match side {
+            Side::Client => Closer::Client,
+            Side::Upstream => Closer::Upstream,
+        }
+    }
 }
 
 /// What the relay knows about one side's closing.
@@ -109,6 +141,8 @@ struct Relay<'a> {
     hook: Option<&'a dyn MessageHook>,
     settings: &'a RelaySettings,
     first_close_code: Option<u16>,
+    /// Who started closing; set with the first close seen, sent or a side gone.
+    first_closer: Option<Closer>,
     /// The close owed to a side that broke the protocol, sent once the other side answered
     /// the close the gateway sent it: what that side had sent before reaches the failed
     /// side first (RFC 6455 §7.1.7 lets an endpoint finish what it was sending).
@@ -123,6 +157,8 @@ struct Relay<'a> {
     /// The timer was reset and must be polled to register the task's waker again.
     timer_needs_poll: bool,
     stop: StopWatch,
+    /// Publishes the links' counts to shared counters while the connection lives.
+    traffic: traffic::Reporter<'a>,
 }
 
 enum Wake {
@@ -142,7 +178,9 @@ pub struct ClientCompression {
     pub min_size: usize,
 }
 
-/// Relays until both sides have closed, or the close deadline passed.
+/// Relays until both sides have closed, or the close deadline passed. Messages and bytes
+/// relayed are added to each of `traffic` as they go (at most once a second).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Endpoint,
     upstream: Endpoint,
@@ -151,6 +189,7 @@ pub async fn run(
     hook: Option<&dyn MessageHook>,
     compression: Option<ClientCompression>,
     stop: Stop,
+    traffic: &[&TrafficCounters],
 ) -> RelayOutcome {
     let now = Instant::now();
     let (inflater, deflater, min_size) = match compression {
@@ -169,6 +208,7 @@ pub async fn run(
         hook,
         settings,
         first_close_code: None,
+        first_closer: None,
         deferred_close: None,
         close_deadline: None,
         last_data: now,
@@ -176,6 +216,7 @@ pub async fn run(
         timer_deadline: now,
         timer_needs_poll: true,
         stop: StopWatch::new(stop.token.clone()),
+        traffic: traffic::Reporter::new(traffic, now),
     };
     relay.reset_timer();
     // Bytes that came with the handshakes are processed before any read.
@@ -203,16 +244,24 @@ pub async fn run(
         }
     }
     relay.finish();
+    let totals = relay.totals();
+    relay.traffic.publish(totals);
     RelayOutcome {
         code: relay.first_close_code.unwrap_or(code::ABNORMAL),
         messages_from_client: relay.c2u.messages,
         messages_from_upstream: relay.u2c.messages,
         bytes_from_client: relay.c2u.bytes,
         bytes_from_upstream: relay.u2c.bytes,
+        closed_by: relay.first_closer.unwrap_or(Closer::Gateway),
     }
 }
 
 impl<'a> Relay<'a> {
+    /// Messages from the client and the upstream, then bytes likewise.
+    fn totals(&self) -> [u64; 4] {
+        [self.c2u.messages, self.u2c.messages, self.c2u.bytes, self.u2c.bytes]
+    }
+
     fn stream(&self, side: Side) -> &'a TcpStream {
         match side {
             Side::Client => self.client,
@@ -308,6 +357,8 @@ impl<'a> Relay<'a> {
                 state.last_heard = Some(now);
                 state.ping_sent_at = None;
                 self.take_input(side, buf);
+                let (c2u, u2c) = (&self.c2u, &self.u2c);
+                self.traffic.tick(now, || [c2u.messages, u2c.messages, c2u.bytes, u2c.bytes]);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => pool::give(buf),
             Err(e) => {
@@ -364,6 +415,7 @@ impl<'a> Relay<'a> {
         match event {
             LinkEvent::Closed { code } => {
                 self.first_close_code.get_or_insert(code);
+                self.first_closer.get_or_insert(from.into());
                 let state = self.state_mut(from);
                 state.reading_done = true;
                 state.close_heard = Some(code);
@@ -440,6 +492,7 @@ impl<'a> Relay<'a> {
             return;
         }
         self.first_close_code.get_or_insert(code);
+        self.first_closer.get_or_insert(Closer::Gateway);
         self.state_mut(side).close_sent = true;
         let feeder = self.state(side.other());
         let feeder_stopped = feeder.gone || feeder.reading_done;
@@ -469,6 +522,7 @@ impl<'a> Relay<'a> {
             return;
         }
         tracing::debug!(?side, "peer went away without a close");
+        self.first_closer.get_or_insert(side.into());
         let other = side.other();
         self.links(side).0.stop_delivering();
         if self.send_deferred_close(other) {

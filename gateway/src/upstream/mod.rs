@@ -11,6 +11,7 @@ mod connect;
 pub mod drain;
 pub mod health;
 pub mod resolve;
+pub mod server_metrics;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -80,6 +81,8 @@ pub struct ServerState {
     pub health: Health,
     /// Live connections, for draining; and whether the server drains.
     pub connections: Connections,
+    /// Its series on `/metrics`, registered with its first connection.
+    pub metrics: OnceLock<server_metrics::ServerMetrics>,
 }
 
 impl Server {
@@ -110,6 +113,14 @@ impl Server {
         // Weight 1/8 on the new sample; the first sample sets the average.
         let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
         state.ewma_connect_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The server's series on `/metrics` (see [`server_metrics`]).
+    pub fn metrics(&self, registry: &crate::metrics::Registry, pool: &str) -> &server_metrics::ServerMetrics {
+        self.state.metrics.get_or_init(|| {
+            let name = format!("{}{}", self.address.authority, self.address.path_prefix);
+            server_metrics::ServerMetrics::register(registry, pool, &name)
+        })
     }
 
     /// This server, the `index`th of its pool, as a balancer plugin sees it now.

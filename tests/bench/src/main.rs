@@ -17,6 +17,7 @@
 //! Targets (table columns, in this order; `--only` picks some, default all, ~5 min in full):
 //! - `direct`: the client alternates between the two echo backends.
 //! - `wasmgate`: no plugins, round robin in the gateway.
+//! - `wasmgate-log`: the same with `access_log` to a file: one JSON line per connection.
 //! - `wasmgate-hook`: `noop-messages` on the route, a Wasm call for every message both ways;
 //!   round robin. One plugin.
 //! - `wasmgate-auth`: `jwt-auth` (HS256) on the route, `least-conn` as the upstream's balancer:
@@ -83,7 +84,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,wasmgate,wasmgate-hook,wasmgate-auth,wasmgate-3,nginx,haproxy,haproxy-tcp"
+        default_value = "direct,wasmgate,wasmgate-log,wasmgate-hook,wasmgate-auth,wasmgate-3,nginx,haproxy,haproxy-tcp"
     )]
     only: Vec<Target>,
     /// Scenarios, comma separated: echo (all four echo-SIZE-CONNS), echo-64-50, echo-64-1000,

@@ -24,6 +24,9 @@ pub enum Target {
     Direct,
     /// No plugins, round robin in the gateway.
     Wasmgate,
+    /// No plugins, with an access log line per connection written to a file.
+    #[value(name = "wasmgate-log")]
+    WasmgateLog,
     /// A per-message hook on every message.
     #[value(name = "wasmgate-hook")]
     WasmgateHook,
@@ -51,7 +54,7 @@ impl Target {
     /// The plugins a wasmgate column loads; None for the other paths.
     pub fn wasmgate_plugins(self) -> Option<&'static [Plugin]> {
         match self {
-            Target::Wasmgate => Some(&[]),
+            Target::Wasmgate | Target::WasmgateLog => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
             Target::WasmgateAuth => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
@@ -77,6 +80,7 @@ impl fmt::Display for Target {
         f.write_str(match self {
             Target::Direct => "direct",
             Target::Wasmgate => "wasmgate",
+            Target::WasmgateLog => "wasmgate-log",
             Target::WasmgateHook => "wasmgate-hook",
             Target::WasmgateAuth => "wasmgate-auth",
             Target::Wasmgate3 => "wasmgate-3",
@@ -258,6 +262,7 @@ fn start_proxy(
     let cmd = match target {
         Target::Direct => unreachable!("handled above"),
         Target::Wasmgate
+        | Target::WasmgateLog
         | Target::WasmgateHook
         | Target::WasmgateAuth
         | Target::Wasmgate3
@@ -270,7 +275,11 @@ fn start_proxy(
             // Only columns with plugins get an admin listener (for their failure count), so
             // the plain column runs as it always did.
             admin = if plugins.is_empty() { None } else { Some(free_addr()?) };
-            let text = wasmgate::config(listen, admin, servers, plugins, &dir.join("plugin-cache"));
+            let mut extra = wasmgate::Extra::default();
+            if target == Target::WasmgateLog {
+                extra.gateway.push(format!("access_log = \"{}\"", dir.join("access.log").display()));
+            }
+            let text = wasmgate::config_with(listen, admin, servers, plugins, &dir.join("plugin-cache"), &extra);
             let config = write(dir, "wasmgate.toml", &text)?;
             let mut cmd = Command::new(&bins.wasmgate);
             // Per-connection info logs would be extra work the other proxies (access_log

@@ -120,19 +120,8 @@ pub struct Extra {
 }
 
 /// One route to an upstream of `servers`; `plugins` split into the route's chain (in order)
-/// and the upstream's balancer. Compiled components are cached in `cache` (the run's own
-/// directory), so only the first start of a run compiles them.
-pub fn config(
-    listen: SocketAddr,
-    admin: Option<SocketAddr>,
-    servers: &[SocketAddr],
-    plugins: &[Plugin],
-    cache: &Path,
-) -> String {
-    config_with(listen, admin, servers, plugins, cache, &Extra::default())
-}
-
-/// `config` with `extra` settings.
+/// and the upstream's balancer; `extra` settings added. Compiled components are cached in
+/// `cache` (the run's own directory), so only the first start of a run compiles them.
 pub fn config_with(
     listen: SocketAddr,
     admin: Option<SocketAddr>,
@@ -255,8 +244,8 @@ mod tests {
     #[test]
     fn route_chain_and_balancer_are_split() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let text =
-            config(addr, None, &[addr], &[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn], Path::new("/c"));
+        let plugins = [Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn];
+        let text = config_with(addr, None, &[addr], &plugins, Path::new("/c"), &Extra::default());
         assert!(text.contains("balancer = \"least-conn\""));
         assert!(text.contains("plugins = [\"jwt-auth\", \"noop-messages\"]"));
         assert!(!text.contains("admin"));
