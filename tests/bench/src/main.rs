@@ -7,6 +7,7 @@
 //! cargo run --release -p wasmgate-bench -- [--quick] [--only TARGET,...]
 //!     [--scenario echo,connect,rss] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- soak [--minutes 30] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- kv [--seconds 5] [--rounds 3] [--out FILE]
 //! ```
 //! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
@@ -35,6 +36,7 @@
 //! This file holds the command line and the run order; see the modules for the rest.
 
 mod jwt;
+mod kv;
 mod load;
 mod machine;
 mod procs;
@@ -97,6 +99,9 @@ enum Mode {
     /// Soak wasmgate: mixed work for a while (30 minutes by default), its RSS and open
     /// descriptors sampled every 10 s; they must end within 10% of where they started.
     Soak(soak::Options),
+    /// The handshake cost of the plugin kv store in Redis (`[cluster]`) against the local
+    /// store: rate-limit on the route, the connect scenario (see `kv`).
+    Kv(kv::Options),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
     // stops them all. It runs on this thread, which children's parent-death signal watches.
     let result = match args.mode.take() {
         Some(Mode::Soak(options)) => runtime.block_on(until_signal(soak::run(options))),
+        Some(Mode::Kv(options)) => runtime.block_on(until_signal(kv::run(options))),
         None => runtime.block_on(until_signal(run(args))),
     };
     match result {
