@@ -210,6 +210,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<By
             Err(error) => json(StatusCode::CONFLICT, &serde_json::json!({ "error": error })),
         },
         (&Method::GET, "/upstreams") => json(StatusCode::OK, &shared.upstreams_status()),
+        (&Method::GET, "/cluster") => { let (status, body) = crate::cluster::admin_status(shared).await; json(status, &body) }
         (&Method::POST, "/shutdown") => answer(crate::upgrade::retire::admin_shutdown(req.uri().query(), shared)),
         (_, "/healthz" | "/metrics" | "/plugins" | "/plugins/reload" | "/upstreams" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())

@@ -37,6 +37,8 @@ pub struct Config {
     pub plugins: Vec<PluginSection>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteSection>,
+    /// Several gateways as one: plugin kv state in Redis, and the instances' registry.
+    pub cluster: Option<crate::cluster::ClusterSection>,
     /// The directory relative paths (plugin files) are resolved against: the config file's.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -258,6 +260,9 @@ pub struct PluginSection {
     /// ...and bytes (keys, values and 64 per entry). A write past either is refused.
     #[serde(default = "defaults::plugin_kv_max_bytes")]
     pub kv_max_bytes: usize,
+    /// With `[cluster]`, what kv calls do while Redis is away: "local" (default), "deny" or
+    /// "allow" (see `cluster`).
+    pub kv_unavailable: Option<Spanned<String>>,
     /// `config` as JSON with `${env:NAME}` and `${file:PATH}` expanded, made by `validate`.
     #[serde(skip)]
     pub config_json: String,
@@ -490,6 +495,12 @@ impl Config {
                     return Err(at.error(on_error.span(), "on_error must be \"deny\" or \"allow\""));
                 }
             }
+            if let Some(mode) = &p.kv_unavailable {
+                crate::cluster::KvUnavailable::parse(mode.get_ref()).map_err(|e| at.error(mode.span(), &e))?;
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(|(span, e)| at.error(span, &e))?;
         }
         for u in &self.upstreams {
             if u.servers.is_empty() {

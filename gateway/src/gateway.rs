@@ -167,6 +167,8 @@ pub struct Shared {
     pub upgrade: crate::upgrade::Upgrade,
     /// The last good addresses of upstream server names.
     pub names: crate::upstream::resolve::Names,
+    /// Redis and the other instances, with a `[cluster]`; fixed at start.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -194,6 +196,9 @@ impl Shared {
         }
         if old.gateway.admin.as_ref().map(|a| a.get_ref()) != config.gateway.admin.as_ref().map(|a| a.get_ref()) {
             tracing::warn!("the admin address changes only on restart; keeping the old one");
+        }
+        if old.cluster.as_ref().map(|c| format!("{c:?}")) != config.cluster.as_ref().map(|c| format!("{c:?}")) {
+            tracing::warn!("[cluster] changes only on restart; keeping the old one");
         }
         let staged = self.stage_plugins(&config).await;
         self.names.resolve_missing(&config).await;
@@ -430,6 +435,9 @@ fn plugin_specs(config: &Config) -> Vec<PluginSpec> {
             spec.max_metric_series = p.max_metric_series;
             spec.kv_max_keys = p.kv_max_keys;
             spec.kv_max_bytes = p.kv_max_bytes;
+            spec.kv_unavailable = p.kv_unavailable.as_ref().map_or_else(Default::default, |m| {
+                crate::cluster::KvUnavailable::parse(m.get_ref()).expect("validated")
+            });
             spec
         })
         .collect()
@@ -480,7 +488,15 @@ impl Gateway {
             }
         }
         let metrics_registry = Arc::new(Registry::new());
-        let options = RuntimeOptions { cache_dir: cache_dir(&config), ..RuntimeOptions::default() };
+        let cluster = match &config.cluster {
+            Some(section) => Some(Arc::new(crate::cluster::Cluster::start(section, config.gateway.listen.get_ref(), &metrics_registry)?)),
+            None => None,
+        };
+        let options = RuntimeOptions {
+            cache_dir: cache_dir(&config),
+            shared_kv: cluster.as_ref().map(|c| c.kv.clone()),
+            ..RuntimeOptions::default()
+        };
         let runtime = PluginRuntime::new(options, metrics_registry.clone())?;
         let plugins = Arc::new(PluginRegistry::new(runtime));
         let specs = plugin_specs(&config);
@@ -497,6 +513,13 @@ impl Gateway {
         // SO_REUSEPORT, or the sockets of the gateway this one takes over from.
         let crate::upgrade::Bound { listener, admin: admin_listener, predecessor, offered } = crate::upgrade::bind(&config).await?;
         let listen_addr = listener.local_addr()?;
+        // The default instance name says where this gateway listens, port 0 resolved.
+        let cluster = match (cluster, &config.cluster) {
+            (Some(c), Some(section)) if section.instance.is_none() => {
+                Some(Arc::new(c.renamed(section.instance_name(&listen_addr.to_string()))))
+            }
+            (c, _) => c,
+        };
         let admin_addr = admin_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let watch_paths = config.gateway.watch.then(|| watched_paths(&config));
         let access_log = match crate::access_log::configured(&config) {
@@ -523,9 +546,13 @@ impl Gateway {
             pool_tasks: std::sync::Mutex::new(HashMap::new()),
             retired: std::sync::Mutex::new(Vec::new()),
             names,
+            cluster,
         });
         shared.sync_pool_tasks();
         tokio::spawn(crate::upstream::resolve::run(Arc::downgrade(&shared), shared.shutdown.child_token()));
+        if let Some(cluster) = &shared.cluster {
+            tokio::spawn(cluster.members.clone().run(Arc::downgrade(&shared)));
+        }
         tokio::spawn(crate::listener::accept_loop(listener, shared.clone()));
         if let Some(admin) = admin_listener {
             tokio::spawn(crate::admin::serve(admin, shared.clone()));

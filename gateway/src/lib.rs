@@ -7,11 +7,12 @@
 //! [`forwarding`] decides whose forwarding headers count) → [`routes`] picks the route →
 //! [`upstream`] opens the upstream WebSocket → [`relay`] moves frames until both sides close.
 //! [`gateway`] ties them together behind [`Gateway::start`]; [`config`] is the TOML schema;
-//! [`admin`] serves health, metrics and the [`dashboard`]; [`access_log`] writes a line per connection. [`limits`] admits client sockets; [`resources`]
+//! [`admin`] serves health, metrics and the [`dashboard`]; [`access_log`] writes a line per connection; [`cluster`] makes several gateways one (Redis). [`limits`] admits client sockets; [`resources`]
 //! handles the gateway running out of descriptors or ports.
 
 pub mod access_log;
 pub mod admin;
+pub mod cluster;
 pub mod compression;
 pub mod config;
 pub mod dashboard;

@@ -15,6 +15,7 @@ use super::exports::ExportIndices;
 use super::hooks::Plugin;
 use super::host::{HostState, PluginEnv};
 use super::kv::Kv;
+use super::shared_kv::{PluginKv, SharedKv};
 use super::plugin_metrics::Namespaces;
 use super::types::OnError;
 use super::wasi;
@@ -35,6 +36,8 @@ pub struct RuntimeOptions {
     pub max_memory_size: usize,
     /// Elements per table; interpreted languages' components have large function tables.
     pub max_table_elements: usize,
+    /// The kv store in Redis, when the gateway is in a `[cluster]`.
+    pub shared_kv: Option<Arc<crate::cluster::RemoteKv>>,
 }
 
 impl Default for RuntimeOptions {
@@ -44,6 +47,7 @@ impl Default for RuntimeOptions {
             max_instances: 1000,
             max_memory_size: 1 << 30,
             max_table_elements: 100_000,
+            shared_kv: None,
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct PluginSpec {
     /// The plugin's share of the kv store: keys, and bytes (keys, values and 64 per entry).
     pub kv_max_keys: usize,
     pub kv_max_bytes: usize,
+    /// With a cluster, what kv calls do while Redis is away.
+    pub kv_unavailable: crate::cluster::KvUnavailable,
 }
 
 impl PluginSpec {
@@ -87,6 +93,7 @@ impl PluginSpec {
             max_metric_series: 256,
             kv_max_keys: 10_000,
             kv_max_bytes: 4 << 20,
+            kv_unavailable: crate::cluster::KvUnavailable::Local,
         }
     }
 }
@@ -204,10 +211,16 @@ impl PluginRuntime {
         if let Err(e) = &metric_names {
             tracing::warn!(target: "wasmgate::plugin", plugin = %spec.name, "metrics refused: {e}");
         }
+        let kv = PluginKv {
+            local: self.kv.clone(),
+            share: self.kv.share(&spec.name, spec.kv_max_keys, spec.kv_max_bytes),
+            shared: self.opts.shared_kv.as_ref().map(|remote| {
+                SharedKv::new(remote.clone(), &spec.name, spec.kv_unavailable, spec.kv_max_bytes, &self.metrics)
+            }),
+        };
         let env = PluginEnv::new(
             &spec.name,
-            self.kv.clone(),
-            self.kv.share(&spec.name, spec.kv_max_keys, spec.kv_max_bytes),
+            kv,
             self.metrics.clone(),
             metric_names,
             self.started,

@@ -12,7 +12,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{connection, host, kv, message, metrics, types as wit, upstreams};
 use super::engine::Ticking;
-use super::kv::{Kv, KvError, Share};
+use super::kv::KvError;
+use super::shared_kv::{Fallback, KvFailure, PluginKv, RedisBudget, Route};
 use super::log_text::{self, Throttle};
 use super::plugin_metrics::{Namespace, PendingUpdate, Value, MAX_UPDATES_PER_CALL};
 use super::types::{ConnContext, PoolInfo, META_LIMIT_BYTES};
@@ -29,9 +30,8 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// What all instances of one plugin version share.
 pub(super) struct PluginEnv {
     pub name: Arc<str>,
-    pub kv: Arc<Kv>,
-    /// This plugin's namespace and share of `kv`.
-    kv_share: Arc<Share>,
+    /// This plugin's namespace and share of the local store, and of Redis in a cluster.
+    pub kv: PluginKv,
     pub metrics: Arc<Registry>,
     /// Where this plugin's own metrics go; an error when their names are taken.
     metric_names: Result<Namespace, String>,
@@ -52,8 +52,7 @@ struct Refused {
 impl PluginEnv {
     pub fn new(
         name: &str,
-        kv: Arc<Kv>,
-        kv_share: Arc<Share>,
+        kv: PluginKv,
         metrics: Arc<Registry>,
         metric_names: Result<Namespace, String>,
         started: Instant,
@@ -75,7 +74,6 @@ impl PluginEnv {
             },
             name: name.into(),
             kv,
-            kv_share,
             metrics,
             metric_names,
             started,
@@ -85,8 +83,17 @@ impl PluginEnv {
 
     /// Counts a refused kv write (the share full: also logged) and says why to the plugin.
     fn refuse_kv(&self, key: &str, err: KvError) -> kv::KvError {
-        match err {
-            KvError::Full { .. } => {
+        self.refuse_kv_failure(key, &err, match err {
+            KvError::Full { .. } => KvFailure::Full,
+            KvError::NotAnInteger => KvFailure::NotAnInteger,
+            KvError::Overflow => KvFailure::Overflow,
+        })
+    }
+
+    /// Counts a refused kv write (the share full: also logged) and says why to the plugin.
+    fn refuse_kv_failure(&self, key: &str, err: &dyn std::fmt::Display, failure: KvFailure) -> kv::KvError {
+        match failure {
+            KvFailure::Full => {
                 self.refused.kv.inc();
                 if self.refused.kv_warned.due(self.started) {
                     let key = log_text::printable(key);
@@ -94,8 +101,8 @@ impl PluginEnv {
                 }
                 kv::KvError::Full
             }
-            KvError::NotAnInteger => kv::KvError::NotAnInteger,
-            KvError::Overflow => kv::KvError::Overflow,
+            KvFailure::NotAnInteger => kv::KvError::NotAnInteger,
+            KvFailure::Overflow => kv::KvError::Overflow,
         }
     }
 
@@ -109,7 +116,7 @@ impl PluginEnv {
 
     /// Keys and bytes this plugin holds in the kv store.
     pub fn kv_used(&self) -> (usize, usize) {
-        self.kv_share.used()
+        self.kv.share.used()
     }
 
     /// Series this plugin's metrics use, and the most allowed.
@@ -127,6 +134,10 @@ pub(super) struct HostState {
     edits: MessageEdits,
     /// Metric updates of the call in progress, applied by `commit_metrics` if it succeeds.
     metric_updates: Vec<PendingUpdate>,
+    /// The call in progress's Redis budget and wait (see `shared_kv`).
+    pub redis: RedisBudget,
+    /// The call in progress is `on-message`: kv stays local.
+    in_message: bool,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -158,6 +169,8 @@ pub(super) struct MessageEdits {
 
 impl HostState {
     pub fn new(env: Arc<PluginEnv>, memory_limit: usize) -> HostState {
+        // `init` gets a Redis budget of its own.
+        let redis = RedisBudget { left: env.kv.shared.as_ref().map_or(Duration::ZERO, |s| s.call_budget()), waited: Duration::ZERO };
         HostState {
             wasi: wasi::deny_all_ctx(&env.name),
             env,
@@ -168,6 +181,8 @@ impl HostState {
             lent: Lent::default(),
             edits: MessageEdits::default(),
             metric_updates: Vec::new(),
+            redis,
+            in_message: false,
             table: ResourceTable::new(),
         }
     }
@@ -181,6 +196,11 @@ impl HostState {
         state.lent = Lent { conn: Some(NonNull::from(conn)), ..Lent::default() };
         state.edits = MessageEdits::default();
         state.metric_updates.clear();
+        state.redis = RedisBudget {
+            left: state.env.kv.shared.as_ref().map_or(Duration::ZERO, |s| s.call_budget()),
+            waited: Duration::ZERO,
+        };
+        state.in_message = false;
         // A refusal a guest survived in an earlier call must not explain this call's trap.
         state.limits.memory_exceeded = false;
         ConnGuard { store, lent: PhantomData }
@@ -251,7 +271,9 @@ impl<'l> ConnGuard<'_, 'l> {
 
     /// Lends `payload` to the call as well, for the `message` functions.
     pub fn with_message(self, payload: &'l [u8]) -> Self {
-        self.store.data_mut().lent.message = Some(NonNull::from(payload));
+        let state = self.store.data_mut();
+        state.lent.message = Some(NonNull::from(payload));
+        state.in_message = true;
         self
     }
 
@@ -434,7 +456,18 @@ impl message::Host for HostState {
 
 impl kv::Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        Ok(self.env.kv.get(&self.env.kv_share, &key))
+        let env = self.env.clone();
+        let Route::Remote(shared) = env.kv.route(&key, self.in_message) else {
+            return Ok(env.kv.local_get(&key));
+        };
+        if let Some(answer) = shared.attempt(&mut self.redis, |r, k, d| r.get(k, d), &key) {
+            return Ok(answer.unwrap_or(None));
+        }
+        match shared.fallback() {
+            Fallback::Local => Ok(env.kv.local_get(&key)),
+            Fallback::Allow => Ok(None),
+            Fallback::Deny(why) => Err(wasmtime::format_err!("{why}")),
+        }
     }
 
     fn set(
@@ -444,11 +477,40 @@ impl kv::Host for HostState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<(), kv::KvError>> {
         let ttl = ttl_ms.map(Duration::from_millis);
-        Ok(self.env.kv.set(&self.env.kv_share, &key, &value, ttl).map_err(|e| self.env.refuse_kv(&key, e)))
+        let env = self.env.clone();
+        let local = |key: &str, value: &[u8]| env.kv.local_set(key, value, ttl).map_err(|e| env.refuse_kv(key, e));
+        let Route::Remote(shared) = env.kv.route(&key, self.in_message) else {
+            return Ok(local(&key, &value));
+        };
+        if shared.too_large(&key, value.len()) {
+            let why = "the value is larger than the plugin's kv_max_bytes";
+            return Ok(Err(env.refuse_kv_failure(&key, &why, KvFailure::Full)));
+        }
+        let sent = value.clone();
+        if let Some(answer) = shared.attempt(&mut self.redis, move |r, k, d| r.set(k, sent, ttl, d), &key) {
+            return Ok(answer.map_err(|f| env.refuse_kv_failure(&key, &"Redis refused the write", f)));
+        }
+        match shared.fallback() {
+            Fallback::Local => Ok(local(&key, &value)),
+            Fallback::Allow => Ok(Ok(())),
+            Fallback::Deny(why) => Err(wasmtime::format_err!("{why}")),
+        }
     }
 
     fn delete(&mut self, key: String) -> wasmtime::Result<()> {
-        self.env.kv.delete(&self.env.kv_share, &key);
+        let env = self.env.clone();
+        let Route::Remote(shared) = env.kv.route(&key, self.in_message) else {
+            env.kv.local_delete(&key);
+            return Ok(());
+        };
+        if shared.attempt(&mut self.redis, |r, k, d| r.delete(k, d), &key).is_some() {
+            return Ok(());
+        }
+        match shared.fallback() {
+            Fallback::Local => env.kv.local_delete(&key),
+            Fallback::Allow => {}
+            Fallback::Deny(why) => return Err(wasmtime::format_err!("{why}")),
+        }
         Ok(())
     }
 
@@ -459,7 +521,19 @@ impl kv::Host for HostState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<i64, kv::KvError>> {
         let ttl = ttl_ms.map(Duration::from_millis);
-        Ok(self.env.kv.incr(&self.env.kv_share, &key, delta, ttl).map_err(|e| self.env.refuse_kv(&key, e)))
+        let env = self.env.clone();
+        let local = |key: &str| env.kv.local_incr(key, delta, ttl).map_err(|e| env.refuse_kv(key, e));
+        let Route::Remote(shared) = env.kv.route(&key, self.in_message) else {
+            return Ok(local(&key));
+        };
+        if let Some(answer) = shared.attempt(&mut self.redis, |r, k, d| r.incr(k, delta, ttl, d), &key) {
+            return Ok(answer.map_err(|f| env.refuse_kv_failure(&key, &"Redis refused the increment", f)));
+        }
+        match shared.fallback() {
+            Fallback::Local => Ok(local(&key)),
+            Fallback::Allow => Ok(Ok(delta)),
+            Fallback::Deny(why) => Err(wasmtime::format_err!("{why}")),
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! Module map: `engine` (runtime and loading) → `cache` (compiled components on disk) →
 //! `exports` (finding and calling hooks) → `pool` (shared instances, made off the calling
 //! thread) → `hooks` (a loaded plugin's hook calls) → `registry` (named, swappable plugins).
-//! `host`, `wasi`, `kv` and `plugin_metrics` are what plugins import; `log_text` makes their
+//! `host`, `wasi`, `kv` (with `shared_kv`: Redis in a cluster) and `plugin_metrics` are what
+//! plugins import; `log_text` makes their
 //! log text safe to print; `types` the hook arguments and results, `validate` the checks on
 //! handshake answers; `watch` the file watcher behind hot reload.
 
@@ -21,6 +22,7 @@ mod log_text;
 mod plugin_metrics;
 mod pool;
 mod registry;
+mod shared_kv;
 mod types;
 mod validate;
 mod wasi;
@@ -28,6 +30,7 @@ mod watch;
 
 pub use engine::{PluginRuntime, PluginSpec, RuntimeOptions};
 pub use hooks::{panic_text, Plugin, PluginInfo, CALL_BUCKETS};
+pub use shared_kv::{KvFailure, LOCAL_PREFIX};
 pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport, StagedPlugins};
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,

@@ -72,7 +72,11 @@ pub struct Server {
 /// What the gateway has seen of a server, carried across reloads.
 #[derive(Debug, Default)]
 pub struct ServerState {
+    /// This gateway's connections to the server.
     pub active: AtomicU32,
+    /// The other live gateways' connections to it, from the last cluster heartbeat (0
+    /// without a `[cluster]`); balancers see `active` plus this.
+    pub others_active: AtomicU32,
     pub total: AtomicU64,
     /// Exponentially weighted moving average of connect + handshake time, µs.
     pub ewma_connect_us: AtomicU32,
@@ -129,7 +133,7 @@ impl Server {
         crate::plugin::Candidate {
             server: index as u32,
             weight: self.weight,
-            active: state.active.load(Ordering::Relaxed),
+            active: state.active.load(Ordering::Relaxed).saturating_add(state.others_active.load(Ordering::Relaxed)),
             total: state.total.load(Ordering::Relaxed),
             ewma_connect_us: state.ewma_connect_us.load(Ordering::Relaxed),
             recent_failures: state.recent_failures.load(Ordering::Relaxed),

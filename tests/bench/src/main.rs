@@ -9,6 +9,7 @@
 //! cargo run --release -p wasmgate-bench -- soak [--minutes 30] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- storm [--clients 20000] [--only TARGET,...] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- scale [--connections 100000] [--gateways 12] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- kv [--seconds 5] [--rounds 3] [--out FILE]
 //! ```
 //! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
@@ -42,6 +43,7 @@
 //! This file holds the command line and the run order; see the modules for the rest.
 
 mod jwt;
+mod kv;
 mod load;
 mod machine;
 mod procs;
@@ -118,6 +120,9 @@ enum Mode {
     /// One client process of `scale` (started by it).
     #[command(hide = true)]
     ScaleClient(scale::ClientOptions),
+    /// The handshake cost of the plugin kv store in Redis (`[cluster]`) against the local
+    /// store: rate-limit on the route, the connect scenario (see `kv`).
+    Kv(kv::Options),
 }
 
 fn main() -> ExitCode {
@@ -131,6 +136,7 @@ fn main() -> ExitCode {
         Some(Mode::StormClient(options)) => runtime.block_on(until_signal(storm::client(options))),
         Some(Mode::Scale(options)) => runtime.block_on(until_signal(scale::run(options))),
         Some(Mode::ScaleClient(options)) => runtime.block_on(until_signal(scale::client(options))),
+        Some(Mode::Kv(options)) => runtime.block_on(until_signal(kv::run(options))),
         None => runtime.block_on(until_signal(run(args))),
     };
     match result {
