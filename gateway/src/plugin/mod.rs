@@ -21,6 +21,7 @@ mod log_text;
 mod plugin_metrics;
 mod pool;
 mod registry;
+mod session;
 mod types;
 mod validate;
 mod wasi;
@@ -34,4 +35,5 @@ pub use types::{
     Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, PoolInfo,
     Reject, ServerInfo, Verdict, META_LIMIT_BYTES,
 };
+pub use session::{Outgoing, ReattachReason};
 pub use watch::{watch, WatchGuard};
