@@ -17,6 +17,7 @@ pub mod close;
 pub mod frame;
 pub mod link;
 mod pool;
+mod reattach;
 mod stop;
 pub mod utf8;
 
@@ -33,6 +34,7 @@ use crate::compression::{Deflater, Inflater};
 use close::code;
 use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
+pub use reattach::{Reattach, Reattached};
 pub use stop::Stop;
 use stop::StopWatch;
 
@@ -99,7 +101,8 @@ struct SideState {
 
 struct Relay<'a> {
     client: &'a TcpStream,
-    upstream: &'a TcpStream,
+    /// Owned, so that a connection can move to another server (see `reattach`).
+    upstream: TcpStream,
     /// Frames from the client toward the upstream.
     c2u: Link,
     /// Frames from the upstream toward the client.
@@ -123,6 +126,10 @@ struct Relay<'a> {
     /// The timer was reset and must be polled to register the task's waker again.
     timer_needs_poll: bool,
     stop: StopWatch,
+    /// Moves the connection to another server when its own goes away (session routes).
+    reattach: Option<&'a mut (dyn Reattach + 'static)>,
+    /// A move decided and not yet done: why, and the client's close should it fail.
+    moving: Option<reattach::Move>,
 }
 
 enum Wake {
@@ -150,7 +157,8 @@ pub async fn run(
     rules: (LinkRules, LinkRules),
     hook: Option<&dyn MessageHook>,
     compression: Option<ClientCompression>,
-    stop: Stop,
+    mut stop: Stop,
+    reattach: Option<&mut (dyn Reattach + 'static)>,
 ) -> RelayOutcome {
     let now = Instant::now();
     let (inflater, deflater, min_size) = match compression {
@@ -159,11 +167,12 @@ pub async fn run(
     };
     let mut relay = Relay {
         client: &client.stream,
-        upstream: &upstream.stream,
+        upstream: upstream.stream,
         c2u: Link::new(Side::Client, rules.0, hook.is_some()).with_compression(inflater, None),
         u2c: Link::new(Side::Upstream, rules.1, hook.is_some())
             .with_compression(None, deflater)
-            .compress_from(min_size),
+            .compress_from(min_size)
+            .keep_restart_closes(reattach.is_some()),
         client_state: SideState { unprocessed: client.already_read, last_heard: Some(now), ..Default::default() },
         upstream_state: SideState { unprocessed: upstream.already_read, last_heard: Some(now), ..Default::default() },
         hook,
@@ -176,6 +185,8 @@ pub async fn run(
         timer_deadline: now,
         timer_needs_poll: true,
         stop: StopWatch::new(stop.token.clone()),
+        reattach,
+        moving: None,
     };
     relay.reset_timer();
     // Bytes that came with the handshakes are processed before any read.
@@ -187,11 +198,17 @@ pub async fn run(
     }
     relay.flush_all();
     while !relay.finished() {
+        if relay.moving.is_some() {
+            relay.move_upstream(&mut stop).await;
+            relay.flush_all();
+            continue;
+        }
         let wake = poll_fn(|cx| relay.poll_wake(cx)).await;
         match wake {
             Wake::Read(side) => relay.read(side),
             Wake::Write(side) => relay.write(side),
             Wake::Timer => relay.on_timer(),
+            Wake::Shutdown if relay.move_on_stop() => {}
             Wake::Shutdown => {
                 let (code, reason) = (stop.frame)();
                 relay.start_close(Some((code, reason)), Some((code, reason)));
@@ -213,10 +230,10 @@ pub async fn run(
 }
 
 impl<'a> Relay<'a> {
-    fn stream(&self, side: Side) -> &'a TcpStream {
+    fn stream(&self, side: Side) -> &TcpStream {
         match side {
             Side::Client => self.client,
-            Side::Upstream => self.upstream,
+            Side::Upstream => &self.upstream,
         }
     }
 
@@ -362,6 +379,9 @@ impl<'a> Relay<'a> {
 
     fn on_event(&mut self, from: Side, event: LinkEvent) {
         match event {
+            LinkEvent::Closed { code } if from == Side::Upstream && self.u2c.keeps_close(code) => {
+                self.upstream_restarting(code);
+            }
             LinkEvent::Closed { code } => {
                 self.first_close_code.get_or_insert(code);
                 let state = self.state_mut(from);
@@ -460,6 +480,9 @@ impl<'a> Relay<'a> {
     }
 
     fn side_gone(&mut self, side: Side) {
+        if side == Side::Upstream && self.move_on_loss() {
+            return;
+        }
         let state = self.state_mut(side);
         if state.gone {
             return;
@@ -518,8 +541,10 @@ impl<'a> Relay<'a> {
 
     fn write(&mut self, to: Side) {
         loop {
-            let stream = self.stream(to);
-            let link = self.link_to(to);
+            let (stream, link) = match to {
+                Side::Client => (self.client, &mut self.u2c),
+                Side::Upstream => (&self.upstream, &mut self.c2u),
+            };
             if !link.has_output() {
                 break;
             }
@@ -532,6 +557,10 @@ impl<'a> Relay<'a> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!(side = ?to, error = %e, "write failed");
+                    // What was not written goes to the next server, if the connection moves.
+                    if to == Side::Upstream && self.move_on_loss() {
+                        break;
+                    }
                     let link = self.link_to(to);
                     link.out.clear();
                     link.out_written = 0;
