@@ -130,6 +130,8 @@ struct Relay<'a> {
     reattach: Option<&'a mut (dyn Reattach + 'static)>,
     /// A move decided and not yet done: why, and the client's close should it fail.
     moving: Option<reattach::Move>,
+    /// A move asked for while a message from the server was arriving, done at its end.
+    move_after_message: Option<crate::plugin::ReattachReason>,
 }
 
 enum Wake {
@@ -187,6 +189,7 @@ pub async fn run(
         stop: StopWatch::new(stop.token.clone()),
         reattach,
         moving: None,
+        move_after_message: None,
     };
     relay.reset_timer();
     // Bytes that came with the handshakes are processed before any read.
@@ -198,6 +201,9 @@ pub async fn run(
     }
     relay.flush_all();
     while !relay.finished() {
+        if relay.move_after_message.is_some() {
+            relay.move_when_whole();
+        }
         if relay.moving.is_some() {
             relay.move_upstream(&mut stop).await;
             relay.flush_all();
@@ -289,7 +295,10 @@ impl<'a> Relay<'a> {
                 return Poll::Ready(Wake::Write(side));
             }
         }
-        for side in [Side::Client, Side::Upstream] {
+        // The upstream first: a server that went away is noticed before the client's next
+        // message is read and written to its dead socket (a connection that can move would
+        // lose that message).
+        for side in [Side::Upstream, Side::Client] {
             if self.wants_read(side) && self.stream(side).poll_read_ready(cx).is_ready() {
                 return Poll::Ready(Wake::Read(side));
             }

@@ -87,11 +87,28 @@ impl Relay<'_> {
         self.try_move(ReattachReason::ServerGone, (code::INTERNAL_ERROR, "upstream went away"))
     }
 
-    /// The stop signal fired: move if it asks to and the connection can.
+    /// The stop signal fired: move if it asks to and the connection can. A message arriving
+    /// from the server is let finish first: the move waits for its end.
     pub(super) fn move_on_stop(&mut self) -> bool {
-        match self.reattach.as_deref().and_then(|r| r.moving()) {
-            Some(reason) => self.try_move(reason, (code::SERVICE_RESTART, "service restart")),
-            None => false,
+        let Some(reason) = self.reattach.as_deref().and_then(|r| r.moving()) else { return false };
+        if self.u2c.assembling() && self.u2c.delivering() && !self.upstream_state.gone {
+            self.move_after_message = Some(reason);
+            return true;
+        }
+        self.try_move(reason, (code::SERVICE_RESTART, "service restart"))
+    }
+
+    /// Carries out a move the stop signal asked for once the message it waited for is whole;
+    /// if the connection cannot move then, it closes as the signal said.
+    pub(super) fn move_when_whole(&mut self) {
+        if self.u2c.assembling() && !self.upstream_state.gone {
+            return;
+        }
+        if let Some(reason) = self.move_after_message.take() {
+            if !self.try_move(reason, (code::SERVICE_RESTART, "service restart")) && self.close_deadline.is_none() {
+                let restart = (code::SERVICE_RESTART, "service restart");
+                self.start_close(Some(restart), Some(restart));
+            }
         }
     }
 
