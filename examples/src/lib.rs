@@ -1,4 +1,5 @@
 //! Demo backends for wasmgate: small, real WebSocket servers that the demo, the tests and the
 //! benchmarks put behind the gateway.
 
+pub mod chat;
 pub mod echo;

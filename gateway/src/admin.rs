@@ -10,7 +10,9 @@
 //!   its connections are closed with 1012 at N per second (default: spread over the pool's
 //!   `drain_secs`); `.../undrain` takes it back;
 //! - `POST /upstreams/{pool}/rebalance?rate=N&target=R`: move connections off the most loaded
-//!   servers (N per second, default 10) until max/min load ≤ R (default 1.2);
+//!   servers (N per second, default 10) until max/min load ≤ R (default 1.2); both take
+//!   `mode=close` (default) or `mode=migrate`: connections whose route keeps session state
+//!   move to another server without their client noticing;
 //! - `POST /shutdown?drain_secs=N`: retire this process (see `upgrade`): stop accepting,
 //!   close live connections with 1012 spread over N seconds, exit.
 //! - `GET /`: the live [dashboard](crate::dashboard) (the page needs no token, its data
@@ -240,14 +242,19 @@ fn upstream_action(method: &Method, path: &str, query: Option<&str>, shared: &Sh
             .map(|parsed| parsed.ok_or_else(|| format!("{name} must be a finite number of at least {min}")))
             .transpose()
     };
+    let migrate = match query.unwrap_or("").split('&').filter_map(|kv| kv.strip_prefix("mode=")).collect::<Vec<_>>()[..] {
+        [] | ["close"] => false,
+        ["migrate"] => true,
+        _ => return error(StatusCode::BAD_REQUEST, "mode must be given once, as close or migrate".into()),
+    };
     let result = match segments.as_slice() {
         [pool, "servers", address, "drain"] if method == Method::POST => match param("rate", MIN_RATE) {
-            Ok(rate) => shared.drain_server(pool, address, rate),
+            Ok(rate) => shared.drain_server(pool, address, rate, migrate),
             Err(message) => return error(StatusCode::BAD_REQUEST, message),
         },
         [pool, "servers", address, "undrain"] if method == Method::POST => shared.undrain_server(pool, address),
         [pool, "rebalance"] if method == Method::POST => match (param("rate", MIN_RATE), param("target", 1.0)) {
-            (Ok(rate), Ok(target)) => shared.rebalance(pool, rate.unwrap_or(10.0), target.unwrap_or(1.2)),
+            (Ok(rate), Ok(target)) => shared.rebalance(pool, rate.unwrap_or(10.0), target.unwrap_or(1.2), migrate),
             (Err(message), _) | (_, Err(message)) => return error(StatusCode::BAD_REQUEST, message),
         },
         [_, "servers", _, "drain" | "undrain"] | [_, "rebalance"] => {

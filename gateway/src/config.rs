@@ -156,6 +156,14 @@ pub struct GatewaySection {
     /// How often upstream server names are resolved again (an upstream may say otherwise).
     #[serde(default = "defaults::resolve_interval_secs")]
     pub resolve_interval_secs: Spanned<u64>,
+    /// Session routes (a plugin declaring the `session` hook): most bytes of client messages
+    /// remembered per connection for replay on another server.
+    #[serde(default = "defaults::session_log_bytes")]
+    pub session_log_bytes: usize,
+    /// Session routes: how long a connection whose server went away may wait for another
+    /// before its client gets the close it would have had.
+    #[serde(default = "defaults::resume_timeout_ms")]
+    pub resume_timeout_ms: u64,
     /// `admin_token` expanded, made by `validate`.
     #[serde(skip)]
     pub admin_secret: Option<crate::admin::AdminToken>,
@@ -284,6 +292,12 @@ pub struct RouteSection {
 }
 
 mod defaults {
+    pub fn session_log_bytes() -> usize {
+        64 << 10
+    }
+    pub fn resume_timeout_ms() -> u64 {
+        5_000
+    }
     pub fn max_message_size() -> u64 {
         16 << 20
     }

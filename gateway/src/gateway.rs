@@ -292,7 +292,7 @@ impl Shared {
                     continue;
                 }
                 let pace = crate::upstream::DrainPace { rate: None, spread: pool.drain_spread };
-                let closing = self.start_drain(name, server.clone(), pace, "removed");
+                let closing = self.start_drain(name, server.clone(), pace, false, "removed");
                 tracing::info!(pool = %name, server = %server.address.authority, ?closing, "server removed; draining");
                 if server.state.active.load(Ordering::Relaxed) > 0 {
                     retired.push((name.clone(), server.clone()));
@@ -308,10 +308,11 @@ impl Shared {
         pool: &str,
         server: Arc<crate::upstream::Server>,
         pace: crate::upstream::DrainPace,
+        migrate: bool,
         cause: &str,
     ) -> Option<usize> {
         let moved = self.drained_counter(pool, cause);
-        crate::upstream::drain::start_drain(server, pace, moved, self.shutdown.child_token())
+        crate::upstream::drain::start_drain(server, pace, migrate, moved, self.shutdown.child_token())
     }
 
     fn drained_counter(&self, pool: &str, cause: &str) -> Counter {
@@ -325,7 +326,14 @@ impl Shared {
     /// `POST /upstreams/{pool}/servers/{addr}/drain`: stop new connections to the server and
     /// close its connections with 1012 at `rate` per second (default: spread over the pool's
     /// `drain_secs`).
-    pub fn drain_server(&self, pool: &str, address: &str, rate: Option<f64>) -> Result<serde_json::Value, AdminError> {
+    /// With `migrate`, connections whose route keeps session state move to another server.
+    pub fn drain_server(
+        &self,
+        pool: &str,
+        address: &str,
+        rate: Option<f64>,
+        migrate: bool,
+    ) -> Result<serde_json::Value, AdminError> {
         let routing = self.routing.load();
         let pool = routing.pools.get(pool).ok_or_else(|| AdminError::NotFound(format!("no upstream {pool}")))?;
         let server = pool
@@ -333,7 +341,7 @@ impl Shared {
             .ok_or_else(|| AdminError::NotFound(format!("upstream {} has no server {address}", pool.name)))?;
         let pace = crate::upstream::DrainPace { rate, spread: pool.drain_spread };
         let closing = self
-            .start_drain(&pool.name, server.clone(), pace, "drain")
+            .start_drain(&pool.name, server.clone(), pace, migrate, "drain")
             .ok_or_else(|| AdminError::Conflict(format!("{address} of {} is draining already", pool.name)))?;
         tracing::info!(pool = %pool.name, server = %address, closing, ?rate, "draining");
         Ok(serde_json::json!({
@@ -342,6 +350,7 @@ impl Shared {
             "closing": closing,
             "rate": rate,
             "spread_secs": pool.drain_spread.as_secs(),
+            "mode": if migrate { "migrate" } else { "close" },
         }))
     }
 
@@ -359,7 +368,8 @@ impl Shared {
     /// `POST /upstreams/{pool}/rebalance`: after servers were added, move connections off the
     /// most loaded servers, `rate` per second, until max/min load ≤ `target`. Runs in the
     /// background; each move counts in `wasmgate_upstream_drained_connections_total`.
-    pub fn rebalance(&self, pool: &str, rate: f64, target: f64) -> Result<serde_json::Value, AdminError> {
+    /// With `migrate`, connections whose route keeps session state move instead of closing.
+    pub fn rebalance(&self, pool: &str, rate: f64, target: f64, migrate: bool) -> Result<serde_json::Value, AdminError> {
         let valid = rate > 0.0 && rate.is_finite() && target >= 1.0 && target.is_finite();
         if !valid {
             return Err(AdminError::BadRequest("rate must be above 0 and target at least 1".into()));
@@ -372,10 +382,11 @@ impl Shared {
         let stop = self.shutdown.child_token();
         tokio::spawn(async move {
             let pool_name = pool.name.clone();
-            let report = crate::upstream::drain::rebalance(pool, rate, target, open, moved, stop).await;
+            let report = crate::upstream::drain::rebalance(pool, rate, target, open, migrate, moved, stop).await;
             tracing::info!(pool = %pool_name, moved = report.moved, ratio = report.final_ratio, "rebalance finished");
         });
-        Ok(serde_json::json!({ "pool": name, "rate": rate, "target": target, "open_connections": open }))
+        let mode = if migrate { "migrate" } else { "close" };
+        Ok(serde_json::json!({ "pool": name, "rate": rate, "target": target, "open_connections": open, "mode": mode }))
     }
 
     /// `GET /upstreams`: every pool with its servers' load, health and draining state, and

@@ -29,6 +29,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod resources;
 pub mod routes;
+pub mod session;
 pub mod upgrade;
 pub mod upstream;
 

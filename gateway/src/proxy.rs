@@ -142,10 +142,15 @@ async fn upgrade(
         .ok_or_else(|| Refusal::new(StatusCode::NOT_FOUND, format!("no route for {}", upgrade.path)))?;
     trace.route(&route.prefix);
     let chain = route.chain.clone();
+    // Routes with a session plugin keep a replay log per connection (crate::session).
+    let session = chain.iter().any(|slot| slot.current().hooks().session);
+    let log_bytes = shared.config.load().gateway.session_log_bytes;
     // Plugins see the connection through a host-side context; connections without plugins
     // skip it.
-    let new_context =
-        || Arc::new(ConnContext::new(shared.next_connection_id(), client_addr.to_string(), route.prefix.clone()));
+    let new_context = || {
+        let context = ConnContext::new(shared.next_connection_id(), client_addr.to_string(), route.prefix.clone());
+        Arc::new(if session { context.with_session(log_bytes) } else { context })
+    };
     let mut conn = (!chain.is_empty()).then(new_context);
     let errors = &shared.metrics.plugin_errors;
     let decision = match &conn {
@@ -159,11 +164,13 @@ async fn upgrade(
         Refusal::new(StatusCode::BAD_GATEWAY, format!("a plugin chose upstream {pool_name:?}, which is not configured"))
     })?;
     let mut request = upstream_request(&upgrade, client_addr, &decision);
-    // Plugins that read messages need plain payloads: passthrough becomes terminate.
+    // Plugins that read messages need plain payloads, and a connection that may move to
+    // another server cannot keep a deflate context agreed with this one: passthrough
+    // becomes terminate.
     let reads_messages = chain.iter().any(|slot| slot.current().hooks().messages);
     let wanted = decision.compression.unwrap_or(routing.compression);
     let mode = match wanted.mode {
-        CompressionMode::Passthrough if reads_messages => CompressionMode::Terminate,
+        CompressionMode::Passthrough if reads_messages || session => CompressionMode::Terminate,
         mode => mode,
     };
     let client_offers: Vec<&str> = upgrade
@@ -208,9 +215,15 @@ async fn upgrade(
     };
     trace.negotiated(subprotocol.as_deref(), agreed);
     let settings = routing.relay.clone();
+    let session = session.then(|| crate::session::Plan {
+        pool: pool.name.clone(),
+        request,
+        edited,
+        subprotocol: decision.subprotocol.is_none().then(|| socket.subprotocol.clone()),
+    });
     // The message hook follows the decision the compression mode was based on.
     let chain = Chain { slots: chain, conn, reads_messages };
-    Ok((response, Prepared { client_already_read, upstream: socket, active, chain, compression, settings }))
+    Ok((response, Prepared { client_already_read, upstream: socket, active, chain, compression, settings, session }))
 }
 
 /// Calls each handshake plugin of the chain in order. A reject ends the chain; accepts
@@ -304,7 +317,7 @@ fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, decision: 
 /// balancer falls back to round robin unless its `on_error` is "deny". Only available servers
 /// (healthy, not ejected, not draining) are offered to the plugin, as `candidates` whose
 /// indexes map back to the pool's list; none available is a 503.
-fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter, trace: &mut Trace) -> Result<Vec<usize>, Refusal> {
+pub(crate) fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter, trace: &mut Trace) -> Result<Vec<usize>, Refusal> {
     let available = pool.available();
     if available.is_empty() {
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, pool.unavailable_reason()));
@@ -351,7 +364,7 @@ fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter, trace
 /// shares the pool. Unreachable servers still count. A server that started draining
 /// meanwhile is passed over. The gateway running out of descriptors or ports is no server's
 /// failure: the client gets a 503 that says so, and no server is blamed or tried further.
-async fn connect_ranked(
+pub(crate) async fn connect_ranked(
     pool: &Pool,
     order: &[usize],
     request: &UpstreamRequest,
@@ -488,16 +501,21 @@ struct Prepared {
     active: ActiveConnection,
     chain: Chain,
     compression: NegotiatedCompression,
+    /// How to open another server, on routes whose connections may move.
+    session: Option<crate::session::Plan>,
 }
 
-async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &Shared, trace: &mut Trace) {
-    let Prepared { client_already_read, upstream, settings, active, chain, compression } = *prepared;
+async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &Arc<Shared>, trace: &mut Trace) {
+    let Prepared { client_already_read, upstream, settings, active, chain, compression, session } = *prepared;
     let client = Endpoint { stream: client, already_read: client_already_read };
     let started = Instant::now();
     let metrics = &shared.metrics;
     metrics.connections_active.inc();
     metrics.connections_total.inc();
-    let server = active.server().state.metrics.get();
+    // On a session route the connection may move to other servers; its traffic stays
+    // counted under the first one.
+    let server = active.server().state.metrics.get().cloned();
+    let server = server.as_ref();
     if let Some(server) = server {
         server.connections_active.inc();
         server.connections_total.inc();
@@ -525,14 +543,22 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &S
             max_message_size: max,
         },
     );
-    // Shutdown closes with 1001, a drain of this server with 1012.
-    let signal = active.close_signal(&shared.shutdown);
-    let stop = relay::Stop {
-        token: signal.token().clone(),
-        frame: Box::new(move || signal.frame()),
-    };
     // Only routes whose plugins read messages pay for assembling them and calling Wasm.
     let Chain { slots: chain, conn, reads_messages } = chain;
+    // Shutdown closes with 1001, a drain of this server with 1012; on a session route the
+    // resumer holds the server and may move the connection instead.
+    let (mut resumer, active, stop) = match (session, &conn) {
+        (Some(plan), Some(conn)) => {
+            let resumer = crate::session::Resumer::new(plan, conn.clone(), chain.clone(), active, shared.clone());
+            let stop = resumer.stop();
+            (Some(resumer), None, stop)
+        }
+        _ => {
+            let signal = active.close_signal(&shared.shutdown);
+            let stop = relay::Stop { token: signal.token().clone(), frame: Box::new(move || signal.frame()) };
+            (None, Some(active), stop)
+        }
+    };
     let hook = match (&conn, reads_messages) {
         (Some(conn), true) => {
             Some(ChainHook {
@@ -553,6 +579,7 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &S
         compression.terminate,
         stop,
         traffic,
+        resumer.as_mut().map(|r| r as &mut dyn relay::Reattach),
     ))
     .catch_unwind()
     .await;
@@ -575,6 +602,7 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &S
         server.connections_active.dec();
     }
     drop(active);
+    drop(resumer);
     if let Some(conn) = &conn {
         notify_close(&chain, conn, &outcome, started);
     }

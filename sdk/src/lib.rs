@@ -41,6 +41,7 @@ pub mod metrics;
 mod plugin;
 mod pool;
 mod request;
+pub mod session;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 mod types;

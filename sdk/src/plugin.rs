@@ -7,6 +7,7 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::session::{Outgoing, ReattachReason};
 use crate::{Action, Candidate, Conn, ConnectionStats, Hooks, Message, Pool, Request, Verdict};
 
 /// A wasmgate plugin. Implement the hooks named in [`Plugin::HOOKS`]; the others keep
@@ -50,6 +51,15 @@ pub trait Plugin: Sized + 'static {
     fn on_message(&mut self, conn: &Conn, msg: &Message) -> Action {
         let _ = (conn, msg);
         Action::Forward
+    }
+
+    /// The connection was attached to `server` ("host:port") because its server went away,
+    /// was drained or rebalanced (needs [`Hooks::SESSION`]). Returns messages to send to
+    /// the new server before the gateway replays the session log (see [`crate::session`]).
+    /// Default: none.
+    fn on_reattach(&mut self, conn: &Conn, reason: ReattachReason, server: &str) -> Vec<Outgoing> {
+        let _ = (conn, reason, server);
+        Vec::new()
     }
 
     /// The connection closed with `code` (1006 when there was no close frame).

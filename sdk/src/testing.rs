@@ -37,6 +37,16 @@ pub fn observations(name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
     crate::metrics::native::read(name, labels).observations
 }
 
+/// The session log as [`crate::session::remember`] left it: keys and payloads, oldest first.
+pub fn session_log() -> Vec<(String, Vec<u8>)> {
+    crate::session::native::with(|s| s.log.clone())
+}
+
+/// Starts (or ends) a replay, as the gateway does when it moves the connection.
+pub fn set_replaying(replaying: bool) {
+    crate::session::native::with(|s| s.replaying = replaying);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use crate::bindings::exports::wasmgate::plugin::{balancer, handshake, lifecycle, messages};
+use crate::bindings::exports::wasmgate::plugin::{balancer, handshake, lifecycle, messages, resume};
 use crate::bindings::wasmgate::plugin::connection::Connection;
 use crate::bindings::wasmgate::plugin::message as host_message;
 use crate::bindings::wasmgate::plugin::types::Action as WireAction;
@@ -85,5 +85,11 @@ impl<P: Plugin> messages::Guest for Exports<P> {
                 WireAction::Close(frame.code)
             }
         }
+    }
+}
+
+impl<P: Plugin> resume::Guest for Exports<P> {
+    fn on_reattach(conn: &Connection, reason: resume::ReattachReason, server: String) -> Vec<resume::Outgoing> {
+        with_plugin(|p: &mut P| p.on_reattach(Conn::from_host(conn), reason, &server))
     }
 }

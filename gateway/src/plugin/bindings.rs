@@ -11,4 +11,4 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-pub use wasmgate::plugin::{connection, host, kv, message, metrics, types, upstreams};
+pub use wasmgate::plugin::{connection, host, kv, message, metrics, session, types, upstreams};

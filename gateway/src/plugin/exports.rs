@@ -11,16 +11,18 @@ use wasmtime::Store;
 use super::bindings::connection::Connection;
 use super::bindings::upstreams::Pool;
 use super::host::{HostState, LENT_REP};
+use super::session::{Outgoing, ReattachReason};
 use super::types::{
     Candidate, ConnStats, Direction, HandshakeRequest, HookFlags, Opcode, Verdict, WireAction,
 };
 
 /// The contract's package, `wasmgate:plugin@VERSION` in `sdk/wit/plugin.wit`.
-pub(super) const CONTRACT_VERSION: &str = "0.3.0";
-const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.3.0";
-const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.3.0";
-const BALANCER: &str = "wasmgate:plugin/balancer@0.3.0";
-const MESSAGES: &str = "wasmgate:plugin/messages@0.3.0";
+pub(super) const CONTRACT_VERSION: &str = "0.4.0";
+const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.4.0";
+const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.4.0";
+const BALANCER: &str = "wasmgate:plugin/balancer@0.4.0";
+const MESSAGES: &str = "wasmgate:plugin/messages@0.4.0";
+const RESUME: &str = "wasmgate:plugin/resume@0.4.0";
 
 type Conn = Resource<Connection>;
 type InitFn<'a> = TypedFunc<(&'a str,), (Result<HookFlags, String>,)>;
@@ -28,6 +30,7 @@ type OnCloseFn = TypedFunc<(Conn, u16, ConnStats), ()>;
 type OnHandshakeFn<'a> = TypedFunc<(Conn, &'a HandshakeRequest), (Verdict,)>;
 type SelectFn<'a> = TypedFunc<(Conn, Resource<Pool>, &'a [Candidate]), (Vec<u32>,)>;
 type OnMessageFn = TypedFunc<(Conn, Direction, Opcode, u32), (WireAction,)>;
+type OnReattachFn<'a> = TypedFunc<(Conn, ReattachReason, &'a str), (Vec<Outgoing>,)>;
 /// Type-checks a function against one of the signatures above.
 type TypeCheck = fn(Func, &mut Store<HostState>) -> wasmtime::Result<()>;
 
@@ -39,6 +42,7 @@ pub(super) struct ExportIndices {
     on_handshake: Option<ComponentExportIndex>,
     select: Option<ComponentExportIndex>,
     on_message: Option<ComponentExportIndex>,
+    on_reattach: Option<ComponentExportIndex>,
 }
 
 impl ExportIndices {
@@ -64,6 +68,7 @@ impl ExportIndices {
             on_handshake: func(HANDSHAKE, "on-handshake"),
             select: func(BALANCER, "select"),
             on_message: func(MESSAGES, "on-message"),
+            on_reattach: func(RESUME, "on-reattach"),
         })
     }
 
@@ -78,6 +83,10 @@ impl ExportIndices {
     pub fn has_messages(&self) -> bool {
         self.on_message.is_some()
     }
+
+    pub fn has_resume(&self) -> bool {
+        self.on_reattach.is_some()
+    }
 }
 
 /// One instance's hook functions, type-checked.
@@ -87,6 +96,7 @@ pub(super) struct Exports {
     on_handshake: Option<Func>,
     select: Option<Func>,
     on_message: Option<Func>,
+    on_reattach: Option<Func>,
 }
 
 impl Exports {
@@ -119,6 +129,11 @@ impl Exports {
                 .on_message
                 .as_ref()
                 .map(|i| get(i, |f, s| f.typed(s).map(|_: OnMessageFn| ())))
+                .transpose()?,
+            on_reattach: idx
+                .on_reattach
+                .as_ref()
+                .map(|i| get(i, |f, s| f.typed(s).map(|_: OnReattachFn<'_>| ())))
                 .transpose()?,
         })
     }
@@ -175,6 +190,19 @@ impl Exports {
     ) -> Option<wasmtime::Result<WireAction>> {
         let f = unsafe { OnMessageFn::new_unchecked(self.on_message?) };
         Some(f.call(store, (conn(), dir, op, len)).map(|r| r.0))
+    }
+}
+
+impl Exports {
+    /// `None` when the component does not export the hook.
+    pub fn on_reattach(
+        &self,
+        store: &mut Store<HostState>,
+        reason: ReattachReason,
+        server: &str,
+    ) -> Option<wasmtime::Result<Vec<Outgoing>>> {
+        let f = unsafe { OnReattachFn::new_unchecked(self.on_reattach?) };
+        Some(f.call(store, (conn(), reason, server)).map(|r| r.0))
     }
 }
 

@@ -17,6 +17,7 @@ use super::engine::{deadline_ticks, PluginSpec};
 use super::exports::{ExportIndices, Exports};
 use super::host::{ConnGuard, HostState, PluginEnv};
 use super::pool::{classify, Pool};
+use super::session::{Outgoing, ReattachReason};
 use super::validate;
 use super::types::{
     Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
@@ -29,6 +30,8 @@ pub struct Plugin {
     hash: String,
     loaded_at: SystemTime,
     hooks: Hooks,
+    /// The component exports `resume.on-reattach`.
+    has_resume: bool,
     handshake_ticks: u64,
     message_ticks: u64,
     pub(super) pool: Pool,
@@ -50,14 +53,15 @@ struct Stats {
     handshake: Counter,
     select: Counter,
     message: Counter,
+    reattach: Counter,
     close: Counter,
     trap: Counter,
     timeout: Counter,
     memory: Counter,
     unavailable: Counter,
     invalid: Counter,
-    /// Call time by hook: handshake, select, message, close.
-    call_seconds: [Histogram; 4],
+    /// Call time by hook: handshake, select, message, close, reattach.
+    call_seconds: [Histogram; 5],
 }
 
 /// Upper bounds (seconds) of plugin call times: a few microseconds for a small hook, up to
@@ -70,6 +74,7 @@ const HANDSHAKE: usize = 0;
 const SELECT: usize = 1;
 const MESSAGE: usize = 2;
 const CLOSE: usize = 3;
+const REATTACH: usize = 4;
 
 impl Stats {
     fn new(metrics: &Registry, plugin: &str) -> Stats {
@@ -96,10 +101,11 @@ impl Stats {
             )
         };
         Stats {
-            call_seconds: [time("handshake"), time("select"), time("message"), time("close")],
+            call_seconds: [time("handshake"), time("select"), time("message"), time("close"), time("reattach")],
             handshake: calls("handshake"),
             select: calls("select"),
             message: calls("message"),
+            reattach: calls("reattach"),
             close: calls("close"),
             trap: errors("trap"),
             timeout: errors("timeout"),
@@ -174,6 +180,7 @@ impl Plugin {
         )
         .map_err(anyhow::Error::msg)?;
         let hooks = effective_hooks(&spec.name, &hooks_found, flags);
+        let has_resume = hooks_found.has_resume();
         Ok(Arc::new(Plugin {
             handshake_ticks: deadline_ticks(spec.handshake_timeout),
             message_ticks: deadline_ticks(spec.message_timeout),
@@ -182,6 +189,7 @@ impl Plugin {
             hash,
             loaded_at: SystemTime::now(),
             hooks,
+            has_resume,
             pool,
         }))
     }
@@ -280,7 +288,7 @@ impl Plugin {
             self.message_ticks,
             self.spec.message_timeout,
             |guard, exports| {
-                let mut guard = guard.with_message(payload);
+                let mut guard = guard.with_message(payload, dir == Direction::ClientToUpstream, op);
                 let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
                 let wire = exports.on_message(guard.store, dir, op, len)?;
                 let edits = guard.take_edits();
@@ -288,6 +296,23 @@ impl Plugin {
             },
         )?;
         self.checked(action.check(op).map(|()| action))
+    }
+
+    /// The connection moved to `server`: messages to send it before the replay. Without the
+    /// hook (or its export): none.
+    pub fn on_reattach(&self, conn: &ConnContext, reason: ReattachReason, server: &str) -> Result<Vec<Outgoing>, PluginError> {
+        if !self.hooks.session || !self.has_resume {
+            return Ok(Vec::new());
+        }
+        self.stats.reattach.inc();
+        let outgoing = self.call(REATTACH, conn, self.handshake_ticks, self.spec.handshake_timeout, |guard, exports| {
+            exports.on_reattach(guard.store, reason, server)
+        })?;
+        let bad = outgoing.iter().find(|o| o.op == Opcode::Text && std::str::from_utf8(&o.payload).is_err());
+        self.checked(match bad {
+            Some(_) => Err("on-reattach returned a text message that is not UTF-8".to_string()),
+            None => Ok(outgoing),
+        })
     }
 
     /// Failures are counted and logged; there is nothing left to decide.
@@ -323,7 +348,7 @@ impl Plugin {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             hooks: self.hooks,
-            calls: [&s.handshake, &s.select, &s.message, &s.close]
+            calls: [&s.handshake, &s.select, &s.message, &s.reattach, &s.close]
                 .iter()
                 .map(|c| c.get())
                 .sum(),
@@ -438,5 +463,6 @@ fn effective_hooks(name: &str, idx: &ExportIndices, flags: HookFlags) -> Hooks {
         balancer: usable(HookFlags::BALANCER, idx.has_balancer(), "balancer"),
         messages: usable(HookFlags::MESSAGES, idx.has_messages(), "messages"),
         close: declared(HookFlags::CLOSE),
+        session: declared(HookFlags::SESSION),
     }
 }

@@ -16,7 +16,7 @@ use super::kv::KvError;
 use super::shared_kv::{Fallback, KvFailure, PluginKv, RedisBudget, Route};
 use super::log_text::{self, Throttle};
 use super::plugin_metrics::{Namespace, PendingUpdate, Value, MAX_UPDATES_PER_CALL};
-use super::types::{ConnContext, PoolInfo, META_LIMIT_BYTES};
+use super::types::{ConnContext, Opcode, PoolInfo, META_LIMIT_BYTES};
 use super::wasi;
 use crate::metrics::{Counter, Registry};
 
@@ -154,6 +154,8 @@ struct Lent {
     conn: Option<NonNull<ConnContext>>,
     pool: Option<NonNull<PoolInfo>>,
     message: Option<NonNull<[u8]>>,
+    /// Whether the lent message came from the client, and its opcode.
+    message_from: Option<(bool, Opcode)>,
 }
 
 // SAFETY: the pointers are only dereferenced during the call that set them, on the thread
@@ -222,6 +224,23 @@ impl HostState {
         }
     }
 
+    /// The connection of the call in progress.
+    pub(super) fn lent_conn(&self) -> wasmtime::Result<&ConnContext> {
+        match self.lent.conn {
+            // SAFETY: see `Lent`.
+            Some(p) => Ok(unsafe { p.as_ref() }),
+            None => wasmtime::bail!("called outside a hook call"),
+        }
+    }
+
+    /// The message of the `on-message` call in progress, whether the client sent it, and
+    /// its opcode.
+    pub(super) fn lent_message(&self) -> wasmtime::Result<(&[u8], bool, Opcode)> {
+        let payload = self.message()?;
+        let (from_client, op) = self.lent.message_from.unwrap_or((false, Opcode::Binary));
+        Ok((payload, from_client, op))
+    }
+
     fn message(&self) -> wasmtime::Result<&[u8]> {
         match self.lent.message {
             // SAFETY: see `Lent`.
@@ -270,9 +289,10 @@ impl<'l> ConnGuard<'_, 'l> {
     }
 
     /// Lends `payload` to the call as well, for the `message` functions.
-    pub fn with_message(self, payload: &'l [u8]) -> Self {
+    pub fn with_message(self, payload: &'l [u8], from_client: bool, op: Opcode) -> Self {
         let state = self.store.data_mut();
         state.lent.message = Some(NonNull::from(payload));
+        state.lent.message_from = Some((from_client, op));
         state.in_message = true;
         self
     }

@@ -22,6 +22,7 @@ mod log_text;
 mod plugin_metrics;
 mod pool;
 mod registry;
+mod session;
 mod shared_kv;
 mod types;
 mod validate;
@@ -37,4 +38,5 @@ pub use types::{
     Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, PoolInfo,
     Reject, ServerInfo, Verdict, META_LIMIT_BYTES,
 };
+pub use session::{Outgoing, ReattachReason};
 pub use watch::{watch, WatchGuard};

@@ -21,6 +21,8 @@ pub struct ConnContext {
     pub client_addr: String,
     pub route: String,
     meta: Mutex<Meta>,
+    /// The replay log, only on routes with a session plugin (`with_session`).
+    pub session: Option<Box<crate::session::SessionLog>>,
 }
 
 #[derive(Default)]
@@ -45,7 +47,14 @@ impl ConnContext {
             client_addr: client_addr.into(),
             route: route.into(),
             meta: Mutex::new(Meta::default()),
+            session: None,
         }
+    }
+
+    /// Gives the connection a replay log of at most `limit` bytes.
+    pub fn with_session(mut self, limit: usize) -> ConnContext {
+        self.session = Some(Box::new(crate::session::SessionLog::new(limit)));
+        self
     }
 
     /// The metadata map; a panic while it was held leaves it whole (every change is one
@@ -83,6 +92,8 @@ pub struct Hooks {
     pub balancer: bool,
     pub messages: bool,
     pub close: bool,
+    /// Keeps session state: the route's connections may move to another server.
+    pub session: bool,
 }
 
 // The WIT `hooks` flags as `init` returns them.
@@ -96,6 +107,8 @@ wasmtime::component::flags! {
         const MESSAGES;
         #[component(name = "close")]
         const CLOSE;
+        #[component(name = "session")]
+        const SESSION;
     }
 }
 
@@ -347,7 +360,7 @@ pub enum Direction {
     UpstreamToClient,
 }
 
-#[derive(ComponentType, Lower, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(ComponentType, Lower, Lift, Clone, Copy, Debug, PartialEq, Eq)]
 #[component(enum)]
 #[repr(u8)]
 pub enum Opcode {

@@ -127,6 +127,9 @@ pub struct Link {
     /// A close frame from the source is not forwarded: the relay answers the destination
     /// with a close of its own (it failed the destination and waits for this side's close).
     hold_close: bool,
+    /// Close frames from the source with 1001, 1011 or 1012 are not forwarded: the relay
+    /// may move the connection to another server instead (see `relay::reattach`).
+    keep_restart_closes: bool,
     /// A keepalive ping was sent to this link's source and no pong has come yet.
     pub awaiting_pong: bool,
     pub messages: u64,
@@ -161,6 +164,7 @@ impl Link {
             pending: Vec::new(),
             own_frames_queued: false,
             hold_close: false,
+            keep_restart_closes: false,
             awaiting_pong: false,
             messages: 0,
             bytes: 0,
@@ -182,6 +186,56 @@ impl Link {
     pub fn compress_from(mut self, bytes: usize) -> Link {
         self.compress_min = bytes;
         self
+    }
+
+    /// Keeps close frames from the source that say "server going away" (1001, 1011, 1012)
+    /// for the relay to act on instead of forwarding them.
+    pub fn keep_restart_closes(mut self, keep: bool) -> Link {
+        self.keep_restart_closes = keep;
+        self
+    }
+
+    /// Whether a close with `code` from the source was kept, not forwarded.
+    pub fn keeps_close(&self, code: u16) -> bool {
+        self.keep_restart_closes && matches!(code, code::GOING_AWAY | code::INTERNAL_ERROR | code::SERVICE_RESTART)
+    }
+
+    /// Takes what was queued for the destination and not wholly written, from the start of
+    /// the frame being written, and forgets the gateway's own frames for it: the destination
+    /// is being replaced, and a frame it got only part of goes whole to the next one.
+    pub fn take_unsent(&mut self) -> Vec<u8> {
+        let mut start = 0;
+        while start < self.out.len() {
+            let end = match FrameHeader::parse(&self.out[start..], true) {
+                Ok(Some(h)) => start + h.header_len + h.payload_len as usize,
+                _ => break,
+            };
+            if end > self.out_written {
+                break;
+            }
+            start = end;
+        }
+        let unsent = self.out[start.min(self.out.len())..].to_vec();
+        self.out.clear();
+        self.out_written = 0;
+        self.pending.clear();
+        self.own_frames_queued = false;
+        unsent
+    }
+
+    /// Queues whole frames (from `take_unsent`) or a data message for the destination, in
+    /// order, behind what is queued.
+    pub fn queue_frames(&mut self, frames: &[u8]) {
+        self.ensure_out();
+        self.out.extend_from_slice(frames);
+    }
+
+    /// Queues a data message for the destination as one frame (a replayed message).
+    pub fn queue_data(&mut self, kind: DataKind, payload: &[u8]) {
+        let opcode = if kind == DataKind::Text { OpCode::Text } else { OpCode::Binary };
+        let mask = self.dest_mask();
+        self.ensure_out();
+        write_frame(&mut self.out, opcode, true, payload, mask);
     }
 
     /// True while the output stands between a frame's header and its last payload byte:
@@ -499,7 +553,7 @@ impl Link {
                     Ok(code) => code,
                     Err(code) => return Some(self.fail(code, "invalid close frame")),
                 };
-                if self.delivering && !self.hold_close {
+                if self.delivering && !self.hold_close && !self.keeps_close(code) {
                     self.forward_control(h, head, payload);
                 }
                 Some(LinkEvent::Closed { code })

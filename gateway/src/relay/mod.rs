@@ -17,6 +17,7 @@ pub mod close;
 pub mod frame;
 pub mod link;
 mod pool;
+mod reattach;
 mod stop;
 pub mod traffic;
 pub mod utf8;
@@ -34,6 +35,7 @@ use crate::compression::{Deflater, Inflater};
 use close::code;
 use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
+pub use reattach::{Reattach, Reattached};
 pub use stop::Stop;
 use stop::StopWatch;
 pub use traffic::TrafficCounters;
@@ -131,7 +133,8 @@ struct SideState {
 
 struct Relay<'a> {
     client: &'a TcpStream,
-    upstream: &'a TcpStream,
+    /// Owned, so that a connection can move to another server (see `reattach`).
+    upstream: TcpStream,
     /// Frames from the client toward the upstream.
     c2u: Link,
     /// Frames from the upstream toward the client.
@@ -159,6 +162,12 @@ struct Relay<'a> {
     stop: StopWatch,
     /// Publishes the links' counts to shared counters while the connection lives.
     traffic: traffic::Reporter<'a>,
+    /// Moves the connection to another server when its own goes away (session routes).
+    reattach: Option<&'a mut (dyn Reattach + 'static)>,
+    /// A move decided and not yet done: why, and the client's close should it fail.
+    moving: Option<reattach::Move>,
+    /// A move asked for while a message from the server was arriving, done at its end.
+    move_after_message: Option<crate::plugin::ReattachReason>,
 }
 
 enum Wake {
@@ -188,8 +197,9 @@ pub async fn run(
     rules: (LinkRules, LinkRules),
     hook: Option<&dyn MessageHook>,
     compression: Option<ClientCompression>,
-    stop: Stop,
+    mut stop: Stop,
     traffic: &[&TrafficCounters],
+    reattach: Option<&mut (dyn Reattach + 'static)>,
 ) -> RelayOutcome {
     let now = Instant::now();
     let (inflater, deflater, min_size) = match compression {
@@ -198,11 +208,12 @@ pub async fn run(
     };
     let mut relay = Relay {
         client: &client.stream,
-        upstream: &upstream.stream,
+        upstream: upstream.stream,
         c2u: Link::new(Side::Client, rules.0, hook.is_some()).with_compression(inflater, None),
         u2c: Link::new(Side::Upstream, rules.1, hook.is_some())
             .with_compression(None, deflater)
-            .compress_from(min_size),
+            .compress_from(min_size)
+            .keep_restart_closes(reattach.is_some()),
         client_state: SideState { unprocessed: client.already_read, last_heard: Some(now), ..Default::default() },
         upstream_state: SideState { unprocessed: upstream.already_read, last_heard: Some(now), ..Default::default() },
         hook,
@@ -217,6 +228,9 @@ pub async fn run(
         timer_needs_poll: true,
         stop: StopWatch::new(stop.token.clone()),
         traffic: traffic::Reporter::new(traffic, now),
+        reattach,
+        moving: None,
+        move_after_message: None,
     };
     relay.reset_timer();
     // Bytes that came with the handshakes are processed before any read.
@@ -228,11 +242,20 @@ pub async fn run(
     }
     relay.flush_all();
     while !relay.finished() {
+        if relay.move_after_message.is_some() {
+            relay.move_when_whole();
+        }
+        if relay.moving.is_some() {
+            relay.move_upstream(&mut stop).await;
+            relay.flush_all();
+            continue;
+        }
         let wake = poll_fn(|cx| relay.poll_wake(cx)).await;
         match wake {
             Wake::Read(side) => relay.read(side),
             Wake::Write(side) => relay.write(side),
             Wake::Timer => relay.on_timer(),
+            Wake::Shutdown if relay.move_on_stop() => {}
             Wake::Shutdown => {
                 let (code, reason) = (stop.frame)();
                 relay.start_close(Some((code, reason)), Some((code, reason)));
@@ -262,10 +285,10 @@ impl<'a> Relay<'a> {
         [self.c2u.messages, self.u2c.messages, self.c2u.bytes, self.u2c.bytes]
     }
 
-    fn stream(&self, side: Side) -> &'a TcpStream {
+    fn stream(&self, side: Side) -> &TcpStream {
         match side {
             Side::Client => self.client,
-            Side::Upstream => self.upstream,
+            Side::Upstream => &self.upstream,
         }
     }
 
@@ -321,7 +344,10 @@ impl<'a> Relay<'a> {
                 return Poll::Ready(Wake::Write(side));
             }
         }
-        for side in [Side::Client, Side::Upstream] {
+        // The upstream first: a server that went away is noticed before the client's next
+        // message is read and written to its dead socket (a connection that can move would
+        // lose that message).
+        for side in [Side::Upstream, Side::Client] {
             if self.wants_read(side) && self.stream(side).poll_read_ready(cx).is_ready() {
                 return Poll::Ready(Wake::Read(side));
             }
@@ -413,6 +439,9 @@ impl<'a> Relay<'a> {
 
     fn on_event(&mut self, from: Side, event: LinkEvent) {
         match event {
+            LinkEvent::Closed { code } if from == Side::Upstream && self.u2c.keeps_close(code) => {
+                self.upstream_restarting(code);
+            }
             LinkEvent::Closed { code } => {
                 self.first_close_code.get_or_insert(code);
                 self.first_closer.get_or_insert(from.into());
@@ -513,6 +542,9 @@ impl<'a> Relay<'a> {
     }
 
     fn side_gone(&mut self, side: Side) {
+        if side == Side::Upstream && self.move_on_loss() {
+            return;
+        }
         let state = self.state_mut(side);
         if state.gone {
             return;
@@ -572,8 +604,10 @@ impl<'a> Relay<'a> {
 
     fn write(&mut self, to: Side) {
         loop {
-            let stream = self.stream(to);
-            let link = self.link_to(to);
+            let (stream, link) = match to {
+                Side::Client => (self.client, &mut self.u2c),
+                Side::Upstream => (&self.upstream, &mut self.c2u),
+            };
             if !link.has_output() {
                 break;
             }
@@ -586,6 +620,10 @@ impl<'a> Relay<'a> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!(side = ?to, error = %e, "write failed");
+                    // What was not written goes to the next server, if the connection moves.
+                    if to == Side::Upstream && self.move_on_loss() {
+                        break;
+                    }
                     let link = self.link_to(to);
                     link.out.clear();
                     link.out_written = 0;

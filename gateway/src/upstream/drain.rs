@@ -22,6 +22,11 @@ use crate::metrics::Counter;
 pub const SERVICE_RESTART: u16 = 1012;
 /// 1001: the gateway is shutting down.
 pub const GOING_AWAY: u16 = 1001;
+/// Asks a connection to move to another server because its server drains
+/// (`mode=migrate`); one whose route keeps no session state closes with 1012 instead.
+pub const MIGRATE_DRAIN: u16 = 1;
+/// As [`MIGRATE_DRAIN`], for a rebalance.
+pub const MIGRATE_REBALANCE: u16 = 2;
 
 /// What a relay watches besides its sockets: when the token is cancelled, close both sides
 /// with [`CloseSignal::frame`].
@@ -67,8 +72,20 @@ impl CloseSignal {
     pub fn frame(&self) -> (u16, &'static str) {
         match self.inner.code.load(Ordering::Acquire) {
             0 | GOING_AWAY => (GOING_AWAY, "gateway shutting down"),
-            SERVICE_RESTART => (SERVICE_RESTART, "service restart"),
+            SERVICE_RESTART | MIGRATE_DRAIN | MIGRATE_REBALANCE => (SERVICE_RESTART, "service restart"),
             code => (code, ""),
+        }
+    }
+}
+
+impl CloseSignal {
+    /// Why the connection is asked to move to another server, when it is (a migrating drain
+    /// or rebalance) rather than to close.
+    pub fn migration(&self) -> Option<crate::plugin::ReattachReason> {
+        match self.inner.code.load(Ordering::Acquire) {
+            MIGRATE_DRAIN => Some(crate::plugin::ReattachReason::Drained),
+            MIGRATE_REBALANCE => Some(crate::plugin::ReattachReason::Rebalanced),
+            _ => None,
         }
     }
 }
@@ -201,9 +218,17 @@ impl DrainPace {
 }
 
 /// Marks `server` draining (no new connections) and starts closing its connections with
-/// 1012 at `pace`, counting each in `moved`. Returns how many connections it will close, or
-/// None, changing nothing, when the server is draining already.
-pub fn start_drain(server: Arc<Server>, pace: DrainPace, moved: Counter, stop: CancellationToken) -> Option<usize> {
+/// 1012 at `pace` (or, with `migrate`, moving those that can move), counting each in
+/// `moved`. Returns how many connections it will close, or None, changing nothing, when the
+/// server is draining already.
+pub fn start_drain(
+    server: Arc<Server>,
+    pace: DrainPace,
+    migrate: bool,
+    moved: Counter,
+    stop: CancellationToken,
+) -> Option<usize> {
+    let code = if migrate { MIGRATE_DRAIN } else { SERVICE_RESTART };
     let (generation, targets) = server.state.connections.begin_drain()?;
     let n = targets.len();
     let per_second = pace.per_second(n);
@@ -220,7 +245,7 @@ pub fn start_drain(server: Arc<Server>, pace: DrainPace, moved: Counter, stop: C
             if !server.state.connections.drain_goes_on(generation) {
                 break;
             }
-            if signal.close(SERVICE_RESTART) {
+            if signal.close(code) {
                 moved.inc();
             }
         }
@@ -242,15 +267,18 @@ pub struct RebalanceReport {
 /// `1 / per_second` seconds, until the most loaded has at most `target` times the load of the
 /// least loaded (per unit of weight) or is within one connection of it. Closed connections
 /// reconnect and the pool's balancer places them (least-conn puts them on the least loaded).
-/// Stops after `max_moves`, or when `stop` is cancelled.
+/// Stops after `max_moves`, or when `stop` is cancelled. With `migrate`, connections that
+/// can move to another server do so instead of closing.
 pub async fn rebalance(
     pool: Arc<Pool>,
     per_second: f64,
     target: f64,
     max_moves: u64,
+    migrate: bool,
     moved: Counter,
     stop: CancellationToken,
 ) -> RebalanceReport {
+    let code = if migrate { MIGRATE_REBALANCE } else { SERVICE_RESTART };
     let pause = Duration::from_secs_f64(1.0 / per_second.max(0.001));
     let mut report = RebalanceReport::default();
     loop {
@@ -276,7 +304,7 @@ pub async fn rebalance(
             break;
         }
         let Some(signal) = pool.servers[max.0].state.connections.oldest_open() else { break };
-        if signal.close(SERVICE_RESTART) {
+        if signal.close(code) {
             moved.inc();
             report.moved += 1;
         }

@@ -11,7 +11,7 @@ use crate::relay::TrafficCounters;
 pub const CONNECT_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServerMetrics {
     /// Connections relayed to the server since the gateway started.
     pub connections_total: Counter,
