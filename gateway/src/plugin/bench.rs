@@ -128,7 +128,7 @@ fn plugin_call_costs() {
     let mut instance = noop.pool.take(std::time::Duration::from_secs(1)).unwrap();
     instance.store.set_epoch_deadline(u64::MAX / 2);
     let raw = per_call(200_000, || {
-        let guard = HostState::enter(&mut instance.store, &conn).with_message(b"hello");
+        let guard = HostState::enter(&mut instance.store, &conn).with_message(b"hello", true, super::types::Opcode::Text);
         let r = instance
             .exports
             .on_message(guard.store, Direction::ClientToUpstream, Opcode::Text, 5);
