@@ -29,19 +29,8 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> anyhow::Result<Proc> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let parent = std::process::id() as libc::pid_t;
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
-        // If the harness is killed outright, SIGTERM the child (nginx's master then stops its
-        // workers). Safety: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
         Ok(Proc { name: name.to_string(), child, log })
     }
@@ -54,18 +43,8 @@ impl Proc {
     ) -> anyhow::Result<(Proc, std::process::ChildStdin, std::process::ChildStdout)> {
         let log = log_dir.join(format!("{name}.log"));
         let err = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let parent = std::process::id() as libc::pid_t;
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(err).process_group(0);
-        // Safety: as in `spawn`.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
         let stdin = child.stdin.take().context("piped stdin")?;
         let stdout = child.stdout.take().context("piped stdout")?;
@@ -155,6 +134,22 @@ impl Proc {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(4).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+/// If the harness is killed outright, the child gets SIGTERM (nginx's master then stops its
+/// workers).
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // Safety: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }
 
