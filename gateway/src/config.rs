@@ -152,6 +152,11 @@ pub struct UpstreamSection {
     /// drain request gives a rate; 0 = all at once.
     #[serde(default = "defaults::drain_secs")]
     pub drain_secs: u64,
+    /// TLS toward the `wss://` servers: `{ ca, server_name, cert, key }`, each optional.
+    pub tls: Option<Spanned<crate::upstream::tls::TlsTable>>,
+    /// Made by `validate` when the pool has a `wss://` server.
+    #[serde(skip)]
+    pub tls_client: Option<std::sync::Arc<crate::upstream::UpstreamTls>>,
 }
 
 /// `health = { interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3, path = "/probe" }`,
@@ -438,14 +443,20 @@ impl Config {
                 }
             }
         }
+        let mut tls_clients = Vec::with_capacity(self.upstreams.len());
         for u in &self.upstreams {
             if u.servers.is_empty() {
                 return Err(at.error(u.name.span(), "upstream has no servers"));
             }
+            let mut any_wss = false;
             for s in &u.servers {
-                crate::upstream::ServerAddress::parse(s.get_ref().address())
+                let address = crate::upstream::ServerAddress::parse(s.get_ref().address())
                     .map_err(|e| at.error(s.span(), &e))?;
+                any_wss |= address.tls;
             }
+            let tls_client = crate::upstream::tls::for_pool(u.tls.as_ref(), any_wss, &base_dir)
+                .map_err(|(span, e)| at.error(if span.is_empty() { u.name.span() } else { span }, &e))?;
+            tls_clients.push(tls_client);
             if let Some(b) = &u.balancer {
                 if !plugin_names.contains(b.get_ref().as_str()) {
                     return Err(at.error(b.span(), "balancer names no [[plugin]]"));
@@ -492,6 +503,9 @@ impl Config {
         }
         if self.routes.is_empty() {
             return Err(ConfigError(format!("{}: no [[route]]: nothing would be served", at.origin)));
+        }
+        for (u, tls_client) in self.upstreams.iter_mut().zip(tls_clients) {
+            u.tls_client = tls_client;
         }
         Ok(())
     }

@@ -324,7 +324,7 @@ async fn connect_ranked(
         let started = Instant::now();
         // Counted as active while it connects, so concurrent balancer calls see it.
         let active = server.connecting();
-        match upstream::open(&server.address, request, pool.connect_timeout).await {
+        match upstream::open(&server.address, server.tls.as_deref(), request, pool.connect_timeout).await {
             Ok(_) if server.is_draining() => {
                 last_error = format!("{}: draining", server.address.authority);
             }
@@ -448,11 +448,19 @@ struct Prepared {
 async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: Arc<Shared>) {
     let Prepared { client_already_read, upstream, settings, active, chain, compression } = *prepared;
     let client = Endpoint { stream: client, already_read: client_already_read };
+    // TODO(tlsup): the relay carries TLS once relay/transport.rs lands.
+    let upstream_stream = match upstream.stream {
+        upstream::UpstreamStream::Plain(stream) => stream,
+        upstream::UpstreamStream::Tls(_) => {
+            tracing::error!("wss:// upstreams are not relayed yet");
+            return;
+        }
+    };
     let started = Instant::now();
     let metrics = &shared.metrics;
     metrics.connections_active.inc();
     metrics.connections_total.inc();
-    let upstream = Endpoint { stream: upstream.stream, already_read: upstream.already_read };
+    let upstream = Endpoint { stream: upstream_stream, already_read: upstream.already_read };
     let max = settings.max_message_size;
     let rules = (
         LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: compression.client_rsv1, max_message_size: max },

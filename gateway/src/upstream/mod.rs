@@ -10,6 +10,7 @@
 mod connect;
 pub mod drain;
 pub mod health;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -18,9 +19,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use connect::{open, ConnectError, UpstreamRequest, UpstreamSocket};
+pub use connect::{open, ConnectError, UpstreamRequest, UpstreamSocket, UpstreamStream};
 pub use drain::{CloseSignal, Connections, DrainPace};
 pub use health::{Health, HealthSettings, ProbeKind};
+pub use tls::UpstreamTls;
 
 /// Where a server is: host, port and a path prefix for the upstream request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -29,15 +31,17 @@ pub struct ServerAddress {
     pub authority: String,
     /// Path prefix put before the client's path ("" for none).
     pub path_prefix: String,
+    /// `wss://`: the connection is TLS, with the pool's [`UpstreamTls`].
+    pub tls: bool,
 }
 
 impl ServerAddress {
-    /// Accepts `host:port` or `ws://host:port[/path]`.
+    /// Accepts `host:port`, `ws://host:port[/path]` or `wss://host:port[/path]`.
     pub fn parse(s: &str) -> Result<ServerAddress, String> {
-        if s.starts_with("wss://") {
-            return Err(format!("{s}: wss:// upstreams are not supported yet; use ws://"));
-        }
-        let rest = s.strip_prefix("ws://").unwrap_or(s);
+        let (tls, rest) = match s.strip_prefix("wss://") {
+            Some(rest) => (true, rest),
+            None => (false, s.strip_prefix("ws://").unwrap_or(s)),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -47,12 +51,20 @@ impl ServerAddress {
             .map(|(host, port)| (host, port.parse::<u16>()))
             .filter(|(host, port)| !host.is_empty() && port.is_ok());
         if port.is_none() {
-            return Err(format!("{s}: expected host:port or ws://host:port/path"));
+            return Err(format!("{s}: expected host:port, ws://host:port/path or wss://host:port/path"));
         }
         Ok(ServerAddress {
             authority: authority.to_string(),
             path_prefix: path.trim_end_matches('/').to_string(),
+            tls,
         })
+    }
+
+    /// The host part of the authority (an IPv6 address without its brackets): the name a
+    /// server's certificate must hold unless the pool sets `tls.server_name`.
+    pub fn host(&self) -> &str {
+        let host = self.authority.rsplit_once(':').map_or(self.authority.as_str(), |(host, _)| host);
+        host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
     }
 }
 
@@ -62,6 +74,8 @@ pub struct Server {
     pub address: ServerAddress,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
+    /// The pool's TLS settings, for a `wss://` server.
+    pub tls: Option<Arc<UpstreamTls>>,
     /// Statistics, health and live connections, shared by every version of this server a
     /// reload makes (a new weight or new labels make a new `Server` with the same state).
     pub state: Arc<ServerState>,
@@ -83,19 +97,21 @@ pub struct ServerState {
 
 impl Server {
     pub fn new(address: ServerAddress, weight: u32, labels: BTreeMap<String, String>) -> Server {
-        Server::with_state(address, weight, labels, Arc::default())
+        Server::with_state(address, weight, labels, None, Arc::default())
     }
 
     fn with_state(
         address: ServerAddress,
         weight: u32,
         labels: BTreeMap<String, String>,
+        tls: Option<Arc<UpstreamTls>>,
         state: Arc<ServerState>,
     ) -> Server {
         Server {
             address,
             weight,
             labels,
+            tls,
             state,
         }
     }
@@ -274,11 +290,15 @@ impl Pool {
             .map(|entry| {
                 let entry = entry.get_ref();
                 let address = ServerAddress::parse(entry.address()).expect("validated");
+                let tls = if address.tls { section.tls_client.clone() } else { None };
                 match old.get(&address) {
-                    Some(s) if s.weight == entry.weight() && s.labels == entry.labels() => Arc::clone(s),
-                    // Same server, new weight or labels: same counters, health and connections.
-                    Some(s) => Arc::new(Server::with_state(address, entry.weight(), entry.labels(), s.state.clone())),
-                    None => Arc::new(Server::new(address, entry.weight(), entry.labels())),
+                    Some(s) if s.weight == entry.weight() && s.labels == entry.labels() && s.tls == tls => Arc::clone(s),
+                    // Same server, new weight, labels or TLS settings: same counters, health
+                    // and connections.
+                    Some(s) => {
+                        Arc::new(Server::with_state(address, entry.weight(), entry.labels(), tls, s.state.clone()))
+                    }
+                    None => Arc::new(Server::with_state(address, entry.weight(), entry.labels(), tls, Arc::default())),
                 }
             })
             .collect::<Vec<_>>();
@@ -437,7 +457,13 @@ mod tests {
         let b = ServerAddress::parse("ws://localhost:80/base/").unwrap();
         assert_eq!((b.authority.as_str(), b.path_prefix.as_str()), ("localhost:80", "/base"));
         assert!(ServerAddress::parse("localhost").is_err());
-        assert!(ServerAddress::parse("wss://x:1").is_err());
+        assert!(!a.tls && !b.tls);
+        let c = ServerAddress::parse("wss://backend.internal:8443/ws").unwrap();
+        assert_eq!((c.authority.as_str(), c.path_prefix.as_str(), c.tls), ("backend.internal:8443", "/ws", true));
+        assert_eq!(c.host(), "backend.internal");
+        assert_eq!(ServerAddress::parse("wss://[::1]:443").unwrap().host(), "::1");
+        assert_ne!(ServerAddress::parse("wss://x:1").unwrap(), ServerAddress::parse("ws://x:1").unwrap());
+        assert!(ServerAddress::parse("wss://x").is_err());
     }
 
     fn pool(servers: &str, previous: Option<&Pool>) -> Pool {
