@@ -26,6 +26,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod resources;
 pub mod routes;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

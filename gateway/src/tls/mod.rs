@@ -1,0 +1,3 @@
+//! `wss://`: the gateway terminates TLS for clients (rustls).
+
+pub mod pem;
