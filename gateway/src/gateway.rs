@@ -137,6 +137,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The `wss://` listener's certificates, when there is one.
+    pub tls: Option<Arc<crate::tls::Terminator>>,
     next_connection_id: AtomicU64,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
@@ -160,8 +162,8 @@ impl Shared {
     pub async fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, String> {
         let _one_at_a_time = self.reloading.lock().await;
         let old = self.config.load();
-        if old.gateway.listen.get_ref() != config.gateway.listen.get_ref() {
-            tracing::warn!("the listen address changes only on restart; keeping the old one");
+        if old.gateway.listen_addr() != config.gateway.listen_addr() || old.gateway.tls_listen_addr() != config.gateway.tls_listen_addr() {
+            tracing::warn!("listen addresses change only on restart; keeping the old ones");
         }
         if old.gateway.admin.as_ref().map(|a| a.get_ref()) != config.gateway.admin.as_ref().map(|a| a.get_ref()) {
             tracing::warn!("the admin address changes only on restart; keeping the old one");
@@ -176,9 +178,21 @@ impl Shared {
             Ok(routing) => Arc::new(routing),
             Err(e) => return Err(refused(e, &staged)),
         };
+        // Certificates were read and checked with the config; a client CA that makes no
+        // verifier is the last thing that can refuse the reload.
+        let tls = match (&self.tls, config.gateway.tls.as_ref().and_then(|t| t.loaded.as_ref())) {
+            (Some(terminator), Some(loaded)) => match terminator.stage(loaded) {
+                Ok(staged_tls) => Some((terminator, staged_tls)),
+                Err(e) => return Err(refused(e, &staged)),
+            },
+            _ => None,
+        };
         // Plugins, routing and config go in together. (A commit is refused only when another
         // came in between, which the reload lock rules out.)
         let report = self.plugins.commit(staged)?;
+        if let Some((terminator, staged_tls)) = tls {
+            terminator.commit(staged_tls);
+        }
         self.routing.store(routing.clone());
         self.config.store(Arc::new(config));
         self.retire_removed_servers(&previous, &routing);
@@ -414,7 +428,10 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<usize> {
 
 /// A running gateway.
 pub struct Gateway {
+    /// The plain `ws://` listener's address; the `wss://` one's when there is no plain one.
     pub listen_addr: SocketAddr,
+    /// The `wss://` listener's address.
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     _watch: Option<crate::plugin::WatchGuard>,
@@ -443,10 +460,27 @@ impl Gateway {
         let routing = Routing::build(&config, None, &staged).map_err(anyhow::Error::msg)?;
         plugins.commit(staged).map_err(anyhow::Error::msg)?;
 
-        let listener = TcpListener::bind(config.gateway.listen_addr()).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {}: {e}", config.gateway.listen.get_ref())
-        })?;
-        let listen_addr = listener.local_addr()?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+        };
+        let listener = match config.gateway.listen_addr() {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let tls = match config.gateway.tls.as_ref() {
+            Some(section) => {
+                let loaded = section.loaded.as_ref().ok_or_else(|| anyhow::anyhow!("[gateway.tls] was not validated"))?;
+                let terminator = crate::tls::Terminator::new(loaded).map_err(anyhow::Error::msg)?;
+                let tls_listener = bind(config.gateway.tls_listen_addr().expect("tls is set")).await?;
+                Some((tls_listener, Arc::new(terminator)))
+            }
+            None => None,
+        };
+        let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        let listen_addr = match &listener {
+            Some(listener) => listener.local_addr()?,
+            None => tls_addr.ok_or_else(|| anyhow::anyhow!("no listen address"))?,
+        };
         let admin_listener = match config.gateway.admin_addr() {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -469,13 +503,19 @@ impl Gateway {
             metrics_registry,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            tls: tls.as_ref().map(|(_, terminator)| terminator.clone()),
             next_connection_id: AtomicU64::new(1),
             reloading: tokio::sync::Mutex::new(()),
             pool_tasks: std::sync::Mutex::new(HashMap::new()),
             retired: std::sync::Mutex::new(Vec::new()),
         });
         shared.sync_pool_tasks();
-        tokio::spawn(crate::listener::accept_loop(listener, shared.clone()));
+        if let Some(listener) = listener {
+            tokio::spawn(crate::listener::accept_loop(listener, shared.clone(), None));
+        }
+        if let Some((tls_listener, terminator)) = tls {
+            tokio::spawn(crate::listener::accept_loop(tls_listener, shared.clone(), Some(terminator)));
+        }
         if let Some(admin) = admin_listener {
             tokio::spawn(crate::admin::serve(admin, shared.clone()));
         }
@@ -484,8 +524,8 @@ impl Gateway {
             None => None,
         };
         let limits = crate::limits::Limits::from_config(&shared.config.load().gateway, default_connections);
-        tracing::info!(%listen_addr, ?admin_addr, open_files, ?limits, "wasmgate listening");
-        Ok(Gateway { listen_addr, admin_addr, shared, _watch: watch })
+        tracing::info!(%listen_addr, ?tls_addr, ?admin_addr, open_files, ?limits, "wasmgate listening");
+        Ok(Gateway { listen_addr, tls_addr, admin_addr, shared, _watch: watch })
     }
 
     /// Applies a new configuration: changed plugins are loaded off the hot path and swapped
@@ -526,10 +566,14 @@ impl Gateway {
     }
 }
 
-/// The config file and every plugin file: a change to any reloads.
+/// The config file, every plugin file and every TLS file: a change to any reloads.
 fn watched_paths(config: &Config) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = config.source.iter().cloned().collect();
     paths.extend(config.plugins.iter().map(|p| p.wasm_path(&config.base_dir)));
+    if let Some(tls) = &config.gateway.tls {
+        paths.extend(tls.certs.get_ref().iter().flat_map(|c| [config.base_dir.join(&c.cert), config.base_dir.join(&c.key)]));
+        paths.extend(tls.client_ca.iter().map(|ca| config.base_dir.join(ca.get_ref())));
+    }
     paths
 }
 

@@ -7,7 +7,7 @@
 //! [`forwarding`] decides whose forwarding headers count) → [`routes`] picks the route →
 //! [`upstream`] opens the upstream WebSocket → [`relay`] moves frames until both sides close.
 //! [`gateway`] ties them together behind [`Gateway::start`]; [`config`] is the TOML schema;
-//! [`admin`] serves health and metrics. [`limits`] admits client sockets; [`resources`]
+//! [`admin`] serves health and metrics; [`tls`] terminates `wss://`. [`limits`] admits client sockets; [`resources`]
 //! handles the gateway running out of descriptors or ports.
 
 pub mod admin;
@@ -26,6 +26,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod resources;
 pub mod routes;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

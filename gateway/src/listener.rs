@@ -10,8 +10,11 @@ use tokio::net::TcpListener;
 use crate::gateway::Shared;
 use crate::limits::Limits;
 use crate::resources::AcceptBackoff;
+use crate::tls::Terminator;
 
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// `tls`: this is the `wss://` listener; each connection starts with a TLS handshake with
+/// the certificates in force when it was accepted.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<Terminator>>) {
     let mut backoff = AcceptBackoff::new();
     loop {
         let accepted = tokio::select! {
@@ -36,7 +39,8 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match shared.admission.admit(known_client, &limits) {
             Ok(permit) => {
                 let _ = stream.set_nodelay(true);
-                shared.tasks.spawn(crate::proxy::serve(stream, client_addr, shared.clone(), permit));
+                let tls = tls.as_ref().map(|t| t.config());
+                shared.tasks.spawn(crate::proxy::serve(stream, client_addr, shared.clone(), permit, tls));
             }
             Err(refused) => shared.admission.refuse(stream, refused, &limits),
         }

@@ -18,6 +18,7 @@ pub mod frame;
 pub mod link;
 mod pool;
 mod stop;
+pub mod transport;
 pub mod utf8;
 
 use std::future::{poll_fn, Future};
@@ -26,7 +27,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::compression::{Deflater, Inflater};
@@ -34,6 +34,7 @@ use close::code;
 use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
 pub use stop::Stop;
+pub use transport::Transport;
 use stop::StopWatch;
 
 /// How much one read takes at most.
@@ -59,7 +60,7 @@ pub struct RelaySettings {
 
 /// One end of the relay: its socket and bytes already read from it during the handshake.
 pub struct Endpoint {
-    pub stream: TcpStream,
+    pub stream: Transport,
     pub already_read: Vec<u8>,
 }
 
@@ -98,8 +99,8 @@ struct SideState {
 }
 
 struct Relay<'a> {
-    client: &'a TcpStream,
-    upstream: &'a TcpStream,
+    client: &'a Transport,
+    upstream: &'a Transport,
     /// Frames from the client toward the upstream.
     c2u: Link,
     /// Frames from the upstream toward the client.
@@ -213,7 +214,7 @@ pub async fn run(
 }
 
 impl<'a> Relay<'a> {
-    fn stream(&self, side: Side) -> &'a TcpStream {
+    fn stream(&self, side: Side) -> &'a Transport {
         match side {
             Side::Client => self.client,
             Side::Upstream => self.upstream,
@@ -263,7 +264,7 @@ impl<'a> Relay<'a> {
             Side::Client => &self.u2c,
             Side::Upstream => &self.c2u,
         };
-        !self.state(side).gone && link.has_output()
+        !self.state(side).gone && (link.has_output() || self.stream(side).has_pending_output())
     }
 
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
@@ -296,7 +297,7 @@ impl<'a> Relay<'a> {
         // Keep bytes left from the last read in front of the new ones.
         buf.extend_from_slice(&self.state(side).unprocessed);
         buf.reserve(READ_CHUNK);
-        match read_once(self.stream(side), &mut buf) {
+        match self.stream(side).read_once(&mut buf) {
             Ok(0) => {
                 pool::give(buf);
                 self.side_gone(side);
@@ -456,7 +457,7 @@ impl<'a> Relay<'a> {
     fn abort(&mut self, side: Side) {
         tracing::debug!(?side, "aborting: a frame to it was cut off");
         self.state_mut(side).gone = true;
-        let _ = socket2::SockRef::from(self.stream(side)).shutdown(std::net::Shutdown::Both);
+        self.stream(side).abort();
     }
 
     fn side_gone(&mut self, side: Side) {
@@ -520,10 +521,13 @@ impl<'a> Relay<'a> {
         loop {
             let stream = self.stream(to);
             let link = self.link_to(to);
-            if !link.has_output() {
-                break;
-            }
-            match stream.try_write(&link.out[link.out_written..]) {
+            let written = match link.has_output() {
+                true => stream.try_write(&link.out[link.out_written..]),
+                // What the transport still holds (TLS records the socket did not take).
+                false => stream.flush().map(|()| 0),
+            };
+            match written {
+                Ok(0) if !link.has_output() => break,
                 Ok(n) => {
                     if link.written(n) {
                         link.flush_pending();
@@ -678,39 +682,8 @@ impl<'a> Relay<'a> {
         self.flush_all();
         for side in [Side::Client, Side::Upstream] {
             if !self.state(side).gone {
-                let _ = shutdown_write(self.stream(side));
+                let _ = self.stream(side).shutdown_write();
             }
         }
-    }
-}
-
-/// Half-closes a socket: the peer reads EOF after everything sent.
-fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
-    socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
-}
-
-/// One `recv` into `buf`'s spare capacity (no zeroing). A short read means the socket's
-/// receive queue was empty, so, as tokio's own `poll_read` does, the socket's readiness is
-/// cleared then: the relay waits for the next readiness event instead of paying a `recv`
-/// that only says "would block" after every message (a third of the syscalls of a small
-/// echo). Nothing is lost: data or a FIN arriving later raises a new event, and tokio
-/// keeps a "read closed" state through the clearing.
-fn read_once(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let mut short_read = None;
-    let result = stream.try_io(tokio::io::Interest::READABLE, || {
-        let spare = buf.spare_capacity_mut();
-        let room = spare.len();
-        let n = socket2::SockRef::from(stream).recv(spare)?;
-        // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n) };
-        if n > 0 && n < room {
-            short_read = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match short_read {
-        Some(n) => Ok(n),
-        None => result,
     }
 }

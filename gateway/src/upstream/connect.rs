@@ -213,6 +213,20 @@ async fn read_body(stream: &mut UpstreamStream, mut body: Vec<u8>, len: usize) -
     body
 }
 
+impl UpstreamStream {
+    /// For the relay, once the WebSocket is open: the TLS connection moves with whatever
+    /// plaintext rustls read past the 101.
+    pub fn into_transport(self) -> crate::relay::Transport {
+        match self {
+            UpstreamStream::Plain(tcp) => crate::relay::Transport::Plain(tcp),
+            UpstreamStream::Tls(tls) => {
+                let (tcp, conn) = tls.into_inner();
+                crate::relay::Transport::tls(tcp, conn)
+            }
+        }
+    }
+}
+
 impl AsyncRead for UpstreamStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
