@@ -83,7 +83,7 @@ async fn answer(
     let refusal = match read_upgrade(stream, peer, shared, permit, tls).await {
         Ok((head, client_addr)) => {
             let started = Instant::now();
-            match upgrade(head, client_addr, stream.tls().is_some(), shared, trace).await {
+            match upgrade(head, client_addr, stream.tls(), shared, trace).await {
                 Ok((response, prepared)) => {
                     let written = stream.write_all(&response).await.is_ok();
                     handshake_time.handshake_accepted_seconds.observe(started.elapsed().as_secs_f64());
@@ -150,11 +150,11 @@ async fn read_upgrade(
 }
 
 /// Everything up to the 101: its bytes, and what the relay needs.
-/// `secure`: the client came over TLS.
+/// `tls`: the client's TLS connection, for a `wss://` client.
 async fn upgrade(
     head: RequestHead,
     client_addr: SocketAddr,
-    secure: bool,
+    tls: Option<&rustls::ServerConnection>,
     shared: &Arc<Shared>,
     trace: &mut Trace,
 ) -> Result<(Vec<u8>, Prepared), Refusal> {
@@ -184,7 +184,7 @@ async fn upgrade(
     let mut conn = (!chain.is_empty()).then(new_context);
     let errors = &shared.metrics.plugin_errors;
     let decision = match &conn {
-        Some(conn) => run_handshake_chain(&chain, conn, &upgrade, client_addr, errors, trace)?,
+        Some(conn) => run_handshake_chain(&chain, conn, &upgrade, client_addr, tls, errors, trace)?,
         None => Accept::default(),
     };
 
@@ -193,7 +193,7 @@ async fn upgrade(
     let pool = routing.pools.get(pool_name).cloned().ok_or_else(|| {
         Refusal::new(StatusCode::BAD_GATEWAY, format!("a plugin chose upstream {pool_name:?}, which is not configured"))
     })?;
-    let mut request = upstream_request(&upgrade, client_addr, secure, &decision);
+    let mut request = upstream_request(&upgrade, client_addr, tls.is_some(), &decision);
     // Plugins that read messages need plain payloads, and a connection that may move to
     // another server cannot keep a deflate context agreed with this one: passthrough
     // becomes terminate.
@@ -263,6 +263,7 @@ fn run_handshake_chain(
     conn: &ConnContext,
     upgrade: &ClientUpgrade,
     client_addr: SocketAddr,
+    tls: Option<&rustls::ServerConnection>,
     errors: &Counter,
     trace: &mut Trace,
 ) -> Result<Accept, Refusal> {
@@ -273,7 +274,7 @@ fn run_handshake_chain(
         if !plugin.hooks().handshake {
             continue;
         }
-        let request = request.get_or_insert_with(|| plugin_request(upgrade, client_addr));
+        let request = request.get_or_insert_with(|| plugin_request(upgrade, client_addr, tls));
         match plugin.on_handshake(conn, request) {
             Ok(Verdict::Accept(accept)) => merge(&mut decision, accept),
             Ok(Verdict::Reject(reject)) => {
@@ -309,7 +310,7 @@ fn merge(decision: &mut Accept, accept: Accept) {
 }
 
 /// The request as plugins see it.
-fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr) -> HandshakeRequest {
+fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, tls: Option<&rustls::ServerConnection>) -> HandshakeRequest {
     HandshakeRequest {
         method: "GET".into(),
         path: upgrade.path.clone(),
@@ -322,6 +323,8 @@ fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr) -> Handshake
             .collect(),
         client_addr: client_addr.to_string(),
         subprotocols: upgrade.subprotocols.clone(),
+        scheme: if tls.is_some() { "wss" } else { "ws" }.into(),
+        tls: tls.map(crate::tls::info::describe),
     }
 }
 

@@ -62,8 +62,8 @@ pub mod bindings {
 }
 
 pub use bindings::wasmgate::plugin::types::{
-    Accept, Candidate, Compression, CompressionMode, ConnectionStats, Direction, Header, Hooks,
-    Opcode, Reject, Request, Server, Verdict,
+    Accept, Candidate, ClientCertificate, Compression, CompressionMode, ConnectionStats, Direction,
+    Header, Hooks, Opcode, Reject, Request, Server, TlsInfo, Verdict,
 };
 pub use conn::Conn;
 pub use message::{Action, CloseFrame, Message};

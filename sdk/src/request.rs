@@ -15,6 +15,8 @@ impl Request {
             headers: Vec::new(),
             client_addr: "127.0.0.1:40000".into(),
             subprotocols: Vec::new(),
+            scheme: "ws".into(),
+            tls: None,
         }
     }
 
@@ -24,6 +26,13 @@ impl Request {
             name: name.to_ascii_lowercase(),
             value: value.into(),
         });
+        self
+    }
+
+    /// As if the client came over TLS (`wss`), with what the listener saw.
+    pub fn with_tls(mut self, tls: crate::TlsInfo) -> Request {
+        self.scheme = "wss".into();
+        self.tls = Some(tls);
         self
     }
 

@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use wasmgate_tests::*;
@@ -433,6 +434,81 @@ async fn mutual_tls_needs_a_client_certificate() {
     let (mut ws, _) = upgrade(client_config(&ca, Some(&client_leaf(&clients, "alice")))).await.expect("a certificate of the CA gets through");
     ws.send(Message::text("hi")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    gw.shutdown().await;
+}
+
+/// Plugins see TLS (contract 0.5.0): the shipped tls-identity plugin lets in the client
+/// certificate its allow list names and tells the upstream its subject, SANs, fingerprint,
+/// SNI name and TLS version; another certificate of the same CA gets 403, and a client's own
+/// identity headers never reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_the_client_certificate() {
+    let dir = tempdir("tls-identity");
+    let ca = TestCa::new("wasmgate test CA");
+    ca.issue("chat.test", &["chat.test"]).write(&dir, "chat");
+    let clients = TestCa::new("wasmgate client CA");
+    std::fs::write(dir.join("clients.pem"), clients.cert.pem()).unwrap();
+    let client = |cn: &str, san: &str| {
+        clients.issue_with(cn, &[san], |p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        })
+    };
+    let backends = echo_backends(1).await;
+    let text = format!(
+        r#"
+[gateway.tls]
+listen = "127.0.0.1:0"
+certs = [{{ cert = "chat.pem", key = "chat.key" }}]
+client_ca = "clients.pem"
+
+[[upstream]]
+name = "echo"
+servers = {}
+
+[[plugin]]
+name = "identity"
+wasm = "{}"
+config = {{ allow_sans = ["DNS:kiosk-7.devices.test"] }}
+
+[[route]]
+path = "/"
+upstream = "echo"
+plugins = ["identity"]
+"#,
+        server_list(&backends),
+        plugin_wasm("tls-identity").display()
+    );
+    std::fs::write(dir.join("gateway.toml"), text).unwrap();
+    let gw = start_from(&dir.join("gateway.toml")).await;
+    let addr = gw.tls_addr.unwrap();
+
+    let kiosk = client("kiosk 7", "kiosk-7.devices.test");
+    let kiosk_sha256: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(kiosk.der().as_ref()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let tls = tls_connect(addr, "chat.test", client_config(&ca, Some(&kiosk))).await.expect("TLS handshake");
+    let mut request = "wss://chat.test/".into_client_request().unwrap();
+    request.headers_mut().insert("x-client-cert-subject", "CN=admin".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tls).await.expect("the allowed certificate gets through");
+    assert_eq!(response.status(), 101);
+    let seen = upstream_headers(&mut ws).await.to_ascii_lowercase();
+    assert!(seen.contains("x-client-cert-subject: cn=kiosk 7"), "{seen}");
+    assert!(!seen.contains("cn=admin"), "the client's own claim was forwarded: {seen}");
+    assert!(seen.contains("x-client-cert-sans: dns:kiosk-7.devices.test"), "{seen}");
+    assert!(seen.contains(&format!("x-client-cert-sha256: {kiosk_sha256}")), "{seen}");
+    assert!(seen.contains("x-client-cert-sni: chat.test"), "{seen}");
+    assert!(seen.contains("x-client-cert-tls-version: tlsv1.3"), "{seen}");
+    echo(&mut ws, "still a WebSocket").await;
+
+    // Same CA, a SAN the allow list does not name: the TLS handshake passes, the plugin
+    // refuses the upgrade with a status.
+    let other = client("kiosk 8", "kiosk-8.devices.test");
+    let tls = tls_connect(addr, "chat.test", client_config(&ca, Some(&other))).await.expect("TLS handshake");
+    match tokio_tungstenite::client_async("wss://chat.test/", tls).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
     gw.shutdown().await;
 }
 

@@ -31,7 +31,7 @@ class FakeConn:
 
 
 def request(*headers):
-    return Request("GET", "/", "", "localhost", [Header(n, v) for n, v in headers], "127.0.0.1:1", [])
+    return Request("GET", "/", "", "localhost", [Header(n, v) for n, v in headers], "127.0.0.1:1", [], "ws", None)
 
 
 def test_allowed_team_is_let_in_and_recorded():

@@ -112,6 +112,8 @@ fn browser_request(token: &str) -> HandshakeRequest {
         ],
         client_addr: "10.0.0.1:40000".into(),
         subprotocols: vec![],
+        scheme: "ws".into(),
+        tls: None,
     }
 }
 

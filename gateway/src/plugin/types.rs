@@ -143,6 +143,28 @@ pub struct HandshakeRequest {
     #[component(name = "client-addr")]
     pub client_addr: String,
     pub subprotocols: Vec<String>,
+    /// "ws" or "wss".
+    pub scheme: String,
+    pub tls: Option<TlsInfo>,
+}
+
+/// What the TLS listener saw of a `wss://` client (WIT `tls-info`).
+#[derive(ComponentType, Lower, Clone, Debug, Default, PartialEq, Eq)]
+#[component(record)]
+pub struct TlsInfo {
+    pub sni: String,
+    pub version: String,
+    #[component(name = "client-certificate")]
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// A verified client certificate (WIT `client-certificate`).
+#[derive(ComponentType, Lower, Clone, Debug, Default, PartialEq, Eq)]
+#[component(record)]
+pub struct ClientCertificate {
+    pub subject: String,
+    pub sans: Vec<String>,
+    pub sha256: String,
 }
 
 #[derive(ComponentType, Lift, Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 //! The crypto provider is ring, installed as the process default (see [`provider`]).
 
 pub mod certs;
+pub mod info;
 pub mod pem;
 pub mod stream;
 
