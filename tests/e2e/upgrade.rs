@@ -1,8 +1,8 @@
 //! Restarts and upgrades that refuse nothing, on the real binary: a second gateway process
 //! takes over the port (handover of the listening socket) while 300 clients exchange
 //! numbered messages; the first process moves its connections off with 1012 and exits.
-//! Also: `POST /shutdown` and SIGUSR2 retire a process, and two processes share a port
-//! (SO_REUSEPORT).
+//! Also: the `wss://` listener is handed over the same way; `POST /shutdown` and SIGUSR2
+//! retire a process, and two processes share a port (SO_REUSEPORT).
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -294,4 +294,126 @@ async fn sigusr2_retires_the_process() {
     let status = wait_exit(&mut child, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
     assert!(tokio::net::TcpStream::connect(&addr).await.is_err(), "the listener is closed");
+}
+
+/// Short `wss://` connections one after another (TLS handshake, upgrade, one echo, close)
+/// against `addr`; failed attempts are counted.
+async fn churn_wss(addr: String, tls: Arc<rustls::ClientConfig>, tally: Arc<Tally>, stop: Arc<AtomicBool>) -> u64 {
+    let mut done = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+            let name = rustls::pki_types::ServerName::try_from("gateway.test").unwrap();
+            let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| e.to_string())?;
+            let (ws, _) = tokio_tungstenite::client_async("wss://gateway.test/", stream).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(ws)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(mut ws)) => {
+                let echoed = match ws.send(Message::text("churn")).await {
+                    Ok(()) => matches!(tokio::time::timeout(Duration::from_secs(10), ws.next()).await, Ok(Some(Ok(Message::Text(_))))),
+                    Err(_) => false,
+                };
+                done += u64::from(echoed);
+                let _ = ws.close(None).await;
+            }
+            failed => {
+                eprintln!("wss churn: attempt failed: {failed:?}", failed = failed.map(|r| r.err()));
+                tally.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    done
+}
+
+/// The inodes of the sockets listening on 127.0.0.1:`port` (from /proc/net/tcp): the same
+/// inode before and after a swap means the very socket was handed over, not bound again.
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    let mut inodes: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")).then(|| fields[9].parse().unwrap())
+        })
+        .collect();
+    inodes.sort();
+    inodes
+}
+
+/// With `[gateway.tls]`, the successor takes over the `wss://` listener too (the handover
+/// carries every listening socket): the same listening sockets serve before and after,
+/// short `wss` connections made all through the swap all succeed, and afterwards the new
+/// process alone serves both ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wss_listener_is_handed_over_too() {
+    let (_backend, backend) = echo_process();
+    let (port, admin) = free_ports();
+    let (tls_port, _) = free_ports();
+    let dir = std::env::temp_dir().join(format!("wasmgate-upgrade-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["gateway.test".to_string()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("gw.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("gw.key"), leaf_key.serialize_pem()).unwrap();
+    let handover = dir.join("handover.sock");
+    let extra = format!("handover = \"{}\"", handover.display());
+    let text = config(&format!("[\"{backend}\"]"), port, admin, &extra).replacen(
+        "\n[[upstream]]",
+        &format!(
+            "\n[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = [{{ cert = \"{}\", key = \"{}\" }}]\n\n[[upstream]]",
+            dir.join("gw.pem").display(),
+            dir.join("gw.key").display()
+        ),
+        1,
+    );
+    assert!(text.contains("[gateway.tls]"), "{text}");
+    let path = write_config("upgrade-tls.toml", &text);
+    let (old, addr) = spawn_gateway(&path);
+    let mut old = KillOnDrop(old);
+    assert_eq!(addr, format!("127.0.0.1:{port}"));
+    let sockets_before = (listening_inodes(port), listening_inodes(tls_port));
+    assert_eq!((sockets_before.0.len(), sockets_before.1.len()), (1, 1), "{sockets_before:?}");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let wss_addr = format!("127.0.0.1:{tls_port}");
+    let churners: Vec<_> =
+        (0..4).map(|_| tokio::spawn(churn_wss(wss_addr.clone(), tls.clone(), tally.clone(), stop.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (new, new_addr) = spawn_gateway(&path);
+    let _new = KillOnDrop(new);
+    assert_eq!(new_addr, addr);
+    let status = wait_exit(&mut old, Duration::from_secs(15)).await;
+    assert!(status.success(), "the old process exited with {status}");
+    assert_eq!((listening_inodes(port), listening_inodes(tls_port)), sockets_before, "the listening sockets were not handed over");
+    // Churn on the new process alone for a while.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut churned = 0;
+    for handle in churners {
+        churned += handle.await.unwrap();
+    }
+    println!("wss handover: {churned} short wss connections, {} failed", tally.failed_attempts.load(Ordering::Relaxed));
+    assert!(churned > 20, "only {churned} wss connections completed");
+    assert_eq!(tally.failed_attempts.load(Ordering::Relaxed), 0, "wss connection attempts failed");
+    let mut ws = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(roundtrip(&mut ws, Message::text("plain")).await, Message::text("plain"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -340,7 +340,15 @@ pub fn spawn_gateway(config: &std::path::Path) -> (std::process::Child, String) 
     use std::io::BufRead;
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit("ws://").next().unwrap().to_string();
+    // "listening on ws://A", "... on wss://B", or "... on ws://A and wss://B": the plain
+    // address when there is one.
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let addr = words
+        .iter()
+        .find_map(|w| w.strip_prefix("ws://"))
+        .or_else(|| words.iter().find_map(|w| w.strip_prefix("wss://")))
+        .unwrap_or("")
+        .to_string();
     assert!(addr.contains(':'), "unexpected first line {line:?}");
     (child, addr)
 }
