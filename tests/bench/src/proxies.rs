@@ -14,7 +14,7 @@ use crate::load::Probe;
 use crate::procs::{free_addr, Proc};
 use crate::wasmgate::{self, Plugin};
 
-const NGINX: &str = "/usr/sbin/nginx";
+pub const NGINX: &str = "/usr/sbin/nginx";
 const HAPROXY: &str = "/usr/sbin/haproxy";
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 
@@ -334,7 +334,7 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
 /// Two workers (one per core; one per instance when several run); each may end up holding
 /// all 9,000 idle connections of the RSS scenario, two sockets each, within the machine's
 /// hard limit of 20,000 open files.
-fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path, workers: usize) -> String {
+pub fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path, workers: usize) -> String {
     let dir = dir.display();
     let servers: String = servers.iter().map(|s| format!("        server {s};\n")).collect();
     format!(
