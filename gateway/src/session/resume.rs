@@ -49,6 +49,7 @@ impl Resumer {
         shared: Arc<Shared>,
     ) -> Resumer {
         let signal = active.close_signal(&shared.shutdown);
+        signal.mark_movable();
         let timeout = Duration::from_millis(shared.config.load().gateway.resume_timeout_ms);
         Resumer { plan, conn, chain, shared, active, signal, timeout }
     }
@@ -111,6 +112,7 @@ impl Resumer {
         // Leaving the old server: it no longer counts this connection, the new one does.
         self.active = active;
         self.signal = self.active.close_signal(&self.shared.shutdown);
+        self.signal.mark_movable();
         let mut first = Vec::new();
         for slot in &self.chain {
             let plugin = slot.current();
