@@ -417,3 +417,34 @@ async fn clients_leave_a_server_that_fails_its_health_checks() {
     assert_eq!(metric(&gw, "wasmgate_session_resume_failures_total").await, 0.0);
     signal(chat.servers[0].0.as_ref().unwrap(), "-CONT");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_sends_during_a_move_is_queued_bounded_and_delivered_in_order() {
+    let mut chat = Chat::start(2);
+    let text = config(&chat.list(), true).replace("resume_timeout_ms = 3000\n", "resume_timeout_ms = 3000\nresume_buffer_bytes = 16384\n");
+    let gw = start_gateway(&text).await;
+    let mut clients = vec![ChatClient::join(&gw, "q0").await, ChatClient::join(&gw, "q1").await];
+    let i = clients.iter().position(|c| c.server == "c0").expect("round robin put one client on c0");
+    // c1 hangs, so the move off c0 waits for it (its handshake is answered once it resumes).
+    signal(chat.servers[1].0.as_ref().unwrap(), "-STOP");
+    chat.kill(0);
+    // Let the gateway notice c0 is gone: what is written to a dead socket before may be lost.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let filler = "x".repeat(1000);
+    for k in 0..100 {
+        clients[i].publish(&format!("gap-{k} {filler}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(metric(&gw, "wasmgate_session_resumed_total").await, 0.0, "still moving while c1 hangs");
+    signal(chat.servers[1].0.as_ref().unwrap(), "-CONT");
+    assert_eq!(wait_metric(&gw, "wasmgate_session_resumed_total", 1.0).await, 1.0);
+    // 100 KiB were sent during the move: 16 KiB of it read into the queue, the rest left in
+    // the socket until the move was done.
+    assert_eq!(metric(&gw, "wasmgate_session_queued_bytes_total").await, 16384.0, "the queue is filled to its bound");
+    let last = format!("gap-99 {filler}");
+    assert!(clients[i].wait_for(|m| m["text"] == last.as_str()).await.is_some(), "the last message sent during the move arrived");
+    let texts: Vec<String> = clients[i].seen.lock().unwrap().messages.iter().filter_map(|m| m["text"].as_str().map(str::to_string)).collect();
+    let expected: Vec<String> = (0..100).map(|k| format!("gap-{k} {filler}")).collect();
+    assert_eq!(texts, expected, "every message sent during the move arrived once, in order");
+    assert_no_close_and_no_duplicate(&clients, "after the move");
+}

@@ -38,6 +38,8 @@ pub struct Resumer {
     active: ActiveConnection,
     signal: CloseSignal,
     timeout: Duration,
+    /// `resume_buffer_bytes`: what may be read from the client during a move.
+    buffer_limit: usize,
 }
 
 impl Resumer {
@@ -50,8 +52,9 @@ impl Resumer {
     ) -> Resumer {
         let signal = active.close_signal(&shared.shutdown);
         signal.mark_movable();
-        let timeout = Duration::from_millis(shared.config.load().gateway.resume_timeout_ms);
-        Resumer { plan, conn, chain, shared, active, signal, timeout }
+        let gateway = &shared.config.load().gateway;
+        let (timeout, buffer_limit) = (Duration::from_millis(gateway.resume_timeout_ms), gateway.resume_buffer_bytes);
+        Resumer { plan, conn, chain, shared, active, signal, timeout, buffer_limit }
     }
 
     /// The relay's stop: shutdown closes with 1001, a drain with 1012 unless it migrates.
@@ -142,13 +145,6 @@ impl Resumer {
             .counter("wasmgate_session_replayed_messages_total", "Session log messages replayed to new servers.", &[] as &[(&str, &str)])
             .add(replayed);
         registry
-            .counter(
-                "wasmgate_session_queued_bytes_total",
-                "Client bytes held during moves and delivered to the new server.",
-                &[] as &[(&str, &str)],
-            )
-            .add(queued as u64);
-        registry
             .histogram(
                 "wasmgate_session_resume_seconds",
                 "Time from losing a server to being attached to another.",
@@ -177,6 +173,20 @@ impl Reattach for Resumer {
 
     fn not_moved(&self, why: &'static str) {
         self.count_failure(why);
+    }
+
+    fn buffer_limit(&self) -> usize {
+        self.buffer_limit
+    }
+
+    fn delivered(&self, held: usize) {
+        self.metrics()
+            .counter(
+                "wasmgate_session_queued_bytes_total",
+                "Client bytes held during moves (unsent to the old server, or read during the move) and delivered to the new server.",
+                &[] as &[(&str, &str)],
+            )
+            .add(held as u64);
     }
 }
 
