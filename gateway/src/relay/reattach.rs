@@ -203,14 +203,14 @@ impl Relay<'_> {
             tokio::select! {
                 biased;
                 outcome = &mut attach => return (outcome, state.unprocessed.len() - start),
-                ready = client.readable(), if open && room > 0 => {
+                ready = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if open && room > 0 => {
                     if ready.is_err() {
                         open = false;
                         continue;
                     }
                     // Read no more than there is room for.
                     let mut chunk = Vec::with_capacity(room.min(super::READ_CHUNK));
-                    match super::read_once(client, &mut chunk) {
+                    match client.read_once(&mut chunk) {
                         Ok(0) => open = false,
                         Ok(_) => {
                             state.unprocessed.extend_from_slice(&chunk);

@@ -173,7 +173,7 @@ impl Setup {
             }
             Via::Nginx => {
                 let config = dir.join("nginx.conf");
-                std::fs::write(&config, proxies::nginx_config(entry, &addrs, dir, 2))?;
+                std::fs::write(&config, proxies::nginx_config(entry, &addrs, dir, 2, None))?;
                 let mut cmd = Command::new(proxies::NGINX);
                 cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(config);
                 (Proc::spawn("nginx", cmd, dir)?, None)
