@@ -604,3 +604,40 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# TYPE wasmgate_session_resume_seconds histogram\n\
+        wasmgate_session_resume_seconds_bucket{le=\"0.1\"} 10\n\
+        wasmgate_session_resume_seconds_bucket{le=\"0.25\"} 95\n\
+        wasmgate_session_resume_seconds_bucket{le=\"0.5\"} 100\n\
+        wasmgate_session_resume_seconds_bucket{le=\"+Inf\"} 100\n\
+        wasmgate_session_resume_seconds_sum 17.5\n\
+        wasmgate_session_resume_seconds_count 100\n\
+        wasmgate_session_resumed_total{reason=\"server_gone\"} 60\n\
+        wasmgate_session_resumed_total{reason=\"drained\"} 40\n";
+
+    #[test]
+    fn histogram_quantiles_are_bucket_bounds() {
+        assert_eq!(bucket_quantile(TEXT, "wasmgate_session_resume_seconds", 0.5), 0.25);
+        assert_eq!(bucket_quantile(TEXT, "wasmgate_session_resume_seconds", 0.99), 0.5);
+        assert_eq!(bucket_quantile(TEXT, "wasmgate_session_resume_seconds", 0.1), 0.1);
+        assert!(bucket_quantile("", "wasmgate_session_resume_seconds", 0.5).is_nan());
+    }
+
+    #[test]
+    fn metrics_sum_their_series_and_not_longer_names() {
+        assert_eq!(metric(TEXT, "wasmgate_session_resumed_total"), 100.0);
+        assert_eq!(metric(TEXT, "wasmgate_session_resume_seconds_count"), 100.0);
+        assert_eq!(metric(TEXT, "wasmgate_session_resume_seconds"), 0.0, "only _bucket, _sum and _count exist");
+    }
+
+    #[test]
+    fn percentiles_round_up() {
+        let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!((percentile(&sorted, 0.5), percentile(&sorted, 0.99)), (50.0, 99.0));
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}
