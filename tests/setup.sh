@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the end-to-end tests start for real: Redis (cluster tests), stunnel (Autobahn
-# through the TLS listener), Chromium and its driver (browser tests).
-APT_PACKAGES="redis-server stunnel4 chromium chromium-driver"
+# through the TLS listener), Chromium and its driver (browser tests), procps (`kill`: the
+# session tests stop and resume a backend with SIGSTOP/SIGCONT).
+APT_PACKAGES="redis-server stunnel4 chromium chromium-driver procps"
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

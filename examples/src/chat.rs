@@ -174,7 +174,7 @@ pub struct ChatServer {
 impl ChatServer {
     /// Binds `addr` (port 0 for any) and serves the rooms of `hub` as `name` until dropped.
     pub async fn start(addr: &str, name: &str, hub: Arc<Hub>) -> anyhow::Result<ChatServer> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr).await?;
         let addr = listener.local_addr()?;
         let name: Arc<str> = name.into();
         let task = tokio::spawn(async move {
@@ -273,4 +273,15 @@ async fn serve(stream: TcpStream, name: Arc<str>, hub: Arc<Hub>) {
     }
     drop(out);
     let _ = writer.await;
+}
+
+/// Binds `addr` with an accept queue of 4,096 (the kernel caps it at `somaxconn`), not
+/// tokio's 128: when a gateway moves a thousand connections here at once, a short queue
+/// drops their SYNs and each waits a second for TCP to send it again.
+async fn listen(addr: &str) -> anyhow::Result<TcpListener> {
+    let addr = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| anyhow::anyhow!("{addr}: no address"))?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(4096)?)
 }

@@ -166,6 +166,11 @@ pub struct GatewaySection {
     /// before its client gets the close it would have had.
     #[serde(default = "defaults::resume_timeout_ms")]
     pub resume_timeout_ms: u64,
+    /// Session routes: what the client sends while its connection moves is read into a
+    /// queue of at most this many bytes (then reading stops until the move is done) and
+    /// delivered to the new server after the replay.
+    #[serde(default = "defaults::resume_buffer_bytes")]
+    pub resume_buffer_bytes: usize,
     /// `admin_token` expanded, made by `validate`.
     #[serde(skip)]
     pub admin_secret: Option<crate::admin::AdminToken>,
@@ -329,6 +334,9 @@ mod defaults {
     }
     pub fn resume_timeout_ms() -> u64 {
         5_000
+    }
+    pub fn resume_buffer_bytes() -> usize {
+        64 << 10
     }
     pub fn max_message_size() -> u64 {
         16 << 20

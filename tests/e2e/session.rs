@@ -124,7 +124,11 @@ struct ChatClient {
 
 impl ChatClient {
     async fn join(gw: &Gateway, room: &str) -> ChatClient {
-        let ws = connect(&ws_url(gw, "/")).await;
+        ChatClient::join_at(gw, "/", room).await
+    }
+
+    async fn join_at(gw: &Gateway, path: &str, room: &str) -> ChatClient {
+        let ws = connect(&ws_url(gw, path)).await;
         let (mut sink, mut source) = ws.split();
         let seen = Arc::new(Mutex::new(Seen::default()));
         sink.send(Message::text(json!({"type": "subscribe", "channel": room}).to_string())).await.unwrap();
@@ -370,4 +374,77 @@ async fn a_server_dying_mid_message_closes_that_client_with_1011_and_the_others_
     let heard: Value = serde_json::from_str(next_data(&mut other).await.to_text().unwrap()).unwrap();
     assert_eq!((heard["text"].as_str(), heard["server"].as_str()), (Some("still here"), Some("c0")));
     assert_eq!(metric(&gw, "wasmgate_session_resume_failures_total").await, 1.0, "counted as mid_message");
+}
+
+/// Stops (SIGSTOP) or resumes (SIGCONT) a process: stopped, it answers nothing, health
+/// probes included, while its sockets stay open.
+fn signal(child: &KillOnDrop, sig: &str) {
+    let status = Command::new("kill").args([sig, &child.0.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill {sig}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leave_a_server_that_fails_its_health_checks() {
+    let chat = Chat::start(3);
+    // WebSocket probes every 200 ms; two failed in a row make a server unhealthy. "/plain"
+    // reaches the same servers without the plugin.
+    let text = config(&chat.list(), true).replace(
+        "connect_timeout_ms = 1000\n",
+        "connect_timeout_ms = 1000\nhealth = { interval_ms = 200, timeout_ms = 300, fall = 2, rise = 2 }\n",
+    ) + "\n[[route]]\npath = \"/plain\"\nupstream = \"chat\"\n";
+    let gw = start_gateway(&text).await;
+    let mut clients = join_all(&gw, 60).await;
+    let mut plain = Vec::new();
+    for i in 0..9 {
+        plain.push(ChatClient::join_at(&gw, "/plain", &format!("room{i}")).await);
+    }
+    let affected = clients.iter().filter(|c| c.server == "c0").count();
+    let plain_on_c0 = plain.iter().filter(|c| c.server == "c0").count();
+    assert!(affected >= 10 && plain_on_c0 >= 1, "round robin put {affected} session and {plain_on_c0} plain clients on c0");
+
+    // c0 hangs: its sockets stay open, it answers nothing, its probes time out.
+    let stopped = Instant::now();
+    signal(chat.servers[0].0.as_ref().unwrap(), "-STOP");
+    let resumed = wait_metric(&gw, "wasmgate_session_resumed_total", affected as f64).await;
+    assert_eq!(resumed as usize, affected, "every session client of the unhealthy server moved");
+    eprintln!("health: {affected} clients moved {:.0} ms after the server hung", stopped.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(active_on(&gw, &chat.servers[0].1).await, plain_on_c0 as u64, "only the plain clients are left on c0");
+    everyone_hears_their_room(&mut clients, "after-health").await;
+    assert_no_close_and_no_duplicate(&clients, "after the health ejection");
+    // Connections without the plugin keep today's behaviour: they stay on their server.
+    let closed = plain.iter().filter(|c| c.closed().is_some()).count();
+    assert_eq!(closed, 0, "a health ejection closed clients of the route without the plugin");
+    assert_eq!(metric(&gw, "wasmgate_session_resume_failures_total").await, 0.0);
+    signal(chat.servers[0].0.as_ref().unwrap(), "-CONT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_sends_during_a_move_is_queued_bounded_and_delivered_in_order() {
+    let mut chat = Chat::start(2);
+    let text = config(&chat.list(), true).replace("resume_timeout_ms = 3000\n", "resume_timeout_ms = 3000\nresume_buffer_bytes = 16384\n");
+    let gw = start_gateway(&text).await;
+    let mut clients = vec![ChatClient::join(&gw, "q0").await, ChatClient::join(&gw, "q1").await];
+    let i = clients.iter().position(|c| c.server == "c0").expect("round robin put one client on c0");
+    // c1 hangs, so the move off c0 waits for it (its handshake is answered once it resumes).
+    signal(chat.servers[1].0.as_ref().unwrap(), "-STOP");
+    chat.kill(0);
+    // Let the gateway notice c0 is gone: what is written to a dead socket before may be lost.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let filler = "x".repeat(1000);
+    for k in 0..100 {
+        clients[i].publish(&format!("gap-{k} {filler}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(metric(&gw, "wasmgate_session_resumed_total").await, 0.0, "still moving while c1 hangs");
+    signal(chat.servers[1].0.as_ref().unwrap(), "-CONT");
+    assert_eq!(wait_metric(&gw, "wasmgate_session_resumed_total", 1.0).await, 1.0);
+    // 100 KiB were sent during the move: 16 KiB of it read into the queue, the rest left in
+    // the socket until the move was done.
+    assert_eq!(metric(&gw, "wasmgate_session_queued_bytes_total").await, 16384.0, "the queue is filled to its bound");
+    let last = format!("gap-99 {filler}");
+    assert!(clients[i].wait_for(|m| m["text"] == last.as_str()).await.is_some(), "the last message sent during the move arrived");
+    let texts: Vec<String> = clients[i].seen.lock().unwrap().messages.iter().filter_map(|m| m["text"].as_str().map(str::to_string)).collect();
+    let expected: Vec<String> = (0..100).map(|k| format!("gap-{k} {filler}")).collect();
+    assert_eq!(texts, expected, "every message sent during the move arrived once, in order");
+    assert_no_close_and_no_duplicate(&clients, "after the move");
 }

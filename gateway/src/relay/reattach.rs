@@ -4,12 +4,14 @@
 //! When the upstream goes away without a close the client should see (a reset, an end of
 //! stream, a close with 1001/1011/1012) or the gateway asks the connection to move (a drain
 //! or rebalance with `mode=migrate`), and the stream toward the client stands at a message
-//! boundary, the relay stops: the client is not read while a [`Reattach`] opens another
-//! server (TCP flow control holds what the client sends meanwhile, in its socket). What the
+//! boundary, the relay stops relaying while a [`Reattach`] opens another server. What the
 //! relay had read from the client and not wholly written to the old server is kept, whole
-//! frames only. Then the new server gets the messages the reattacher gives (the plugins'
-//! first messages and the replay log), then that kept input, and the relay carries on with
-//! the same client link (its compression context, its counters). A server that dies in
+//! frames only; what the client sends meanwhile is read, unprocessed, into a queue of at
+//! most `resume_buffer_bytes` (then the client is not read: TCP flow control holds the
+//! rest in its socket; nothing is dropped). Then the new server gets the messages the
+//! reattacher gives (the plugins' first messages and the replay log), then the kept input,
+//! then the queued bytes, now run through the link and its plugins, and the relay carries
+//! on with the same client link (its compression context, its counters). A server that dies in
 //! the middle of a message to the client cannot be moved from: the client is closed with
 //! 1011 as before; so is one that no server takes in time (the close it would have had).
 
@@ -39,6 +41,14 @@ pub trait Reattach: Send {
 
     /// A move that could not even start (`why`: e.g. the old server stopped mid-message).
     fn not_moved(&self, why: &'static str);
+
+    /// How many bytes the client may send during a move before it stops being read
+    /// (`resume_buffer_bytes`).
+    fn buffer_limit(&self) -> usize;
+
+    /// A move is done: `held` bytes from the client (unsent to the old server, or read
+    /// during the move) go to the new server.
+    fn delivered(&self, held: usize);
 }
 
 /// A new server, ready for the relay.
@@ -127,15 +137,23 @@ impl Relay<'_> {
         self.arm_close_deadline();
     }
 
-    /// Carries out the move decided by `try_move`: waits for a new server, then queues the
-    /// reattacher's messages and the kept client input for it. Without a server, the client
-    /// gets the close it would have had.
+    /// Carries out the move decided by `try_move`: waits for a new server while reading what
+    /// the client sends into a bounded queue, then queues for the new server the
+    /// reattacher's messages, the kept client input and what was read meanwhile. Without a
+    /// server, the client gets the close it would have had.
     pub(super) async fn move_upstream(&mut self, stop: &mut Stop) {
         let Some(Move { reason, fallback }) = self.moving.take() else { return };
         let kept = self.c2u.take_unsent();
-        let reattach = self.reattach.as_deref_mut().expect("a move needs a reattacher");
-        match reattach.reattach(reason, kept.len()).await {
+        let reattach = self.reattach.take().expect("a move needs a reattacher");
+        let limit = reattach.buffer_limit();
+        let (attached, held) = {
+            let attach = reattach.reattach(reason, kept.len());
+            self.read_client_while(attach, limit).await
+        };
+        let reattach = self.reattach.insert(reattach);
+        match attached {
             Some(Reattached { upstream, first, stop: new_stop }) => {
+                reattach.delivered(kept.len() + held);
                 let now = Instant::now();
                 self.upstream = upstream.stream;
                 self.upstream_state = SideState { last_heard: Some(now), ..SideState::default() };
@@ -144,6 +162,13 @@ impl Relay<'_> {
                     self.c2u.queue_data(*kind, payload);
                 }
                 self.c2u.queue_frames(&kept);
+                // What the client sent during the move, raw, behind the rest: its frames
+                // go through the link (and the plugins) now, in order.
+                let client = &mut self.client_state;
+                if held > 0 && !client.input_paused {
+                    let input = std::mem::take(&mut client.unprocessed);
+                    self.take_input(Side::Client, input);
+                }
                 self.stop = StopWatch::new(new_stop.token.clone());
                 *stop = new_stop;
                 self.last_data = now;
@@ -156,6 +181,45 @@ impl Relay<'_> {
                 let (close, why) = fallback;
                 self.send_close(Side::Client, close, why);
                 self.arm_close_deadline();
+            }
+        }
+    }
+}
+
+impl Relay<'_> {
+    /// Runs `attach` to its end while reading the client's bytes, unprocessed, onto its
+    /// input: at most `limit` of them, then the client is not read until the move is done
+    /// (TCP flow control holds the rest in its socket); nothing is dropped. An end of
+    /// stream or an error stops the reading too: the relay meets it again once the move is
+    /// done. Returns the move's outcome and how many bytes were read.
+    async fn read_client_while<T>(&mut self, attach: impl Future<Output = T>, limit: usize) -> (T, usize) {
+        tokio::pin!(attach);
+        let client = self.client;
+        let state = &mut self.client_state;
+        let start = state.unprocessed.len();
+        let mut open = !state.gone && !state.reading_done;
+        loop {
+            let room = limit.saturating_sub(state.unprocessed.len() - start);
+            tokio::select! {
+                biased;
+                outcome = &mut attach => return (outcome, state.unprocessed.len() - start),
+                ready = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if open && room > 0 => {
+                    if ready.is_err() {
+                        open = false;
+                        continue;
+                    }
+                    // Read no more than there is room for.
+                    let mut chunk = Vec::with_capacity(room.min(super::READ_CHUNK));
+                    match client.read_once(&mut chunk) {
+                        Ok(0) => open = false,
+                        Ok(_) => {
+                            state.unprocessed.extend_from_slice(&chunk);
+                            state.last_heard = Some(Instant::now());
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => open = false,
+                    }
+                }
             }
         }
     }

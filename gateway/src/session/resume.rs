@@ -38,6 +38,8 @@ pub struct Resumer {
     active: ActiveConnection,
     signal: CloseSignal,
     timeout: Duration,
+    /// `resume_buffer_bytes`: what may be read from the client during a move.
+    buffer_limit: usize,
 }
 
 impl Resumer {
@@ -49,8 +51,10 @@ impl Resumer {
         shared: Arc<Shared>,
     ) -> Resumer {
         let signal = active.close_signal(&shared.shutdown);
-        let timeout = Duration::from_millis(shared.config.load().gateway.resume_timeout_ms);
-        Resumer { plan, conn, chain, shared, active, signal, timeout }
+        signal.mark_movable();
+        let gateway = &shared.config.load().gateway;
+        let (timeout, buffer_limit) = (Duration::from_millis(gateway.resume_timeout_ms), gateway.resume_buffer_bytes);
+        Resumer { plan, conn, chain, shared, active, signal, timeout, buffer_limit }
     }
 
     /// The relay's stop: shutdown closes with 1001, a drain with 1012 unless it migrates.
@@ -111,6 +115,7 @@ impl Resumer {
         // Leaving the old server: it no longer counts this connection, the new one does.
         self.active = active;
         self.signal = self.active.close_signal(&self.shared.shutdown);
+        self.signal.mark_movable();
         let mut first = Vec::new();
         for slot in &self.chain {
             let plugin = slot.current();
@@ -140,13 +145,6 @@ impl Resumer {
             .counter("wasmgate_session_replayed_messages_total", "Session log messages replayed to new servers.", &[] as &[(&str, &str)])
             .add(replayed);
         registry
-            .counter(
-                "wasmgate_session_queued_bytes_total",
-                "Client bytes held during moves and delivered to the new server.",
-                &[] as &[(&str, &str)],
-            )
-            .add(queued as u64);
-        registry
             .histogram(
                 "wasmgate_session_resume_seconds",
                 "Time from losing a server to being attached to another.",
@@ -175,6 +173,20 @@ impl Reattach for Resumer {
 
     fn not_moved(&self, why: &'static str) {
         self.count_failure(why);
+    }
+
+    fn buffer_limit(&self) -> usize {
+        self.buffer_limit
+    }
+
+    fn delivered(&self, held: usize) {
+        self.metrics()
+            .counter(
+                "wasmgate_session_queued_bytes_total",
+                "Client bytes held during moves (unsent to the old server, or read during the move) and delivered to the new server.",
+                &[] as &[(&str, &str)],
+            )
+            .add(held as u64);
     }
 }
 

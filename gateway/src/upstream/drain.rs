@@ -27,6 +27,9 @@ pub const GOING_AWAY: u16 = 1001;
 pub const MIGRATE_DRAIN: u16 = 1;
 /// As [`MIGRATE_DRAIN`], for a rebalance.
 pub const MIGRATE_REBALANCE: u16 = 2;
+/// Asks a connection that can move (see [`CloseSignal::mark_movable`]) to leave a server
+/// that failed its health checks.
+pub const MIGRATE_UNHEALTHY: u16 = 3;
 
 /// What a relay watches besides its sockets: when the token is cancelled, close both sides
 /// with [`CloseSignal::frame`].
@@ -40,12 +43,20 @@ struct SignalInner {
     token: CancellationToken,
     /// The code `close` asked for; 0 when the token was cancelled by its parent (shutdown).
     code: AtomicU16,
+    /// The connection can move to another server (its route keeps session state).
+    movable: AtomicBool,
 }
 
 impl CloseSignal {
     /// A signal also cancelled when `parent` is (the gateway's shutdown token).
     pub fn child_of(parent: &CancellationToken) -> CloseSignal {
-        CloseSignal { inner: Arc::new(SignalInner { token: parent.child_token(), code: AtomicU16::new(0) }) }
+        CloseSignal {
+            inner: Arc::new(SignalInner {
+                token: parent.child_token(),
+                code: AtomicU16::new(0),
+                movable: AtomicBool::new(false),
+            }),
+        }
     }
 
     /// Cancelled when the connection should close.
@@ -72,7 +83,7 @@ impl CloseSignal {
     pub fn frame(&self) -> (u16, &'static str) {
         match self.inner.code.load(Ordering::Acquire) {
             0 | GOING_AWAY => (GOING_AWAY, "gateway shutting down"),
-            SERVICE_RESTART | MIGRATE_DRAIN | MIGRATE_REBALANCE => (SERVICE_RESTART, "service restart"),
+            SERVICE_RESTART | MIGRATE_DRAIN | MIGRATE_REBALANCE | MIGRATE_UNHEALTHY => (SERVICE_RESTART, "service restart"),
             code => (code, ""),
         }
     }
@@ -85,8 +96,20 @@ impl CloseSignal {
         match self.inner.code.load(Ordering::Acquire) {
             MIGRATE_DRAIN => Some(crate::plugin::ReattachReason::Drained),
             MIGRATE_REBALANCE => Some(crate::plugin::ReattachReason::Rebalanced),
+            // The contract has no reason of its own for it: to the plugin the server is gone.
+            MIGRATE_UNHEALTHY => Some(crate::plugin::ReattachReason::ServerGone),
             _ => None,
         }
+    }
+
+    /// The connection can move to another server: a server failing its health checks asks
+    /// it to (others stay where they are, as without session state).
+    pub fn mark_movable(&self) {
+        self.inner.movable.store(true, Ordering::Release);
+    }
+
+    fn is_movable(&self) -> bool {
+        self.inner.movable.load(Ordering::Acquire)
     }
 }
 
@@ -189,6 +212,14 @@ impl Connections {
             registry.live.iter().filter(|(_, s)| !s.is_closing()).map(|(&id, s)| (id, s.clone())).collect();
         open.sort_unstable_by_key(|(id, _)| *id);
         open.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Asks every connection that can move, and is not closing, to leave the server
+    /// (it failed its health checks); how many were asked.
+    pub fn move_movable(&self) -> usize {
+        let movable: Vec<CloseSignal> =
+            self.registry.lock().unwrap().live.values().filter(|s| s.is_movable() && !s.is_closing()).cloned().collect();
+        movable.iter().filter(|s| s.close(MIGRATE_UNHEALTHY)).count()
     }
 
     /// The oldest connection not yet asked to close.
@@ -359,6 +390,25 @@ mod tests {
         // Drained again while the first drain task still sleeps: only the new one goes on.
         let (second, _) = c.begin_drain().unwrap();
         assert!(c.drain_goes_on(second) && !c.drain_goes_on(first));
+    }
+
+    #[test]
+    fn an_unhealthy_server_moves_only_movable_connections() {
+        let c = Connections::default();
+        let shutdown = CancellationToken::new();
+        let (plain, session, closing) =
+            (CloseSignal::child_of(&shutdown), CloseSignal::child_of(&shutdown), CloseSignal::child_of(&shutdown));
+        session.mark_movable();
+        closing.mark_movable();
+        for s in [&plain, &session, &closing] {
+            c.register(s.clone());
+        }
+        assert!(closing.close(SERVICE_RESTART));
+        assert_eq!(c.move_movable(), 1, "the closing one is not asked again");
+        assert!(!plain.is_closing(), "a connection that cannot move stays");
+        assert_eq!(session.migration(), Some(crate::plugin::ReattachReason::ServerGone));
+        assert_eq!(session.frame(), (1012, "service restart"), "what it gets should the move fail");
+        assert_eq!(closing.migration(), None);
     }
 
     #[test]

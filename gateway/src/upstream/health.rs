@@ -254,7 +254,13 @@ pub async fn run_checks(
             let Ok((server, result)) = joined else { continue };
             match result {
                 Ok(()) => server.apply_probe(&pool_name, Ok(()), &settings),
-                Err(ProbeError::Server(error)) => server.apply_probe(&pool_name, Err(error), &settings),
+                Err(ProbeError::Server(error)) => {
+                    let was_healthy = server.state.health.is_healthy();
+                    server.apply_probe(&pool_name, Err(error), &settings);
+                    if was_healthy && !server.state.health.is_healthy() {
+                        move_sessions_off(&pool_name, &server, current().as_deref());
+                    }
+                }
                 Err(ProbeError::Local(shortage, error)) => resources.record(shortage, "health check", &error),
             }
         }
@@ -264,6 +270,23 @@ pub async fn run_checks(
         }
     }
     tracing::debug!(pool = %pool_name, "health checks stopped");
+}
+
+/// A server just failed its health checks: its connections that can move (session routes)
+/// are asked to, as for a dead socket, when another server of the pool can take them.
+/// Without one they stay (moving would only close them when no server answers); other
+/// connections stay too, as they always did.
+fn move_sessions_off(pool_name: &str, server: &super::Server, pool: Option<&Pool>) {
+    let Some(pool) = pool else { return };
+    let elsewhere = pool.available().into_iter().any(|i| !Arc::ptr_eq(&pool.servers[i].state, &server.state));
+    if !elsewhere {
+        tracing::warn!(pool = %pool_name, server = %server.address.authority, "no other server is up: its session connections stay");
+        return;
+    }
+    let moving = server.state.connections.move_movable();
+    if moving > 0 {
+        tracing::info!(pool = %pool_name, server = %server.address.authority, moving, "moving session connections off an unhealthy server");
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! cargo run --release -p wasmgate-bench -- storm [--clients 20000] [--only TARGET,...] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- scale [--connections 100000] [--gateways 12] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- kv [--seconds 5] [--rounds 3] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- resume [--affected 1000] [--idle 3000] [--out FILE]
 //! ```
 //! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
@@ -52,6 +53,7 @@ mod load;
 mod machine;
 mod procs;
 mod proxies;
+mod resume;
 mod scale;
 mod soak;
 mod storm;
@@ -129,6 +131,9 @@ enum Mode {
     /// The handshake cost of the plugin kv store in Redis (`[cluster]`) against the local
     /// store: rate-limit on the route, the connect scenario (see `kv`).
     Kv(kv::Options),
+    /// A chat server killed under 1,000 clients: time to resume with session-replay, closes
+    /// without it and through nginx; the replay log's memory per idle connection.
+    Resume(resume::Options),
 }
 
 fn main() -> ExitCode {
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
         Some(Mode::Scale(options)) => runtime.block_on(until_signal(scale::run(options))),
         Some(Mode::ScaleClient(options)) => runtime.block_on(until_signal(scale::client(options))),
         Some(Mode::Kv(options)) => runtime.block_on(until_signal(kv::run(options))),
+        Some(Mode::Resume(options)) => runtime.block_on(until_signal(resume::run(options))),
         None => runtime.block_on(until_signal(run(args))),
     };
     match result {

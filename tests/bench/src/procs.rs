@@ -123,10 +123,12 @@ impl Proc {
 
     /// Stops the whole group with SIGKILL, as a crash would: no close frames, no FIN from
     /// the application, the kernel resets its connections.
-    pub fn kill(self) {
+    pub fn kill(mut self) {
         // Safety: a plain syscall; the group leader is not reaped yet, so the id is still ours.
         unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
-        // Drop reaps it.
+        // Reaped as soon as it is gone (Drop would poll for it every 10 ms): once this
+        // returns, its sockets are closed.
+        let _ = self.child.wait();
     }
 
     /// The last lines of the process's output, for error messages.

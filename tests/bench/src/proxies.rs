@@ -17,7 +17,7 @@ use crate::procs::{free_addr, Proc};
 use crate::tls::TlsFiles;
 use crate::wasmgate::{self, Plugin};
 
-const NGINX: &str = "/usr/sbin/nginx";
+pub const NGINX: &str = "/usr/sbin/nginx";
 const HAPROXY: &str = "/usr/sbin/haproxy";
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 
@@ -383,7 +383,7 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
 /// all 9,000 idle connections of the RSS scenario, two sockets each, within the machine's
 /// hard limit of 20,000 open files. With `tls`, the listener is `ssl` with the run's
 /// certificate (nginx's defaults otherwise: TLS 1.2 and 1.3, no session cache).
-fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path, workers: usize, tls: Option<&TlsFiles>) -> String {
+pub fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path, workers: usize, tls: Option<&TlsFiles>) -> String {
     let (ssl, certificate) = match tls {
         Some(files) => (
             " ssl",
