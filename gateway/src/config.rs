@@ -96,6 +96,10 @@ pub struct GatewaySection {
     /// finish before answering 503 (and answering at once until one does); 0 = answer at once.
     #[serde(default = "defaults::max_handshakes_wait_ms")]
     pub max_handshakes_wait_ms: u64,
+    /// Client connections served by this many single-threaded workers, each with its own
+    /// `SO_REUSEPORT` listener (crate::workers); 0 = on the main multi-threaded runtime.
+    #[serde(default)]
+    pub workers: usize,
     /// Largest message accepted in either direction, in bytes; larger ones close with 1009.
     #[serde(default = "defaults::max_message_size")]
     pub max_message_size: u64,

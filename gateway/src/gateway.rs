@@ -564,7 +564,8 @@ impl Gateway {
         if let Some(cluster) = &shared.cluster {
             tokio::spawn(cluster.members.clone().run(Arc::downgrade(&shared)));
         }
-        tokio::spawn(crate::listener::accept_loop(listener, shared.clone()));
+        let workers = shared.config.load().gateway.workers;
+        crate::workers::serve(listener, shared.clone(), workers)?;
         if let Some(admin) = admin_listener {
             tokio::spawn(crate::admin::serve(admin, shared.clone()));
         }

@@ -32,6 +32,7 @@ pub mod routes;
 pub mod session;
 pub mod upgrade;
 pub mod upstream;
+pub mod workers;
 
 pub use config::Config;
 pub use gateway::{check_plugins, Gateway};
