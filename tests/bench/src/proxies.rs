@@ -53,6 +53,10 @@ pub enum Target {
     /// jwt-auth and least-conn with `workers = 2`.
     #[value(name = "wasmgate-auth-workers")]
     WasmgateAuthWorkers,
+    /// No plugins, an upstream connect timeout of 60 s (nginx's `proxy_connect_timeout`)
+    /// instead of 3 s: in a 20,000-client storm the backends are slow to accept.
+    #[value(name = "wasmgate-patient")]
+    WasmgatePatient,
     Nginx,
     Haproxy,
     /// HAProxy relaying bytes (`mode tcp`): no HTTP, no WebSocket, not even the handshake
@@ -65,7 +69,7 @@ impl Target {
     /// The plugins a wasmgate column loads; None for the other paths.
     pub fn wasmgate_plugins(self) -> Option<&'static [Plugin]> {
         match self {
-            Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers => Some(&[]),
+            Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers | Target::WasmgatePatient => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
             Target::WasmgateAuth | Target::WasmgateAuthWorkers => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
@@ -100,6 +104,7 @@ impl fmt::Display for Target {
             Target::WasmgateRefuse => "wasmgate-refuse",
             Target::WasmgateWorkers => "wasmgate-workers",
             Target::WasmgateAuthWorkers => "wasmgate-auth-workers",
+            Target::WasmgatePatient => "wasmgate-patient",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::HaproxyTcp => "haproxy-tcp",
@@ -284,7 +289,8 @@ fn start_proxy(
         | Target::WasmgateRs256Nocache
         | Target::WasmgateRefuse
         | Target::WasmgateWorkers
-        | Target::WasmgateAuthWorkers => {
+        | Target::WasmgateAuthWorkers
+        | Target::WasmgatePatient => {
             if !bins.wasmgate.exists() {
                 bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
             }
@@ -301,6 +307,9 @@ fn start_proxy(
             }
             if matches!(target, Target::WasmgateWorkers | Target::WasmgateAuthWorkers) {
                 extra.gateway.push("workers = 2".into());
+            }
+            if target == Target::WasmgatePatient {
+                extra.upstream.push("connect_timeout_ms = 60000".into());
             }
             let text = wasmgate::config_with(listen, admin, servers, plugins, &dir.join("plugin-cache"), &extra);
             let config = write(dir, "wasmgate.toml", &text)?;
