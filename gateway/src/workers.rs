@@ -36,7 +36,7 @@ pub fn serve(listener: TcpListener, shared: Arc<Shared>, workers: usize) -> io::
     for (n, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        std::thread::Builder::new().name(format!("wasmgate-worker-{n}")).spawn(move || {
+        std::thread::Builder::new().name(format!("wg-worker-{n}")).spawn(move || {
             runtime.block_on(async move {
                 let listener = match TcpListener::from_std(listener) {
                     Ok(l) => l,
