@@ -8,9 +8,10 @@
 //! 0 (the default) serves every connection on the main multi-threaded runtime.
 //! BENCHMARKS.md ("Shared-nothing workers") has what each costs.
 //!
-//! A worker's extra listeners are not handed over to a successor process (`crate::upgrade`
-//! hands over the first): connections still in their accept queues when the gateway retires
-//! are reset.
+//! Only the plain (`ws://`) listener is served by the workers; a `[gateway.tls]` listener
+//! stays on the main runtime. The workers' extra listeners are not handed over to a
+//! successor process (`crate::upgrade` hands over the first): connections still in their
+//! accept queues when the gateway retires are reset.
 
 use std::io;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::gateway::Shared;
 /// many worker threads, the first taking `listener` and the others binding their own.
 pub fn serve(listener: TcpListener, shared: Arc<Shared>, workers: usize) -> io::Result<()> {
     if workers == 0 {
-        tokio::spawn(crate::listener::accept_loop(listener, shared));
+        tokio::spawn(crate::listener::accept_loop(listener, shared, None));
         return Ok(());
     }
     let addr = listener.local_addr()?;
@@ -42,7 +43,7 @@ pub fn serve(listener: TcpListener, shared: Arc<Shared>, workers: usize) -> io::
                     Ok(l) => l,
                     Err(e) => return tracing::error!(worker = n, "cannot register the listener: {e}"),
                 };
-                crate::listener::accept_loop(listener, shared).await;
+                crate::listener::accept_loop(listener, shared, None).await;
                 // Accepting has stopped (shutdown, retirement): the connections this worker
                 // holds still need its runtime until they close.
                 let metrics = tokio::runtime::Handle::current().metrics();
