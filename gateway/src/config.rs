@@ -91,9 +91,17 @@ pub struct GatewaySection {
     #[serde(default = "defaults::listen_backlog")]
     pub listen_backlog: u32,
     /// Client sockets still in their handshake (request, plugins, upstream connect); more
-    /// are answered 503.
+    /// wait in the accept queue (see `max_handshakes_wait_ms`), then are answered 503.
     #[serde(default = "defaults::max_handshakes")]
     pub max_handshakes: Spanned<u64>,
+    /// With `max_handshakes` reached, how long the accept loop waits for one of them to
+    /// finish before answering 503 (and answering at once until one does); 0 = answer at once.
+    #[serde(default = "defaults::max_handshakes_wait_ms")]
+    pub max_handshakes_wait_ms: u64,
+    /// Client connections served by this many single-threaded workers, each with its own
+    /// `SO_REUSEPORT` listener (crate::workers); 0 = on the main multi-threaded runtime.
+    #[serde(default)]
+    pub workers: usize,
     /// Largest message accepted in either direction, in bytes; larger ones close with 1009.
     #[serde(default = "defaults::max_message_size")]
     pub max_message_size: u64,
@@ -424,6 +432,9 @@ mod defaults {
     }
     pub fn max_handshakes() -> toml::Spanned<u64> {
         toml::Spanned::new(0..0, 1024)
+    }
+    pub fn max_handshakes_wait_ms() -> u64 {
+        1000
     }
     pub fn route_path() -> toml::Spanned<String> {
         toml::Spanned::new(0..0, "/".to_string())

@@ -596,7 +596,8 @@ impl Gateway {
             tokio::spawn(cluster.members.clone().run(Arc::downgrade(&shared)));
         }
         if let Some(listener) = listener {
-            tokio::spawn(crate::listener::accept_loop(listener, shared.clone(), None));
+            let workers = shared.config.load().gateway.workers;
+            crate::workers::serve(listener, shared.clone(), workers)?;
         }
         if let Some((tls_listener, terminator)) = tls {
             tokio::spawn(crate::listener::accept_loop(tls_listener, shared.clone(), Some(terminator)));

@@ -36,6 +36,7 @@ pub mod session;
 pub mod upgrade;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 pub use config::Config;
 pub use gateway::{check_plugins, Gateway};

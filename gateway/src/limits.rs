@@ -4,17 +4,28 @@
 //! answered at once, before its request is read — 503, or 429 when its own address is over
 //! — and closed, so a flood costs the gateway a write per socket.
 //!
+//! `max_handshakes` is a bound on what slow clients can hold (a slow-loris attack sends its
+//! request a byte at a time), not a rate limit: a reconnect storm brings thousands of fast
+//! handshakes at once, and refusing those past the limit made every client retry (6,000
+//! clients: 6,200 refusals, 1.5x nginx's time until 99% were back). So at the limit the accept
+//! loop first waits, up to `max_handshakes_wait_ms`, for a handshake to finish, leaving the
+//! rest in the kernel's accept queue; only when none finishes in that time (the slots are
+//! held by slow clients) is the socket refused, and the next ones at once, until a slot
+//! frees. The number of sockets in their handshake stays bounded either way.
+//!
 //! The limits are read from the running configuration at each accept, so a reload changes
 //! them for new sockets. The per-address count covers sockets accepted while that limit was
 //! on; IPv6 clients are counted per /64, the block one subscriber usually holds.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::StatusCode;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::config::GatewaySection;
 use crate::handshake::Refusal;
@@ -28,6 +39,8 @@ pub struct Limits {
     /// 0 = no per-address limit.
     pub per_address: usize,
     pub handshakes: usize,
+    /// How long a socket over `handshakes` waits for a slot; zero = refused at once.
+    pub handshake_wait: Duration,
 }
 
 impl Limits {
@@ -38,6 +51,7 @@ impl Limits {
             connections: g.max_connections.as_ref().map_or(default_connections, |v| clamp(*v.get_ref())),
             per_address: clamp(g.max_connections_per_ip),
             handshakes: clamp(*g.max_handshakes.get_ref()),
+            handshake_wait: Duration::from_millis(g.max_handshakes_wait_ms),
         }
     }
 }
@@ -107,6 +121,12 @@ const MAX_ANSWERING: usize = 256;
 pub struct Admission {
     open: AtomicUsize,
     handshakes: AtomicUsize,
+    /// Accept loops waiting for a handshake slot, and their wake-up.
+    waiting: AtomicUsize,
+    slot_freed: Notify,
+    /// A wait for a slot timed out and no slot has been free since: the slots are held by
+    /// slow clients, and sockets over the limit are refused without waiting.
+    stalled: AtomicBool,
     per_address: Mutex<HashMap<AddressKey, usize>>,
     /// Refused sockets whose answer is being written.
     answering: AtomicUsize,
@@ -131,6 +151,9 @@ impl Admission {
         Arc::new(Admission {
             open: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            slot_freed: Notify::new(),
+            stalled: AtomicBool::new(false),
             per_address: Mutex::new(HashMap::new()),
             answering: AtomicUsize::new(0),
             default_connections,
@@ -163,13 +186,48 @@ impl Admission {
             return Err(Refused::Connections);
         }
         permit.in_handshake = true;
-        if self.handshakes.fetch_add(1, Ordering::Relaxed) >= limits.handshakes {
+        // SeqCst with `waiting` (see `admit_or_wait`): a waiter that finds no slot is woken.
+        if self.handshakes.fetch_add(1, Ordering::SeqCst) >= limits.handshakes {
             return Err(Refused::Handshakes);
         }
         self.open_gauge.inc();
         self.handshakes_gauge.inc();
         permit.admitted = true;
         Ok(permit)
+    }
+
+    /// As [`Admission::admit`], but a socket over `max_handshakes` waits up to
+    /// `limits.handshake_wait` for a handshake to finish; the accept loop waits with it, so
+    /// the clients behind it wait in the kernel's accept queue. Once a wait has timed out,
+    /// sockets over the limit are refused at once until a slot is free again.
+    pub async fn admit_or_wait(self: &Arc<Self>, ip: Option<IpAddr>, limits: &Limits) -> Result<Permit, Refused> {
+        let first = self.admit(ip, limits);
+        match first {
+            Ok(_) => {
+                if self.stalled.load(Ordering::Relaxed) {
+                    self.stalled.store(false, Ordering::Relaxed);
+                }
+                return first;
+            }
+            Err(Refused::Handshakes) if !limits.handshake_wait.is_zero() && !self.stalled.load(Ordering::Relaxed) => {}
+            Err(_) => return first,
+        }
+        let deadline = tokio::time::Instant::now() + limits.handshake_wait;
+        let _waiting = Waiting::new(self);
+        loop {
+            let freed = self.slot_freed.notified();
+            tokio::pin!(freed);
+            // Registered before the count is read again, so a slot freed in between wakes it.
+            freed.as_mut().enable();
+            match self.admit(ip, limits) {
+                Err(Refused::Handshakes) => {}
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.stalled.store(true, Ordering::Relaxed);
+                return self.admit(ip, limits);
+            }
+        }
     }
 
     /// Answers a refused socket (status, reason, `Retry-After: 1`) and closes it, off the
@@ -209,6 +267,23 @@ impl Admission {
     }
 }
 
+/// An accept loop waiting for a handshake slot, counted while it waits (also when the wait
+/// is dropped, at shutdown).
+struct Waiting<'a>(&'a Admission);
+
+impl<'a> Waiting<'a> {
+    fn new(admission: &'a Admission) -> Waiting<'a> {
+        admission.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(admission)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One admitted client socket; uncounts it when dropped.
 pub struct Permit {
     admission: Arc<Admission>,
@@ -242,7 +317,11 @@ impl Permit {
     /// against `max_handshakes`.
     pub fn handshake_done(&mut self) {
         if std::mem::take(&mut self.in_handshake) {
-            self.admission.handshakes.fetch_sub(1, Ordering::Relaxed);
+            self.admission.handshakes.fetch_sub(1, Ordering::SeqCst);
+            // A permit refused by a limit held no real slot: its drop frees none.
+            if self.admitted && self.admission.waiting.load(Ordering::SeqCst) > 0 {
+                self.admission.slot_freed.notify_one();
+            }
             if self.admitted {
                 self.admission.handshakes_gauge.dec();
             }
@@ -277,7 +356,7 @@ mod tests {
     use super::*;
 
     fn limits(connections: usize, per_address: usize, handshakes: usize) -> Limits {
-        Limits { connections, per_address, handshakes }
+        Limits { connections, per_address, handshakes, handshake_wait: Duration::ZERO }
     }
 
     #[test]
@@ -319,5 +398,39 @@ mod tests {
         assert!(registry.render().contains("wasmgate_handshakes_in_progress 2"));
         drop(first);
         assert_eq!((admission.open(), admission.handshakes()), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn over_the_handshake_limit_a_socket_waits_for_a_slot_then_is_refused() {
+        let registry = Registry::new();
+        let admission = Admission::new(&registry, 100);
+        let l = Limits { handshake_wait: Duration::from_secs(5), ..limits(10, 0, 2) };
+        let ip: Option<IpAddr> = Some("127.0.0.1".parse().unwrap());
+        let mut first = admission.admit_or_wait(ip, &l).await.unwrap();
+        let _second = admission.admit_or_wait(ip, &l).await.unwrap();
+        // A handshake that finishes while the third waits gives it its slot.
+        let waiter = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.admit_or_wait(ip, &l).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "waits while the slots are taken");
+        first.handshake_done();
+        let waited = tokio::time::timeout(Duration::from_secs(1), waiter).await.expect("woken by the freed slot").unwrap();
+        assert_eq!(waited, Ok(()));
+        // Slots held longer than the wait (slow clients): refused after the wait, then at once.
+        let l = Limits { handshake_wait: Duration::from_millis(100), ..l };
+        let _third = admission.admit(ip, &l).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(admission.admit_or_wait(ip, &l).await.err(), Some(Refused::Handshakes));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        assert_eq!(admission.admit_or_wait(ip, &l).await.err(), Some(Refused::Handshakes));
+        assert!(started.elapsed() < Duration::from_millis(50), "no second wait while stalled");
+        assert_eq!(admission.handshakes(), 2, "refused sockets hold no slot");
+        assert_eq!(admission.waiting.load(Ordering::SeqCst), 0);
+        drop(_third);
+        assert!(admission.admit_or_wait(ip, &l).await.is_ok(), "a free slot ends the stall");
+        assert!(!admission.stalled.load(Ordering::Relaxed));
     }
 }

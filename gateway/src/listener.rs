@@ -51,7 +51,12 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option
         // Behind PROXY protocol the peer is the balancer: the client it names is charged
         // against max_connections_per_ip once its header is read (proxy::read_upgrade).
         let known_client = (!shared.routing.load().proxy_protocol).then(|| client_addr.ip());
-        match shared.admission.admit(known_client, &limits) {
+        // Over max_handshakes this waits for a slot (crate::limits), and so does accepting.
+        let admitted = tokio::select! {
+            admitted = shared.admission.admit_or_wait(known_client, &limits) => admitted,
+            _ = shared.upgrade.accepting.cancelled() => break,
+        };
+        match admitted {
             Ok(permit) => {
                 let _ = stream.set_nodelay(true);
                 let tls = tls.as_ref().map(|t| t.config());

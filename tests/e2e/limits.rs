@@ -342,6 +342,67 @@ async fn handshakes_in_progress_are_capped() {
     gw.shutdown().await;
 }
 
+/// A reconnect storm is many fast handshakes at once, not slow ones: over `max_handshakes`
+/// they wait in the accept queue for a slot instead of being refused (with
+/// `max_handshakes_wait_ms = 0`, the behaviour before, part of this burst got 503), while
+/// slow-loris sockets stay bounded by the limit.
+#[tokio::test]
+async fn a_burst_of_fast_handshakes_over_the_limit_waits_instead_of_being_refused() {
+    let backends = echo_backends(2).await;
+    let gw = start_gateway(&config(&server_list(&backends), "max_handshakes = 8\nhandshake_timeout_secs = 10")).await;
+    let slow_request = |n: usize| {
+        let addr = gw.listen_addr;
+        async move {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+                held.push(s);
+            }
+            held
+        }
+    };
+    let in_progress = || metric(&gw.metrics_text(), "wasmgate_handshakes_in_progress");
+    // Half the slots held by slow clients, then a burst of 300 at once.
+    let slow = slow_request(4).await;
+    assert!(eventually(Duration::from_secs(2), || in_progress() == Some(4.0)).await);
+    let burst = (0..300).map(|i| {
+        let url = ws_url(&gw, "/");
+        async move {
+            let mut ws = tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws).map_err(|e| refusal(Err(e)))?;
+            still_served(&mut ws, &format!("burst client {i}")).await;
+            Ok::<Client, (u16, String)>(ws)
+        }
+    });
+    let results = futures_util::future::join_all(burst).await;
+    let refused: Vec<&(u16, String)> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(refused.is_empty(), "{} of 300 refused, first: {:?}", refused.len(), refused.first());
+    let metrics = gw.metrics_text();
+    assert_eq!(metric(&metrics, "wasmgate_connections_refused_total{reason=\"max_handshakes\"}"), Some(0.0), "{metrics}");
+
+    // Slow clients still get no more than the limit: with 4 more holding every slot, a
+    // client waits its second for one, then is answered 503, and more slow ones at once.
+    let more_slow = slow_request(4).await;
+    assert!(eventually(Duration::from_secs(2), || in_progress() == Some(8.0)).await);
+    let started = Instant::now();
+    let (status, body) = refusal(tokio_tungstenite::connect_async(ws_url(&gw, "/")).await.map(|(ws, _)| ws));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("handshakes in progress"), "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "waited for a slot first: {:?}", started.elapsed());
+    let started = Instant::now();
+    for mut s in slow_request(4).await {
+        let mut response = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut response)).await;
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(900), "no second wait while slow clients hold the slots");
+    assert_eq!(in_progress(), Some(8.0), "bounded by max_handshakes");
+    let mut burst: Vec<Client> = results.into_iter().map(|r| r.unwrap()).collect();
+    still_served(&mut burst[0], "a burst client while slow ones hold every slot").await;
+    drop((slow, more_slow, burst));
+    gw.shutdown().await;
+}
+
 /// A keep-alive HTTP/1.1 connection to the admin API, opened before descriptors run out.
 struct AdminConnection {
     stream: TcpStream,

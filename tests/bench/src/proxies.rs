@@ -45,6 +45,21 @@ pub enum Target {
     /// RS256 with jwt-auth's verified-token cache off: a signature check per handshake.
     #[value(name = "wasmgate-rs256-nocache")]
     WasmgateRs256Nocache,
+    /// No plugins, sockets over max_handshakes refused at once (max_handshakes_wait_ms = 0,
+    /// the behaviour before #18).
+    #[value(name = "wasmgate-refuse")]
+    WasmgateRefuse,
+    /// No plugins, `workers = 2`: a single-threaded runtime per core, each with its own
+    /// listener (gateway/src/workers.rs).
+    #[value(name = "wasmgate-workers")]
+    WasmgateWorkers,
+    /// jwt-auth and least-conn with `workers = 2`.
+    #[value(name = "wasmgate-auth-workers")]
+    WasmgateAuthWorkers,
+    /// No plugins, an upstream connect timeout of 60 s (nginx's `proxy_connect_timeout`)
+    /// instead of 3 s: in a 20,000-client storm the backends are slow to accept.
+    #[value(name = "wasmgate-patient")]
+    WasmgatePatient,
     Nginx,
     Haproxy,
     /// HAProxy relaying bytes (`mode tcp`): no HTTP, no WebSocket, not even the handshake
@@ -66,9 +81,9 @@ impl Target {
     /// The plugins a wasmgate column loads; None for the other paths.
     pub fn wasmgate_plugins(self) -> Option<&'static [Plugin]> {
         match self {
-            Target::Wasmgate | Target::WasmgateLog | Target::WasmgateTls => Some(&[]),
+            Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers | Target::WasmgatePatient | Target::WasmgateTls => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
-            Target::WasmgateAuth => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
+            Target::WasmgateAuth | Target::WasmgateAuthWorkers => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
             Target::WasmgateRs256 => Some(&[Plugin::JwtAuthRs256, Plugin::LeastConn]),
             Target::WasmgateRs256Nocache => Some(&[Plugin::JwtAuthRs256Uncached, Plugin::LeastConn]),
@@ -114,6 +129,10 @@ impl fmt::Display for Target {
             Target::Wasmgate3 => "wasmgate-3",
             Target::WasmgateRs256 => "wasmgate-rs256",
             Target::WasmgateRs256Nocache => "wasmgate-rs256-nocache",
+            Target::WasmgateRefuse => "wasmgate-refuse",
+            Target::WasmgateWorkers => "wasmgate-workers",
+            Target::WasmgateAuthWorkers => "wasmgate-auth-workers",
+            Target::WasmgatePatient => "wasmgate-patient",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::HaproxyTcp => "haproxy-tcp",
@@ -301,6 +320,10 @@ fn start_proxy(
         | Target::Wasmgate3
         | Target::WasmgateRs256
         | Target::WasmgateRs256Nocache
+        | Target::WasmgateRefuse
+        | Target::WasmgateWorkers
+        | Target::WasmgateAuthWorkers
+        | Target::WasmgatePatient
         | Target::WasmgateTls => {
             if !bins.wasmgate.exists() {
                 bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
@@ -312,6 +335,15 @@ fn start_proxy(
             let mut extra = wasmgate::Extra::default();
             if target == Target::WasmgateLog {
                 extra.gateway.push(format!("access_log = \"{}\"", dir.join("access.log").display()));
+            }
+            if target == Target::WasmgateRefuse {
+                extra.gateway.push("max_handshakes_wait_ms = 0".into());
+            }
+            if matches!(target, Target::WasmgateWorkers | Target::WasmgateAuthWorkers) {
+                extra.gateway.push("workers = 2".into());
+            }
+            if target == Target::WasmgatePatient {
+                extra.upstream.push("connect_timeout_ms = 60000".into());
             }
             let cache = dir.join("plugin-cache");
             let text = if target.is_tls() {
