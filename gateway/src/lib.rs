@@ -7,6 +7,7 @@
 //! [`forwarding`] decides whose forwarding headers count) → [`routes`] picks the route →
 //! [`upstream`] opens the upstream WebSocket → [`relay`] moves frames until both sides close.
 //! [`gateway`] ties them together behind [`Gateway::start`]; [`config`] is the TOML schema;
+//! [`static_files`] answers plain GETs on routes that serve a directory;
 //! [`admin`] serves health, metrics and the [`dashboard`]; [`access_log`] writes a line per connection; [`cluster`] makes several gateways one (Redis). [`limits`] admits client sockets; [`resources`]
 //! handles the gateway running out of descriptors or ports.
 
@@ -30,6 +31,7 @@ pub mod relay;
 pub mod resources;
 pub mod routes;
 pub mod session;
+pub mod static_files;
 pub mod upgrade;
 pub mod upstream;
 
