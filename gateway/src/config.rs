@@ -50,8 +50,10 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySection {
-    /// Client-facing address.
-    pub listen: Spanned<String>,
+    /// Client-facing address of plain `ws://`; optional when `[gateway.tls]` is set.
+    pub listen: Option<Spanned<String>>,
+    /// `wss://`: the TLS listener and its certificates.
+    pub tls: Option<TlsSection>,
     /// Admin address (health, metrics, plugins); off when absent.
     pub admin: Option<Spanned<String>>,
     /// Bearer token of the admin API (`${env:NAME}` and `${file:PATH}` are expanded). Without
@@ -169,6 +171,31 @@ pub struct GatewaySection {
     pub admin_secret: Option<crate::admin::AdminToken>,
 }
 
+/// `[gateway.tls]`: the client-facing TLS listener (see [`crate::tls`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Address of the `wss://` listener.
+    pub listen: Spanned<String>,
+    /// Certificate chains with their keys (PEM, relative to the config file); the one for a
+    /// handshake is picked by SNI, else the first.
+    pub certs: Spanned<Vec<CertEntry>>,
+    /// CA certificates (PEM) that client certificates must chain to: with it, clients
+    /// without a valid certificate are refused (mutual TLS).
+    pub client_ca: Option<Spanned<String>>,
+    /// The files above, read and checked by `validate`.
+    #[serde(skip)]
+    pub loaded: Option<std::sync::Arc<crate::tls::LoadedTls>>,
+}
+
+/// `{ cert = "certs/chat.pem", key = "certs/chat.key" }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertEntry {
+    pub cert: String,
+    pub key: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
@@ -193,6 +220,11 @@ pub struct UpstreamSection {
     pub drain_secs: u64,
     /// How often this pool's server names are resolved again; default: the gateway's.
     pub resolve_interval_secs: Option<Spanned<u64>>,
+    /// TLS toward the `wss://` servers: `{ ca, server_name, cert, key }`, each optional.
+    pub tls: Option<Spanned<crate::upstream::tls::TlsTable>>,
+    /// Made by `validate` when the pool has a `wss://` server.
+    #[serde(skip)]
+    pub tls_client: Option<std::sync::Arc<crate::upstream::UpstreamTls>>,
 }
 
 /// `health = { interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3, path = "/probe" }`,
@@ -415,8 +447,22 @@ impl ServerEntry {
 }
 
 impl GatewaySection {
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen.get_ref().parse().expect("validated")
+    /// The plain `ws://` address, if any.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.as_ref().map(|l| l.get_ref().parse().expect("validated"))
+    }
+    /// The client address as configured: the plain one, else the `wss://` one (validation
+    /// requires one of them).
+    pub fn client_listen(&self) -> &str {
+        match (&self.listen, &self.tls) {
+            (Some(listen), _) => listen.get_ref(),
+            (None, Some(tls)) => tls.listen.get_ref(),
+            (None, None) => "",
+        }
+    }
+    /// The `wss://` address, if any.
+    pub fn tls_listen_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|t| t.listen.get_ref().parse().expect("validated"))
     }
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.get_ref().parse().expect("validated"))
@@ -477,8 +523,11 @@ impl Config {
             p.config_json = serde_json::to_string(&value).expect("TOML values are JSON values");
         }
         self.validate_admin(at)?;
+        self.validate_tls(at)?;
         let g = &self.gateway;
-        parse_addr(at, &g.listen)?;
+        if let Some(listen) = &g.listen {
+            parse_addr(at, listen)?;
+        }
         for (value, key) in [(g.max_connections.as_ref(), "max_connections"), (Some(&g.max_handshakes), "max_handshakes")] {
             if let Some(v) = value.filter(|v| *v.get_ref() == 0) {
                 return Err(at.error(v.span(), &format!("{key} must be at least 1")));
@@ -519,14 +568,20 @@ impl Config {
         if let Some(cluster) = &self.cluster {
             cluster.validate().map_err(|(span, e)| at.error(span, &e))?;
         }
+        let mut tls_clients = Vec::with_capacity(self.upstreams.len());
         for u in &self.upstreams {
             if u.servers.is_empty() {
                 return Err(at.error(u.name.span(), "upstream has no servers"));
             }
+            let mut any_wss = false;
             for s in &u.servers {
-                crate::upstream::ServerAddress::parse(s.get_ref().address())
+                let address = crate::upstream::ServerAddress::parse(s.get_ref().address())
                     .map_err(|e| at.error(s.span(), &e))?;
+                any_wss |= address.tls;
             }
+            let tls_client = crate::upstream::tls::for_pool(u.tls.as_ref(), any_wss, &base_dir)
+                .map_err(|(span, e)| at.error(if span.is_empty() { u.name.span() } else { span }, &e))?;
+            tls_clients.push(tls_client);
             if let Some(b) = &u.balancer {
                 if !plugin_names.contains(b.get_ref().as_str()) {
                     return Err(at.error(b.span(), "balancer names no [[plugin]]"));
@@ -581,6 +636,9 @@ impl Config {
         if self.routes.is_empty() {
             return Err(ConfigError(format!("{}: no [[route]]: nothing would be served", at.origin)));
         }
+        for (u, tls_client) in self.upstreams.iter_mut().zip(tls_clients) {
+            u.tls_client = tls_client;
+        }
         Ok(())
     }
 }
@@ -622,6 +680,36 @@ impl Config {
 
 /// Shortest admin token accepted: 16 characters keep guessing out of reach.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+impl Config {
+    /// Needs a listener; reads and checks the TLS files, naming the file at fault.
+    fn validate_tls(&mut self, at: &Locator) -> Result<(), ConfigError> {
+        let base_dir = self.base_dir.clone();
+        let g = &mut self.gateway;
+        let Some(tls) = &mut g.tls else {
+            return match g.listen {
+                Some(_) => Ok(()),
+                None => Err(ConfigError(format!("{}: [gateway] needs `listen`, or a [gateway.tls] section", at.origin))),
+            };
+        };
+        parse_addr(at, &tls.listen)?;
+        if tls.certs.get_ref().is_empty() {
+            return Err(at.error(tls.certs.span(), "certs needs at least one { cert = \"...\", key = \"...\" }"));
+        }
+        let certs: Vec<(PathBuf, PathBuf)> =
+            tls.certs.get_ref().iter().map(|c| (base_dir.join(&c.cert), base_dir.join(&c.key))).collect();
+        let loaded = crate::tls::LoadedTls::load(&certs, tls.client_ca.as_ref().map(|ca| base_dir.join(ca.get_ref())).as_deref())
+            .map_err(|(e, in_client_ca)| {
+                let span = match (&tls.client_ca, in_client_ca) {
+                    (Some(ca), true) => ca.span(),
+                    _ => tls.certs.span(),
+                };
+                at.error(span, &e)
+            })?;
+        tls.loaded = Some(std::sync::Arc::new(loaded));
+        Ok(())
+    }
+}
 
 /// Replaces `${env:NAME}` and `${file:PATH}` in every string of a plugin's config, so
 /// secrets stay out of the config file. Plugins themselves cannot read the environment or

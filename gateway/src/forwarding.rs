@@ -72,9 +72,9 @@ pub fn drop_client_claims(headers: &mut HeaderMap) {
 /// with this hop appended. `X-Forwarded-For` lists every earlier value, in order, then
 /// `client_ip`; `Forwarded` likewise gets this hop's element (`for`, `proto`, and the
 /// normalised `host`); `X-Forwarded-Proto` is the trusted proxy's when it sent one, else
-/// `http`. Other `X-Forwarded-*` headers a trusted proxy sent go on as they are, with the
+/// this hop's `proto` (`http`, or `https` on the TLS listener). Other `X-Forwarded-*` headers a trusted proxy sent go on as they are, with the
 /// client's other headers.
-pub fn forwarding_headers(client: &HeaderMap, client_ip: IpAddr, host: &str) -> Vec<(String, String)> {
+pub fn forwarding_headers(client: &HeaderMap, client_ip: IpAddr, host: &str, proto: &str) -> Vec<(String, String)> {
     let client_ip = client_ip.to_canonical();
     let values = |name: &str| -> Vec<&str> {
         client.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).collect()
@@ -89,7 +89,7 @@ pub fn forwarding_headers(client: &HeaderMap, client_ip: IpAddr, host: &str) -> 
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
-    let mut element = format!("for={node};proto=http");
+    let mut element = format!("for={node};proto={proto}");
     if let Some(host) = quoted_string(host) {
         element.push_str(";host=");
         element.push_str(&host);
@@ -98,7 +98,7 @@ pub fn forwarding_headers(client: &HeaderMap, client_ip: IpAddr, host: &str) -> 
     forwarded.push(&element);
     out.push(("forwarded".to_string(), forwarded.join(", ")));
     if !client.contains_key("x-forwarded-proto") {
-        out.push(("x-forwarded-proto".to_string(), "http".to_string()));
+        out.push(("x-forwarded-proto".to_string(), proto.to_string()));
     }
     out
 }
@@ -177,7 +177,7 @@ mod tests {
         let mut left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["origin", "x-forwardedness"]);
-        let out = forwarding_headers(&map, "192.0.2.1".parse().unwrap(), "chat.example.com:8080");
+        let out = forwarding_headers(&map, "192.0.2.1".parse().unwrap(), "chat.example.com:8080", "http");
         assert_eq!(
             out,
             [
@@ -196,12 +196,19 @@ mod tests {
             ("forwarded", "for=203.0.113.9;proto=https"),
             ("x-forwarded-proto", "https"),
         ]);
-        let out = forwarding_headers(&map, "::ffff:10.0.0.7".parse().unwrap(), "[::1]:80");
+        let out = forwarding_headers(&map, "::ffff:10.0.0.7".parse().unwrap(), "[::1]:80", "http");
         assert_eq!(out[0].1, "203.0.113.9, 10.0.0.5, 10.0.0.6, 10.0.0.7");
         assert_eq!(out[1].1, "for=203.0.113.9;proto=https, for=10.0.0.7;proto=http;host=\"[::1]:80\"");
         assert_eq!(out.len(), 2, "the trusted proxy's X-Forwarded-Proto stands");
-        let v6 = forwarding_headers(&HeaderMap::new(), "2001:db8::1".parse().unwrap(), "h");
+        let v6 = forwarding_headers(&HeaderMap::new(), "2001:db8::1".parse().unwrap(), "h", "http");
         assert_eq!(v6[1].1, "for=\"[2001:db8::1]\";proto=http;host=\"h\"");
+    }
+
+    #[test]
+    fn the_tls_listener_says_https() {
+        let out = forwarding_headers(&HeaderMap::new(), "192.0.2.1".parse().unwrap(), "h", "https");
+        assert_eq!(out[1].1, "for=192.0.2.1;proto=https;host=\"h\"");
+        assert_eq!(out[2], ("x-forwarded-proto".into(), "https".into()));
     }
 
     #[test]
@@ -210,7 +217,7 @@ mod tests {
         assert_eq!(quoted_string("a\tb").unwrap(), "\"a\tb\"");
         assert_eq!(quoted_string("a\r\nb"), None);
         assert_eq!(quoted_string("a\u{7f}"), None);
-        let out = forwarding_headers(&HeaderMap::new(), "192.0.2.1".parse().unwrap(), "a\"b;for=1.2.3.4");
+        let out = forwarding_headers(&HeaderMap::new(), "192.0.2.1".parse().unwrap(), "a\"b;for=1.2.3.4", "http");
         assert_eq!(out[1].1, r#"for=192.0.2.1;proto=http;host="a\"b;for=1.2.3.4""#);
     }
 }

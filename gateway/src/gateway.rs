@@ -154,6 +154,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// One line per connection when it ends, when `access_log` is on.
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// The `wss://` listener's certificates, when there is one.
+    pub tls: Option<Arc<crate::tls::Terminator>>,
     next_connection_id: AtomicU64,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
@@ -188,8 +190,8 @@ impl Shared {
     pub async fn reload(self: &Arc<Self>, config: Config) -> Result<ReloadReport, String> {
         let _one_at_a_time = self.reloading.lock().await;
         let old = self.config.load();
-        if old.gateway.listen.get_ref() != config.gateway.listen.get_ref() {
-            tracing::warn!("the listen address changes only on restart; keeping the old one");
+        if old.gateway.listen_addr() != config.gateway.listen_addr() || old.gateway.tls_listen_addr() != config.gateway.tls_listen_addr() {
+            tracing::warn!("listen addresses change only on restart; keeping the old ones");
         }
         if crate::access_log::configured(&old) != crate::access_log::configured(&config) {
             tracing::warn!("access_log and log_format change only on restart; keeping the old ones");
@@ -211,9 +213,21 @@ impl Shared {
             Ok(routing) => Arc::new(routing),
             Err(e) => return Err(refused(e, &staged)),
         };
+        // Certificates were read and checked with the config; a client CA that makes no
+        // verifier is the last thing that can refuse the reload.
+        let tls = match (&self.tls, config.gateway.tls.as_ref().and_then(|t| t.loaded.as_ref())) {
+            (Some(terminator), Some(loaded)) => match terminator.stage(loaded) {
+                Ok(staged_tls) => Some((terminator, staged_tls)),
+                Err(e) => return Err(refused(e, &staged)),
+            },
+            _ => None,
+        };
         // Plugins, routing and config go in together. (A commit is refused only when another
         // came in between, which the reload lock rules out.)
         let report = self.plugins.commit(staged)?;
+        if let Some((terminator, staged_tls)) = tls {
+            terminator.commit(staged_tls);
+        }
         self.routing.store(routing.clone());
         self.config.store(Arc::new(config));
         self.retire_removed_servers(&previous, &routing);
@@ -482,7 +496,10 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<usize> {
 
 /// A running gateway.
 pub struct Gateway {
+    /// The plain `ws://` listener's address; the `wss://` one's when there is no plain one.
     pub listen_addr: SocketAddr,
+    /// The `wss://` listener's address.
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     _watch: Option<crate::plugin::WatchGuard>,
@@ -500,7 +517,7 @@ impl Gateway {
         }
         let metrics_registry = Arc::new(Registry::new());
         let cluster = match &config.cluster {
-            Some(section) => Some(Arc::new(crate::cluster::Cluster::start(section, config.gateway.listen.get_ref(), &metrics_registry)?)),
+            Some(section) => Some(Arc::new(crate::cluster::Cluster::start(section, config.gateway.client_listen(), &metrics_registry)?)),
             None => None,
         };
         let options = RuntimeOptions {
@@ -522,8 +539,21 @@ impl Gateway {
         plugins.commit(staged).map_err(anyhow::Error::msg)?;
 
         // SO_REUSEPORT, or the sockets of the gateway this one takes over from.
-        let crate::upgrade::Bound { listener, admin: admin_listener, predecessor, offered } = crate::upgrade::bind(&config).await?;
-        let listen_addr = listener.local_addr()?;
+        let crate::upgrade::Bound { sockets, predecessor, offered } = crate::upgrade::bind(&config).await?;
+        let crate::upgrade::handover::Sockets { listen: listener, tls: tls_listener, admin: admin_listener } = sockets;
+        let tls = match (config.gateway.tls.as_ref(), tls_listener) {
+            (Some(section), Some(tls_listener)) => {
+                let loaded = section.loaded.as_ref().ok_or_else(|| anyhow::anyhow!("[gateway.tls] was not validated"))?;
+                let terminator = crate::tls::Terminator::new(loaded).map_err(anyhow::Error::msg)?;
+                Some((tls_listener, Arc::new(terminator)))
+            }
+            _ => None,
+        };
+        let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        let listen_addr = match &listener {
+            Some(listener) => listener.local_addr()?,
+            None => tls_addr.ok_or_else(|| anyhow::anyhow!("no listen address"))?,
+        };
         // The default instance name says where this gateway listens, port 0 resolved.
         let cluster = match (cluster, &config.cluster) {
             (Some(c), Some(section)) if section.instance.is_none() => {
@@ -552,6 +582,7 @@ impl Gateway {
             shutdown,
             tasks: TaskTracker::new(),
             access_log,
+            tls: tls.as_ref().map(|(_, terminator)| terminator.clone()),
             next_connection_id: AtomicU64::new(1),
             reloading: tokio::sync::Mutex::new(()),
             pool_tasks: std::sync::Mutex::new(HashMap::new()),
@@ -564,7 +595,12 @@ impl Gateway {
         if let Some(cluster) = &shared.cluster {
             tokio::spawn(cluster.members.clone().run(Arc::downgrade(&shared)));
         }
-        tokio::spawn(crate::listener::accept_loop(listener, shared.clone()));
+        if let Some(listener) = listener {
+            tokio::spawn(crate::listener::accept_loop(listener, shared.clone(), None));
+        }
+        if let Some((tls_listener, terminator)) = tls {
+            tokio::spawn(crate::listener::accept_loop(tls_listener, shared.clone(), Some(terminator)));
+        }
         if let Some(admin) = admin_listener {
             tokio::spawn(crate::admin::serve(admin, shared.clone()));
         }
@@ -577,8 +613,8 @@ impl Gateway {
             None => None,
         };
         let limits = crate::limits::Limits::from_config(&shared.config.load().gateway, default_connections);
-        tracing::info!(%listen_addr, ?admin_addr, open_files, ?limits, "wasmgate listening");
-        Ok(Gateway { listen_addr, admin_addr, shared, _watch: watch })
+        tracing::info!(%listen_addr, ?tls_addr, ?admin_addr, open_files, ?limits, "wasmgate listening");
+        Ok(Gateway { listen_addr, tls_addr, admin_addr, shared, _watch: watch })
     }
 
     /// Applies a new configuration: changed plugins are loaded off the hot path and swapped
@@ -640,10 +676,14 @@ impl Gateway {
     }
 }
 
-/// The config file and every plugin file: a change to any reloads.
+/// The config file, every plugin file and every TLS file: a change to any reloads.
 fn watched_paths(config: &Config) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = config.source.iter().cloned().collect();
     paths.extend(config.plugins.iter().map(|p| p.wasm_path(&config.base_dir)));
+    if let Some(tls) = &config.gateway.tls {
+        paths.extend(tls.certs.get_ref().iter().flat_map(|c| [config.base_dir.join(&c.cert), config.base_dir.join(&c.key)]));
+        paths.extend(tls.client_ca.iter().map(|ca| config.base_dir.join(ca.get_ref())));
+    }
     paths
 }
 

@@ -13,8 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::forwarding;
 use crate::normalize;
@@ -49,7 +48,7 @@ pub enum ReadError {
 /// message); `already_read` holds bytes of it that came off the socket before (behind a
 /// PROXY protocol header).
 pub async fn read_request(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     already_read: Vec<u8>,
     deadline: tokio::time::Instant,
     timeout: Duration,
@@ -63,7 +62,7 @@ pub async fn read_request(
     }
 }
 
-async fn read_head(stream: &mut TcpStream, already_read: Vec<u8>) -> Result<RequestHead, ReadError> {
+async fn read_head(stream: &mut (impl AsyncRead + Unpin), already_read: Vec<u8>) -> Result<RequestHead, ReadError> {
     let mut buf = already_read;
     buf.reserve(2048);
     loop {
@@ -129,7 +128,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// reads what the client still sends (a body, early frames) for a moment: closing a socket
 /// with unread data resets it, and the reset can destroy the answer before the client
 /// reads it.
-pub async fn refuse(stream: &mut TcpStream, refusal: Refusal) {
+pub async fn refuse(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), refusal: Refusal) {
     if stream.write_all(&refusal.encode()).await.is_err() || stream.shutdown().await.is_err() {
         return;
     }
@@ -331,7 +330,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// Authorization, subprotocol offer, ...; Host in its normal form) plus this hop's
 /// `X-Forwarded-For` / `Forwarded` / `X-Forwarded-Proto` (see [`forwarding`]). Forwarding
 /// headers left in `upgrade.headers` are a trusted proxy's, and are extended.
-pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr) -> Vec<(String, String)> {
+pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr, proto: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::with_capacity(upgrade.headers.len() + 4);
     for (name, value) in &upgrade.headers {
         let name = name.as_str();
@@ -341,7 +340,7 @@ pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr) ->
         }
     }
     let host = upgrade.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(&upgrade.host);
-    out.extend(forwarding::forwarding_headers(&upgrade.headers, client_ip, host));
+    out.extend(forwarding::forwarding_headers(&upgrade.headers, client_ip, host, proto));
     out
 }
 

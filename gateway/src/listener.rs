@@ -12,8 +12,9 @@ use tokio::net::{TcpListener, TcpSocket};
 use crate::gateway::Shared;
 use crate::limits::Limits;
 use crate::resources::AcceptBackoff;
+use crate::tls::Terminator;
 
-/// The client listener, with `backlog` queued connections (tokio's `TcpListener::bind`
+/// A client listener, with `backlog` queued connections (tokio's `TcpListener::bind`
 /// asks for 128, which a reconnect storm overflows: measured with 600 clients reconnecting
 /// at once, half of them waited a second for a SYN retransmit). `SO_REUSEPORT` lets another
 /// process of the same user bind the address too (see [`crate::upgrade`]); the admin
@@ -26,7 +27,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// `tls`: this is the `wss://` listener; each connection starts with a TLS handshake with
+/// the certificates in force when it was accepted.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<Terminator>>) {
     let mut backoff = AcceptBackoff::new();
     loop {
         let accepted = tokio::select! {
@@ -51,7 +54,8 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match shared.admission.admit(known_client, &limits) {
             Ok(permit) => {
                 let _ = stream.set_nodelay(true);
-                shared.tasks.spawn(crate::proxy::serve(stream, client_addr, shared.clone(), permit));
+                let tls = tls.as_ref().map(|t| t.config());
+                shared.tasks.spawn(crate::proxy::serve(stream, client_addr, shared.clone(), permit, tls));
             }
             Err(refused) => shared.admission.refuse(stream, refused, &limits),
         }

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    // One crypto provider for every TLS config, chosen here rather than by whichever
+    // dependency's rustls features happen to be on.
+    wasmgate::tls::provider();
     match cli.command {
         Command::Check { config: path } => {
             let config = match Config::load(&path) {
@@ -97,7 +100,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let gateway = Gateway::start(config).await?;
     // Handlers first: a script that signals on reading the line must not kill the process.
     let signals = Signals::new()?;
-    println!("wasmgate listening on ws://{}", gateway.listen_addr);
+    match gateway.tls_addr {
+        Some(tls) if tls == gateway.listen_addr => println!("wasmgate listening on wss://{tls}"),
+        Some(tls) => println!("wasmgate listening on ws://{} and wss://{tls}", gateway.listen_addr),
+        None => println!("wasmgate listening on ws://{}", gateway.listen_addr),
+    }
     if wait_for_signals(&gateway, signals).await? {
         tracing::info!("shutting down: closing connections with 1001");
     }

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt as _;
 use http::StatusCode;
+use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -29,11 +30,20 @@ use crate::plugin::{
     Verdict,
 };
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
+use crate::tls::ClientStream;
 use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamRequest, UpstreamSocket};
 
 /// Serves one client socket: answers its upgrade request, then relays, in this one task.
-/// `permit` counts the socket against the connection limits until it closes.
-pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<Shared>, mut permit: Permit) {
+/// `permit` counts the socket against the connection limits until it closes. `tls`: the
+/// TLS listener's configuration, for a `wss://` client.
+pub async fn serve(
+    stream: TcpStream,
+    client_addr: SocketAddr,
+    shared: Arc<Shared>,
+    mut permit: Permit,
+    tls: Option<Arc<ServerConfig>>,
+) {
+    let mut stream = ClientStream::Plain(stream);
     let mut trace = Trace::start(shared.access_log.as_ref(), client_addr);
     // The handshake's state (5 KiB: the upstream connect, plugin decisions) is boxed and
     // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
@@ -41,7 +51,7 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
     // (64 of them the permit). A panic on the way (a bug; plugin calls catch their own)
     // still gets the client an answer instead of a silently dropped socket.
     let answered =
-        AssertUnwindSafe(Box::pin(answer(&mut stream, client_addr, &shared, &mut permit, &mut trace))).catch_unwind().await;
+        AssertUnwindSafe(Box::pin(answer(&mut stream, client_addr, &shared, &mut permit, tls, &mut trace))).catch_unwind().await;
     permit.handshake_done();
     match answered {
         Ok(Some(prepared)) => relay_connection(stream, prepared, &shared, &mut trace).await,
@@ -62,14 +72,15 @@ pub async fn serve(mut stream: TcpStream, client_addr: SocketAddr, shared: Arc<S
 /// Reads the upgrade request and answers it: with a 101, returning what the relay needs, or
 /// with a refusal, after which the socket is done.
 async fn answer(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     permit: &mut Permit,
+    tls: Option<Arc<ServerConfig>>,
     trace: &mut Trace,
 ) -> Option<Box<Prepared>> {
     let handshake_time = &shared.metrics;
-    let refusal = match read_upgrade(stream, peer, shared, permit).await {
+    let refusal = match read_upgrade(stream, peer, shared, permit, tls).await {
         Ok((head, client_addr)) => {
             // A plain GET on a route that serves files (crate::static_files).
             if let Some(page) = crate::static_files::answer(&head, &shared.routing.load_full().routes).await {
@@ -80,7 +91,7 @@ async fn answer(
                 return None;
             }
             let started = Instant::now();
-            match upgrade(head, client_addr, shared, trace).await {
+            match upgrade(head, client_addr, stream.tls().is_some(), shared, trace).await {
                 Ok((response, prepared)) => {
                     let written = stream.write_all(&response).await.is_ok();
                     handshake_time.handshake_accepted_seconds.observe(started.elapsed().as_secs_f64());
@@ -102,20 +113,23 @@ async fn answer(
     None
 }
 
-/// The upgrade request and who sent it, within the handshake timeout. Behind a PROXY
-/// protocol header (when the listener expects one) the client is the one it names.
+/// The upgrade request and who sent it, within the handshake timeout (the TLS handshake
+/// included). Behind a PROXY protocol header (when the listener expects one) the client is
+/// the one it names; the header comes before TLS.
 async fn read_upgrade(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     permit: &mut Permit,
+    tls: Option<Arc<ServerConfig>>,
 ) -> Result<(RequestHead, SocketAddr), ReadError> {
     let routing = shared.routing.load_full();
     let timeout = routing.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let (client_addr, already_read) = match routing.proxy_protocol {
+    let (client_addr, mut already_read) = match routing.proxy_protocol {
         true => {
-            let (client, rest) = proxy_protocol::read_header(stream, peer, &routing.trusted_proxies, deadline).await?;
+            let tcp = stream.tcp_mut().expect("PROXY protocol comes before TLS");
+            let (client, rest) = proxy_protocol::read_header(tcp, peer, &routing.trusted_proxies, deadline).await?;
             // The client the balancer names is the one max_connections_per_ip counts.
             let limits = Limits::from_config(&shared.config.load().gateway, shared.admission.default_connections);
             if let Err(refused) = permit.charge_address(client.ip(), &limits) {
@@ -125,14 +139,30 @@ async fn read_upgrade(
         }
         false => (peer, Vec::new()),
     };
+    if let Some(config) = tls {
+        // A failed or late TLS handshake has no one to answer in HTTP: rustls sent its alert.
+        match tokio::time::timeout_at(deadline, stream.accept_tls(config, std::mem::take(&mut already_read))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%client_addr, error = %e, "TLS handshake failed");
+                return Err(ReadError::Gone);
+            }
+            Err(_) => {
+                tracing::debug!(%client_addr, "TLS handshake not done within {timeout:?}");
+                return Err(ReadError::Gone);
+            }
+        }
+    }
     let head = handshake::read_request(stream, already_read, deadline, timeout).await?;
     Ok((head, client_addr))
 }
 
 /// Everything up to the 101: its bytes, and what the relay needs.
+/// `secure`: the client came over TLS.
 async fn upgrade(
     head: RequestHead,
     client_addr: SocketAddr,
+    secure: bool,
     shared: &Arc<Shared>,
     trace: &mut Trace,
 ) -> Result<(Vec<u8>, Prepared), Refusal> {
@@ -171,7 +201,7 @@ async fn upgrade(
     let pool = routing.pools.get(pool_name).cloned().ok_or_else(|| {
         Refusal::new(StatusCode::BAD_GATEWAY, format!("a plugin chose upstream {pool_name:?}, which is not configured"))
     })?;
-    let mut request = upstream_request(&upgrade, client_addr, &decision);
+    let mut request = upstream_request(&upgrade, client_addr, secure, &decision);
     // Plugins that read messages need plain payloads, and a connection that may move to
     // another server cannot keep a deflate context agreed with this one: passthrough
     // becomes terminate.
@@ -304,13 +334,13 @@ fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr) -> Handshake
 }
 
 /// Path and headers for the upstream, with the plugins' edits applied.
-fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, decision: &Accept) -> UpstreamRequest {
+fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, secure: bool, decision: &Accept) -> UpstreamRequest {
     let mut path_and_query = decision.rewrite_path.clone().unwrap_or_else(|| upgrade.path.clone());
     if !upgrade.query.is_empty() {
         path_and_query.push('?');
         path_and_query.push_str(&upgrade.query);
     }
-    let mut headers = handshake::upstream_headers(upgrade, client_addr.ip());
+    let mut headers = handshake::upstream_headers(upgrade, client_addr.ip(), if secure { "https" } else { "http" });
     if !decision.remove_headers.is_empty() || !decision.add_headers.is_empty() {
         headers.retain(|(name, _)| {
             let drop = |n: &String| n.eq_ignore_ascii_case(name);
@@ -388,7 +418,7 @@ pub(crate) async fn connect_ranked(
         let started = Instant::now();
         // Counted as active while it connects, so concurrent balancer calls see it.
         let active = server.connecting();
-        match upstream::open(&server.address, request, pool.connect_timeout).await {
+        match upstream::open(&server.address, server.tls.as_deref(), request, pool.connect_timeout).await {
             Ok(_) if server.is_draining() => {
                 last_error = format!("{}: draining", server.address.authority);
             }
@@ -513,9 +543,9 @@ struct Prepared {
     session: Option<crate::session::Plan>,
 }
 
-async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &Arc<Shared>, trace: &mut Trace) {
+async fn relay_connection(client: ClientStream, prepared: Box<Prepared>, shared: &Arc<Shared>, trace: &mut Trace) {
     let Prepared { client_already_read, upstream, settings, active, chain, compression, session } = *prepared;
-    let client = Endpoint { stream: client, already_read: client_already_read };
+    let client = Endpoint { stream: client.into_transport(), already_read: client_already_read };
     let started = Instant::now();
     let metrics = &shared.metrics;
     metrics.connections_active.inc();
@@ -540,7 +570,7 @@ async fn relay_connection(client: TcpStream, prepared: Box<Prepared>, shared: &A
             &gateway_only
         }
     };
-    let upstream = Endpoint { stream: upstream.stream, already_read: upstream.already_read };
+    let upstream = Endpoint { stream: upstream.stream.into_transport(), already_read: upstream.already_read };
     let max = settings.max_message_size;
     let rules = (
         LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: compression.client_rsv1, max_message_size: max },

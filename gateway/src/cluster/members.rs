@@ -180,7 +180,7 @@ impl Members {
             version: env!("CARGO_PKG_VERSION").to_string(),
             config_hash,
             connections: shared.metrics.connections_active.get() as u64,
-            listen: config.gateway.listen.get_ref().clone(),
+            listen: config.gateway.client_listen().to_string(),
             pid: std::process::id(),
             started_ms: self.started_ms,
             heartbeat_ms: now_ms(),

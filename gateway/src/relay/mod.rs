@@ -20,6 +20,7 @@ mod pool;
 mod reattach;
 mod stop;
 pub mod traffic;
+pub mod transport;
 pub mod utf8;
 
 use std::future::{poll_fn, Future};
@@ -28,7 +29,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::compression::{Deflater, Inflater};
@@ -37,6 +37,7 @@ use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
 pub use reattach::{Reattach, Reattached};
 pub use stop::Stop;
+pub use transport::Transport;
 use stop::StopWatch;
 pub use traffic::TrafficCounters;
 
@@ -63,7 +64,7 @@ pub struct RelaySettings {
 
 /// One end of the relay: its socket and bytes already read from it during the handshake.
 pub struct Endpoint {
-    pub stream: TcpStream,
+    pub stream: Transport,
     pub already_read: Vec<u8>,
 }
 
@@ -132,9 +133,9 @@ struct SideState {
 }
 
 struct Relay<'a> {
-    client: &'a TcpStream,
+    client: &'a Transport,
     /// Owned, so that a connection can move to another server (see `reattach`).
-    upstream: TcpStream,
+    upstream: Transport,
     /// Frames from the client toward the upstream.
     c2u: Link,
     /// Frames from the upstream toward the client.
@@ -285,7 +286,7 @@ impl<'a> Relay<'a> {
         [self.c2u.messages, self.u2c.messages, self.c2u.bytes, self.u2c.bytes]
     }
 
-    fn stream(&self, side: Side) -> &TcpStream {
+    fn stream(&self, side: Side) -> &Transport {
         match side {
             Side::Client => self.client,
             Side::Upstream => &self.upstream,
@@ -335,7 +336,7 @@ impl<'a> Relay<'a> {
             Side::Client => &self.u2c,
             Side::Upstream => &self.c2u,
         };
-        !self.state(side).gone && link.has_output()
+        !self.state(side).gone && (link.has_output() || self.stream(side).has_pending_output())
     }
 
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
@@ -371,7 +372,7 @@ impl<'a> Relay<'a> {
         // Keep bytes left from the last read in front of the new ones.
         buf.extend_from_slice(&self.state(side).unprocessed);
         buf.reserve(READ_CHUNK);
-        match read_once(self.stream(side), &mut buf) {
+        match self.stream(side).read_once(&mut buf) {
             Ok(0) => {
                 pool::give(buf);
                 self.side_gone(side);
@@ -538,7 +539,7 @@ impl<'a> Relay<'a> {
     fn abort(&mut self, side: Side) {
         tracing::debug!(?side, "aborting: a frame to it was cut off");
         self.state_mut(side).gone = true;
-        let _ = socket2::SockRef::from(self.stream(side)).shutdown(std::net::Shutdown::Both);
+        self.stream(side).abort();
     }
 
     fn side_gone(&mut self, side: Side) {
@@ -608,10 +609,13 @@ impl<'a> Relay<'a> {
                 Side::Client => (self.client, &mut self.u2c),
                 Side::Upstream => (&self.upstream, &mut self.c2u),
             };
-            if !link.has_output() {
-                break;
-            }
-            match stream.try_write(&link.out[link.out_written..]) {
+            let written = match link.has_output() {
+                true => stream.try_write(&link.out[link.out_written..]),
+                // What the transport still holds (TLS records the socket did not take).
+                false => stream.flush().map(|()| 0),
+            };
+            match written {
+                Ok(0) if !link.has_output() => break,
                 Ok(n) => {
                     if link.written(n) {
                         link.flush_pending();
@@ -770,39 +774,8 @@ impl<'a> Relay<'a> {
         self.flush_all();
         for side in [Side::Client, Side::Upstream] {
             if !self.state(side).gone {
-                let _ = shutdown_write(self.stream(side));
+                let _ = self.stream(side).shutdown_write();
             }
         }
-    }
-}
-
-/// Half-closes a socket: the peer reads EOF after everything sent.
-fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
-    socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
-}
-
-/// One `recv` into `buf`'s spare capacity (no zeroing). A short read means the socket's
-/// receive queue was empty, so, as tokio's own `poll_read` does, the socket's readiness is
-/// cleared then: the relay waits for the next readiness event instead of paying a `recv`
-/// that only says "would block" after every message (a third of the syscalls of a small
-/// echo). Nothing is lost: data or a FIN arriving later raises a new event, and tokio
-/// keeps a "read closed" state through the clearing.
-fn read_once(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let mut short_read = None;
-    let result = stream.try_io(tokio::io::Interest::READABLE, || {
-        let spare = buf.spare_capacity_mut();
-        let room = spare.len();
-        let n = socket2::SockRef::from(stream).recv(spare)?;
-        // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n) };
-        if n > 0 && n < room {
-            short_read = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match short_read {
-        Some(n) => Ok(n),
-        None => result,
     }
 }

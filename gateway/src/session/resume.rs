@@ -155,7 +155,7 @@ impl Resumer {
             )
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(conn = self.conn.id, reason = reason.as_str(), %server, replayed, queued, "connection moved");
-        let upstream = Endpoint { stream: socket.stream, already_read: socket.already_read };
+        let upstream = Endpoint { stream: socket.stream.into_transport(), already_read: socket.already_read };
         Some(Reattached { upstream, first, stop: self.stop() })
     }
 }

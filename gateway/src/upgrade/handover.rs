@@ -4,8 +4,8 @@
 //! successor that dies while starting costs nothing.
 //!
 //! One exchange per connection: the old process sends one message whose bytes are JSON
-//! (`{"listen": "ip:port", "admin": "ip:port" | null}`) and whose ancillary data carries the
-//! listening descriptors in that order; the new one answers `ready\n`. Only a peer running
+//! (`{"listen": "ip:port" | null, "tls": "ip:port" | null, "admin": "ip:port" | null}`) and
+//! whose ancillary data carries the listening descriptors of the present ones in that order; the new one answers `ready\n`. Only a peer running
 //! as the same user is served (the socket is made 0600, and the peer's credentials are
 //! checked).
 
@@ -32,30 +32,51 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the descriptors of the message are.
 #[derive(Debug, Serialize, Deserialize)]
 struct Manifest {
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    #[serde(default)]
+    tls: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+}
+
+impl Manifest {
+    fn addresses(&self) -> [Option<SocketAddr>; 3] {
+        [self.listen, self.tls, self.admin]
+    }
+}
+
+/// The listening sockets of a gateway, by kind.
+#[derive(Clone, Copy)]
+pub struct Sockets<T> {
+    pub listen: Option<T>,
+    pub tls: Option<T>,
+    pub admin: Option<T>,
 }
 
 /// Copies (dup) of the listening sockets, kept to hand over.
 pub struct Offered {
-    listener: OwnedFd,
-    admin: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
     manifest: Manifest,
 }
 
 impl Offered {
-    pub fn new(listener: &TcpListener, admin: Option<&TcpListener>) -> std::io::Result<Offered> {
-        Ok(Offered {
-            listener: listener.as_fd().try_clone_to_owned()?,
-            admin: admin.map(|a| a.as_fd().try_clone_to_owned()).transpose()?,
-            manifest: Manifest { listen: listener.local_addr()?, admin: admin.map(|a| a.local_addr()).transpose()? },
-        })
+    pub fn new(sockets: Sockets<&TcpListener>) -> std::io::Result<Offered> {
+        let mut fds = Vec::new();
+        let mut take = |l: Option<&TcpListener>| -> std::io::Result<Option<SocketAddr>> {
+            match l {
+                Some(l) => {
+                    fds.push(l.as_fd().try_clone_to_owned()?);
+                    Ok(Some(l.local_addr()?))
+                }
+                None => Ok(None),
+            }
+        };
+        let manifest = Manifest { listen: take(sockets.listen)?, tls: take(sockets.tls)?, admin: take(sockets.admin)? };
+        Ok(Offered { fds, manifest })
     }
 
     fn try_clone(&self) -> std::io::Result<Offered> {
         Ok(Offered {
-            listener: self.listener.try_clone()?,
-            admin: self.admin.as_ref().map(|a| a.try_clone()).transpose()?,
+            fds: self.fds.iter().map(|fd| fd.try_clone()).collect::<Result<_, _>>()?,
             manifest: Manifest { ..self.manifest },
         })
     }
@@ -63,8 +84,7 @@ impl Offered {
 
 /// Sockets taken over from a running gateway.
 pub struct Taken {
-    pub listener: Option<std::net::TcpListener>,
-    pub admin: Option<std::net::TcpListener>,
+    pub sockets: Sockets<std::net::TcpListener>,
     pub predecessor: Predecessor,
 }
 
@@ -85,7 +105,7 @@ impl Predecessor {
 /// Asks the gateway serving `path` for its listening sockets, keeping those bound to the
 /// addresses this config wants. None when no gateway answers there (a first start, or a
 /// stale socket) or none of its sockets fit; the caller then binds its own.
-pub fn take_over(path: &Path, listen: SocketAddr, admin: Option<SocketAddr>) -> Option<Taken> {
+pub fn take_over(path: &Path, wanted: Sockets<SocketAddr>) -> Option<Taken> {
     let stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e) => {
@@ -94,24 +114,30 @@ pub fn take_over(path: &Path, listen: SocketAddr, admin: Option<SocketAddr>) -> 
         }
     };
     match receive(&stream) {
-        Ok((manifest, mut fds)) => {
-            let mut fds = fds.drain(..);
-            let listener = fds.next().map(std::net::TcpListener::from);
-            let admin_fd = manifest.admin.and_then(|_| fds.next()).map(std::net::TcpListener::from);
-            let listener = listener.filter(|_| manifest.listen == listen);
-            let admin_taken = admin_fd.filter(|_| manifest.admin.is_some() && manifest.admin == admin);
-            if listener.is_none() {
-                tracing::warn!(theirs = %manifest.listen, ours = %listen, "the gateway at the handover socket listens elsewhere; binding our own");
+        Ok((manifest, fds)) => {
+            let mut fds = fds.into_iter();
+            // Each present address has its descriptor, in manifest order; keep those this
+            // config listens on too.
+            let [listen, tls, admin] = manifest.addresses().map(|theirs| theirs.map(|addr| (addr, fds.next().map(std::net::TcpListener::from))));
+            let keep = |theirs: Option<(SocketAddr, Option<std::net::TcpListener>)>, ours: Option<SocketAddr>| match theirs {
+                Some((addr, Some(l))) if Some(addr) == ours => Some(l),
+                _ => None,
+            };
+            let sockets = Sockets { listen: keep(listen, wanted.listen), tls: keep(tls, wanted.tls), admin: keep(admin, wanted.admin) };
+            let client_wanted = wanted.listen.is_some() as usize + wanted.tls.is_some() as usize;
+            let client_taken = sockets.listen.is_some() as usize + sockets.tls.is_some() as usize;
+            if client_taken < client_wanted {
+                tracing::warn!(theirs = ?manifest.addresses(), "the gateway at the handover socket listens elsewhere; binding our own");
                 return None;
             }
-            for l in listener.iter().chain(admin_taken.iter()) {
+            for l in [&sockets.listen, &sockets.tls, &sockets.admin].into_iter().flatten() {
                 if let Err(e) = l.set_nonblocking(true) {
                     tracing::warn!("cannot use a handed-over socket: {e}");
                     return None;
                 }
             }
-            tracing::info!(listen = %manifest.listen, admin = ?manifest.admin, "took over the listening sockets");
-            Some(Taken { listener, admin: admin_taken, predecessor: Predecessor { stream } })
+            tracing::info!(listen = ?manifest.listen, tls = ?manifest.tls, admin = ?manifest.admin, "took over the listening sockets");
+            Some(Taken { sockets, predecessor: Predecessor { stream } })
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), "handover failed, binding our own sockets: {e}");
@@ -123,7 +149,7 @@ pub fn take_over(path: &Path, listen: SocketAddr, admin: Option<SocketAddr>) -> 
 fn receive(stream: &UnixStream) -> std::io::Result<(Manifest, Vec<OwnedFd>)> {
     stream.set_read_timeout(Some(READY_TIMEOUT))?;
     let mut bytes = [0u8; 1024];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let received = rustix::net::recvmsg(stream, &mut [IoSliceMut::new(&mut bytes)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
     let mut fds = Vec::new();
@@ -134,7 +160,7 @@ fn receive(stream: &UnixStream) -> std::io::Result<(Manifest, Vec<OwnedFd>)> {
     }
     let manifest: Manifest = serde_json::from_slice(&bytes[..received.bytes])
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad handover manifest: {e}")))?;
-    let want = 1 + usize::from(manifest.admin.is_some());
+    let want = manifest.addresses().iter().flatten().count();
     if fds.len() != want {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} descriptors, {want} announced", fds.len())));
     }
@@ -219,9 +245,8 @@ fn offer(stream: UnixStream, offered: Offered) -> std::io::Result<()> {
         return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("peer runs as uid {}", peer.uid.as_raw())));
     }
     let manifest = serde_json::to_vec(&offered.manifest).expect("serializable");
-    let mut fds = vec![offered.listener.as_fd()];
-    fds.extend(offered.admin.as_ref().map(|a| a.as_fd()));
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let fds: Vec<_> = offered.fds.iter().map(|fd| fd.as_fd()).collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(&fds));
     rustix::net::sendmsg(&stream, &[IoSlice::new(&manifest)], &mut control, SendFlags::empty())?;

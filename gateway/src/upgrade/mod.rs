@@ -34,41 +34,48 @@ use crate::config::Config;
 
 /// The listening sockets a gateway serves on, whether bound here or taken over.
 pub struct Bound {
-    pub listener: TcpListener,
-    pub admin: Option<TcpListener>,
+    /// The plain `ws://` listener, the `wss://` one and the admin one, as configured.
+    pub sockets: handover::Sockets<TcpListener>,
     /// The process whose sockets these are, waiting for our "ready" to retire.
     pub predecessor: Option<handover::Predecessor>,
     /// Copies of the listening sockets, offered to the next process.
     pub offered: handover::Offered,
 }
 
-/// Binds (or takes over, see [`handover`]) the client listener and the admin listener of
-/// `config`.
+/// Binds (or takes over, see [`handover`]) the client listeners (`ws://`, `wss://`) and the
+/// admin listener of `config`.
 pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     let g = &config.gateway;
-    let listen = g.listen_addr();
-    let admin_addr = g.admin_addr();
+    let wanted = handover::Sockets { listen: g.listen_addr(), tls: g.tls_listen_addr(), admin: g.admin_addr() };
     let taken = match handover_path(config) {
-        Some(path) => tokio::task::spawn_blocking(move || handover::take_over(&path, listen, admin_addr)).await?,
+        Some(path) => tokio::task::spawn_blocking(move || handover::take_over(&path, wanted)).await?,
         None => None,
     };
-    let (taken_listener, taken_admin, predecessor) = match taken {
-        Some(t) => (t.listener, t.admin, Some(t.predecessor)),
-        None => (None, None, None),
+    let (taken, predecessor) = match taken {
+        Some(t) => (t.sockets, Some(t.predecessor)),
+        None => (handover::Sockets { listen: None, tls: None, admin: None }, None),
     };
-    let listener = match taken_listener {
-        Some(l) => TcpListener::from_std(l)?,
-        None => crate::listener::bind(listen, g.listen_backlog).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", g.listen.get_ref()))?,
+    let client = |taken: Option<std::net::TcpListener>, addr: Option<std::net::SocketAddr>| -> anyhow::Result<Option<TcpListener>> {
+        match (taken, addr) {
+            (Some(l), _) => Ok(Some(TcpListener::from_std(l)?)),
+            (None, Some(addr)) => Ok(Some(
+                crate::listener::bind(addr, g.listen_backlog).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?,
+            )),
+            (None, None) => Ok(None),
+        }
     };
-    let admin = match (taken_admin, admin_addr) {
+    let listen = client(taken.listen, wanted.listen)?;
+    let tls = client(taken.tls, wanted.tls)?;
+    let admin = match (taken.admin, wanted.admin) {
         (Some(l), _) => Some(TcpListener::from_std(l)?),
         (None, Some(addr)) => Some(
             TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on admin address {addr}: {e}"))?,
         ),
         (None, None) => None,
     };
-    let offered = handover::Offered::new(&listener, admin.as_ref())?;
-    Ok(Bound { listener, admin, predecessor, offered })
+    let sockets = handover::Sockets { listen, tls, admin };
+    let offered = handover::Offered::new(handover::Sockets { listen: sockets.listen.as_ref(), tls: sockets.tls.as_ref(), admin: sockets.admin.as_ref() })?;
+    Ok(Bound { sockets, predecessor, offered })
 }
 
 /// `[gateway] handover`, resolved against the config file's directory.

@@ -1,14 +1,18 @@
-//! Opening the upstream WebSocket: TCP connect, the client side of the RFC 6455 handshake,
-//! and a clear classification of what went wrong, so the caller knows whether to try the
-//! next server (unreachable, broken handshake, 5xx) or to pass the answer on (4xx).
+//! Opening the upstream WebSocket: TCP connect, TLS for `wss://` servers, the client side of
+//! the RFC 6455 handshake, and a clear classification of what went wrong, so the caller
+//! knows whether to try the next server (unreachable, TLS refused, broken handshake, 5xx)
+//! or to pass the answer on (4xx).
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::ServerAddress;
+use super::{ServerAddress, UpstreamTls};
 use crate::handshake::accept_key;
 use crate::resources::Shortage;
 
@@ -21,10 +25,17 @@ pub struct UpstreamRequest {
     pub headers: Vec<(String, String)>,
 }
 
+/// The connection to an upstream server: plain TCP, or TLS over it for `wss://`.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 /// An open upstream WebSocket.
 #[derive(Debug)]
 pub struct UpstreamSocket {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// Bytes the upstream sent right after its 101 (frames already on their way).
     pub already_read: Vec<u8>,
     /// The upstream's `Sec-WebSocket-Protocol` answer.
@@ -37,6 +48,9 @@ pub struct UpstreamSocket {
 pub enum ConnectError {
     /// No TCP connection (refused, unreachable, timed out): try another server.
     Unreachable(String),
+    /// The TLS handshake failed, most often because the server's certificate did not pass
+    /// verification (the message says why): try another server.
+    Tls(String),
     /// Connected, but the answer was not a valid WebSocket upgrade or was a 5xx.
     BadHandshake(String),
     /// The upstream refused with a 4xx: the client should see that answer.
@@ -50,6 +64,7 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConnectError::Unreachable(e) => write!(f, "unreachable: {e}"),
+            ConnectError::Tls(e) => f.write_str(e),
             ConnectError::BadHandshake(e) => write!(f, "bad handshake: {e}"),
             ConnectError::Refused { status, .. } => write!(f, "refused with {status}"),
             ConnectError::OutOfResources(shortage, e) => write!(f, "the gateway is out of {shortage}: {e}"),
@@ -60,23 +75,34 @@ impl std::fmt::Display for ConnectError {
 /// Largest upstream handshake answer accepted.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
-/// Connects to `server` and performs the WebSocket handshake within `timeout`.
+/// Connects to `server` (with TLS for a `wss://` one, using `tls`) and performs the
+/// WebSocket handshake, all within `timeout`.
 pub async fn open(
     server: &ServerAddress,
+    tls: Option<&UpstreamTls>,
     request: &UpstreamRequest,
     timeout: Duration,
 ) -> Result<UpstreamSocket, ConnectError> {
-    tokio::time::timeout(timeout, open_inner(server, request))
+    tokio::time::timeout(timeout, open_inner(server, tls, request))
         .await
         .unwrap_or_else(|_| Err(ConnectError::Unreachable(format!("timed out after {timeout:?}"))))
 }
 
-async fn open_inner(server: &ServerAddress, request: &UpstreamRequest) -> Result<UpstreamSocket, ConnectError> {
-    let mut stream = TcpStream::connect(&server.authority).await.map_err(|e| match Shortage::of(&e) {
+async fn open_inner(
+    server: &ServerAddress,
+    tls: Option<&UpstreamTls>,
+    request: &UpstreamRequest,
+) -> Result<UpstreamSocket, ConnectError> {
+    let tcp = TcpStream::connect(&server.authority).await.map_err(|e| match Shortage::of(&e) {
         Some(shortage) => ConnectError::OutOfResources(shortage, e),
         None => ConnectError::Unreachable(e.to_string()),
     })?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match (server.tls, tls) {
+        (false, _) => UpstreamStream::Plain(tcp),
+        (true, Some(tls)) => UpstreamStream::Tls(Box::new(tls.connect(tcp, server.certificate_name()).await.map_err(ConnectError::Tls)?)),
+        (true, None) => return Err(ConnectError::Tls("a wss:// server without TLS settings".into())),
+    };
 
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let mut head = String::with_capacity(512);
@@ -101,10 +127,12 @@ async fn open_inner(server: &ServerAddress, request: &UpstreamRequest) -> Result
         head.push_str("\r\n");
     }
     head.push_str("\r\n");
-    stream
-        .write_all(head.as_bytes())
-        .await
-        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    // TLS holds written bytes until flushed; for TCP the flush is free.
+    let sent = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.flush().await
+    };
+    sent.await.map_err(|e| ConnectError::Unreachable(e.to_string()))?;
 
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -173,7 +201,7 @@ fn is_framing_header(name: &str) -> bool {
         .any(|h| name.eq_ignore_ascii_case(h))
 }
 
-async fn read_body(stream: &mut TcpStream, mut body: Vec<u8>, len: usize) -> Vec<u8> {
+async fn read_body(stream: &mut UpstreamStream, mut body: Vec<u8>, len: usize) -> Vec<u8> {
     let deadline = Duration::from_millis(500);
     while body.len() < len {
         match tokio::time::timeout(deadline, stream.read_buf(&mut body)).await {
@@ -183,4 +211,50 @@ async fn read_body(stream: &mut TcpStream, mut body: Vec<u8>, len: usize) -> Vec
     }
     body.truncate(len);
     body
+}
+
+impl UpstreamStream {
+    /// For the relay, once the WebSocket is open: the TLS connection moves with whatever
+    /// plaintext rustls read past the 101.
+    pub fn into_transport(self) -> crate::relay::Transport {
+        match self {
+            UpstreamStream::Plain(tcp) => crate::relay::Transport::Plain(tcp),
+            UpstreamStream::Tls(tls) => {
+                let (tcp, conn) = tls.into_inner();
+                crate::relay::Transport::tls(tcp, conn)
+            }
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }

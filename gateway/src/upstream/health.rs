@@ -2,7 +2,8 @@
 //!
 //! Two signals, both kept on the server's shared state so they survive reloads:
 //! - active checks (optional, per pool): every `interval` each server is probed with a
-//!   WebSocket handshake to a path (then closed with 1000) or a plain TCP connect; `fall`
+//!   WebSocket handshake to a path (then closed with 1000) or a plain TCP connect (for a
+//!   `wss://` server either one includes the TLS handshake, verified as connections are); `fall`
 //!   failed probes in a row make a healthy server unhealthy, `rise` successful ones make it
 //!   healthy again;
 //! - passive ejection: `eject_after` connect failures in a row take a server out for a
@@ -18,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{ConnectError, Pool, ServerAddress, UpstreamRequest};
+use super::{ConnectError, Pool, ServerAddress, UpstreamRequest, UpstreamTls};
 use crate::resources::{ResourceErrors, Shortage};
 
 /// The first ejection's length; each further one doubles it, up to `MAX_EJECTION`.
@@ -179,15 +180,11 @@ impl From<ConnectError> for ProbeError {
     }
 }
 
-/// One probe of one server.
-pub async fn probe(address: &ServerAddress, settings: &HealthSettings) -> Result<(), ProbeError> {
+/// One probe of one server; `tls` is its pool's, for a `wss://` server.
+pub async fn probe(address: &ServerAddress, tls: Option<&UpstreamTls>, settings: &HealthSettings) -> Result<(), ProbeError> {
     match &settings.kind {
-        ProbeKind::Tcp => match tokio::time::timeout(settings.timeout, TcpStream::connect(&address.authority)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => match Shortage::of(&e) {
-                Some(shortage) => Err(ProbeError::Local(shortage, e)),
-                None => Err(ProbeError::Server(e.to_string())),
-            },
+        ProbeKind::Tcp => match tokio::time::timeout(settings.timeout, connect_only(address, tls)).await {
+            Ok(result) => result,
             Err(_) => Err(ProbeError::Server(format!("no connection within {:?}", settings.timeout))),
         },
         ProbeKind::WebSocket { path } => {
@@ -195,12 +192,12 @@ pub async fn probe(address: &ServerAddress, settings: &HealthSettings) -> Result
                 path_and_query: path.clone(),
                 headers: vec![("User-Agent".into(), "wasmgate-health-check".into())],
             };
-            let mut socket = super::open(address, &request, settings.timeout).await?;
+            let mut socket = super::open(address, tls, &request, settings.timeout).await?;
             // A client's close frame is masked: FIN + close, masked, 2 bytes of code 1000.
             let mask: [u8; 4] = rand::random();
             let code = 1000u16.to_be_bytes();
             let frame = [0x88, 0x82, mask[0], mask[1], mask[2], mask[3], code[0] ^ mask[0], code[1] ^ mask[1]];
-            if socket.stream.write_all(&frame).await.is_ok() {
+            if socket.stream.write_all(&frame).await.is_ok() && socket.stream.flush().await.is_ok() {
                 // Give the server a moment to answer the close; the probe has passed anyway.
                 let mut reply = [0u8; 64];
                 let wait = settings.timeout.min(Duration::from_millis(200));
@@ -208,6 +205,19 @@ pub async fn probe(address: &ServerAddress, settings: &HealthSettings) -> Result
             }
             Ok(())
         }
+    }
+}
+
+/// A TCP connect, and for a `wss://` server the TLS handshake on it.
+async fn connect_only(address: &ServerAddress, tls: Option<&UpstreamTls>) -> Result<(), ProbeError> {
+    let tcp = TcpStream::connect(&address.authority).await.map_err(|e| match Shortage::of(&e) {
+        Some(shortage) => ProbeError::Local(shortage, e),
+        None => ProbeError::Server(e.to_string()),
+    })?;
+    match (address.tls, tls) {
+        (false, _) => Ok(()),
+        (true, Some(tls)) => tls.connect(tcp, address.certificate_name()).await.map(drop).map_err(ProbeError::Server),
+        (true, None) => Err(ProbeError::Server("a wss:// server without TLS settings".into())),
     }
 }
 
@@ -230,7 +240,7 @@ pub async fn run_checks(
         for server in pool.servers.iter().cloned() {
             let settings = settings.clone();
             probes.spawn(async move {
-                let result = probe(&server.address, &settings).await;
+                let result = probe(&server.address, server.tls.as_deref(), &settings).await;
                 (server, result)
             });
         }

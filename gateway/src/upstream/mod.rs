@@ -12,6 +12,7 @@ pub mod drain;
 pub mod health;
 pub mod resolve;
 pub mod server_metrics;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -20,9 +21,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use connect::{open, ConnectError, UpstreamRequest, UpstreamSocket};
+pub use connect::{open, ConnectError, UpstreamRequest, UpstreamSocket, UpstreamStream};
 pub use drain::{CloseSignal, Connections, DrainPace};
 pub use health::{Health, HealthSettings, ProbeKind};
+pub use tls::UpstreamTls;
 
 /// Where a server is: host, port and a path prefix for the upstream request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,15 +33,20 @@ pub struct ServerAddress {
     pub authority: String,
     /// Path prefix put before the client's path ("" for none).
     pub path_prefix: String,
+    /// `wss://`: the connection is TLS, with the pool's [`UpstreamTls`].
+    pub tls: bool,
+    /// The DNS name this address was resolved from (see [`resolve`]): what the server's
+    /// certificate must name, since `authority` then holds an IP address.
+    pub resolved_from: Option<String>,
 }
 
 impl ServerAddress {
-    /// Accepts `host:port` or `ws://host:port[/path]`.
+    /// Accepts `host:port`, `ws://host:port[/path]` or `wss://host:port[/path]`.
     pub fn parse(s: &str) -> Result<ServerAddress, String> {
-        if s.starts_with("wss://") {
-            return Err(format!("{s}: wss:// upstreams are not supported yet; use ws://"));
-        }
-        let rest = s.strip_prefix("ws://").unwrap_or(s);
+        let (tls, rest) = match s.strip_prefix("wss://") {
+            Some(rest) => (true, rest),
+            None => (false, s.strip_prefix("ws://").unwrap_or(s)),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -49,12 +56,27 @@ impl ServerAddress {
             .map(|(host, port)| (host, port.parse::<u16>()))
             .filter(|(host, port)| !host.is_empty() && port.is_ok());
         if port.is_none() {
-            return Err(format!("{s}: expected host:port or ws://host:port/path"));
+            return Err(format!("{s}: expected host:port, ws://host:port/path or wss://host:port/path"));
         }
         Ok(ServerAddress {
             authority: authority.to_string(),
             path_prefix: path.trim_end_matches('/').to_string(),
+            tls,
+            resolved_from: None,
         })
+    }
+
+    /// The host part of the authority (an IPv6 address without its brackets): the name a
+    /// server's certificate must hold unless the pool sets `tls.server_name`.
+    pub fn host(&self) -> &str {
+        let host = self.authority.rsplit_once(':').map_or(self.authority.as_str(), |(host, _)| host);
+        host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+    }
+
+    /// The name a `wss://` server's certificate is checked against (unless the pool sets
+    /// `tls.server_name`): the configured host name, also for addresses resolved from it.
+    pub fn certificate_name(&self) -> &str {
+        self.resolved_from.as_deref().unwrap_or_else(|| self.host())
     }
 }
 
@@ -64,6 +86,8 @@ pub struct Server {
     pub address: ServerAddress,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
+    /// The pool's TLS settings, for a `wss://` server.
+    pub tls: Option<Arc<UpstreamTls>>,
     /// Statistics, health and live connections, shared by every version of this server a
     /// reload makes (a new weight or new labels make a new `Server` with the same state).
     pub state: Arc<ServerState>,
@@ -91,19 +115,21 @@ pub struct ServerState {
 
 impl Server {
     pub fn new(address: ServerAddress, weight: u32, labels: BTreeMap<String, String>) -> Server {
-        Server::with_state(address, weight, labels, Arc::default())
+        Server::with_state(address, weight, labels, None, Arc::default())
     }
 
     fn with_state(
         address: ServerAddress,
         weight: u32,
         labels: BTreeMap<String, String>,
+        tls: Option<Arc<UpstreamTls>>,
         state: Arc<ServerState>,
     ) -> Server {
         Server {
             address,
             weight,
             labels,
+            tls,
             state,
         }
     }
@@ -293,11 +319,15 @@ impl Pool {
                 let weight = entry.get_ref().weight();
                 resolve::expand(entry.get_ref(), names).into_iter().map(move |(address, labels)| (address, weight, labels))
             })
-            .map(|(address, weight, labels)| match old.get(&address) {
-                Some(s) if s.weight == weight && s.labels == labels => Arc::clone(s),
-                // Same server, new weight or labels: same counters, health and connections.
-                Some(s) => Arc::new(Server::with_state(address, weight, labels, s.state.clone())),
-                None => Arc::new(Server::new(address, weight, labels)),
+            .map(|(address, weight, labels)| {
+                let tls = if address.tls { section.tls_client.clone() } else { None };
+                match old.get(&address) {
+                    Some(s) if s.weight == weight && s.labels == labels && s.tls == tls => Arc::clone(s),
+                    // Same server, new weight, labels or TLS settings: same counters, health
+                    // and connections.
+                    Some(s) => Arc::new(Server::with_state(address, weight, labels, tls, s.state.clone())),
+                    None => Arc::new(Server::with_state(address, weight, labels, tls, Arc::default())),
+                }
             })
             .collect::<Vec<_>>();
         let name = section.name.get_ref().clone();
@@ -455,7 +485,13 @@ mod tests {
         let b = ServerAddress::parse("ws://localhost:80/base/").unwrap();
         assert_eq!((b.authority.as_str(), b.path_prefix.as_str()), ("localhost:80", "/base"));
         assert!(ServerAddress::parse("localhost").is_err());
-        assert!(ServerAddress::parse("wss://x:1").is_err());
+        assert!(!a.tls && !b.tls);
+        let c = ServerAddress::parse("wss://backend.internal:8443/ws").unwrap();
+        assert_eq!((c.authority.as_str(), c.path_prefix.as_str(), c.tls), ("backend.internal:8443", "/ws", true));
+        assert_eq!(c.host(), "backend.internal");
+        assert_eq!(ServerAddress::parse("wss://[::1]:443").unwrap().host(), "::1");
+        assert_ne!(ServerAddress::parse("wss://x:1").unwrap(), ServerAddress::parse("ws://x:1").unwrap());
+        assert!(ServerAddress::parse("wss://x").is_err());
     }
 
     fn pool(servers: &str, previous: Option<&Pool>) -> Pool {

@@ -184,7 +184,8 @@ pub fn expand(entry: &ServerEntry, names: &Names) -> Vec<(ServerAddress, BTreeMa
             let authority = SocketAddr::new(*ip, port.parse().expect("validated")).to_string();
             let mut labels = entry.labels();
             labels.insert(HOST_LABEL.to_string(), host.to_string());
-            (ServerAddress { authority, path_prefix: address.path_prefix.clone() }, labels)
+            let address = ServerAddress { authority, resolved_from: Some(host.to_string()), ..address.clone() };
+            (address, labels)
         })
         .collect()
 }

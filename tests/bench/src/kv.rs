@@ -91,7 +91,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             let mut proc = Proc::spawn("wasmgate", cmd, &dir.0)?;
             proc.wait_listening(listen, STARTUP_LIMIT)?;
             let gateway = Gateway(proc);
-            let outcome = Scenario::Connect.run(&[listen], &authorization, &gateway, timing).await;
+            let outcome = Scenario::Connect.run(&[listen], &authorization, None, &gateway, timing).await;
             eprintln!("round {round}, {}: {:?}", name(store), outcome.as_ref().map(|o| &o.values));
             gateway.0.kill();
             results[i].push(outcome);

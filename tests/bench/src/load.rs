@@ -19,9 +19,11 @@ use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::table::thousands;
+use crate::tls::{self, ClientStream};
 
 const IO_LIMIT: Duration = Duration::from_secs(5);
 /// Connections being opened at once when a scenario sets up many.
@@ -32,7 +34,7 @@ const CONNECT_MAX_ERRORS: u64 = 100;
 const IDLE_STEPS: [usize; 2] = [5_000, 9_000];
 const SMALL: usize = 64;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<ClientStream>;
 
 /// What a scenario can measure of the processes under test.
 pub trait Probe {
@@ -102,18 +104,20 @@ impl Scenario {
     }
 
     /// Runs against `entry` (round robin over its addresses), every handshake carrying
-    /// `authorization`; `probe` measures the processes under test.
+    /// `authorization`, over TLS with `tls` if given; `probe` measures the processes under
+    /// test.
     pub async fn run(
         &self,
         entry: &[SocketAddr],
         authorization: &HeaderValue,
+        tls: Option<&TlsConnector>,
         probe: &dyn Probe,
         timing: Timing,
     ) -> anyhow::Result<Outcome> {
         match *self {
-            Scenario::Echo { size, conns } => echo(entry, authorization, size, conns, probe, timing).await,
-            Scenario::Connect => connect_rate(entry, authorization, probe, timing).await,
-            Scenario::IdleRss => idle_rss(entry, authorization, probe).await,
+            Scenario::Echo { size, conns } => echo(entry, authorization, tls, size, conns, probe, timing).await,
+            Scenario::Connect => connect_rate(entry, authorization, tls, probe, timing).await,
+            Scenario::IdleRss => idle_rss(entry, authorization, tls, probe).await,
         }
     }
 }
@@ -202,12 +206,20 @@ fn client_config(size: usize) -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-async fn open(addr: SocketAddr, authorization: &HeaderValue, size: usize) -> anyhow::Result<Ws> {
-    let mut request = format!("ws://{addr}/").into_client_request()?;
+async fn open(addr: SocketAddr, authorization: &HeaderValue, tls: Option<&TlsConnector>, size: usize) -> anyhow::Result<Ws> {
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    let mut request = format!("{scheme}://{addr}/").into_client_request()?;
     request.headers_mut().insert(AUTHORIZATION, authorization.clone());
     let tcp = timeout(IO_LIMIT, TcpStream::connect(addr)).await.map_err(|_| anyhow!("connect timed out"))??;
     tcp.set_nodelay(true)?;
-    let handshake = tokio_tungstenite::client_async_with_config(request, tcp, Some(client_config(size)));
+    let stream = match tls {
+        None => ClientStream::Plain(tcp),
+        Some(connector) => {
+            let tls = timeout(IO_LIMIT, tls::handshake(connector, addr, tcp)).await.map_err(|_| anyhow!("TLS handshake timed out"))??;
+            ClientStream::Tls(Box::new(tls))
+        }
+    };
+    let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(client_config(size)));
     let (ws, _) = timeout(IO_LIMIT, handshake).await.map_err(|_| anyhow!("handshake timed out"))??;
     Ok(ws)
 }
@@ -241,6 +253,7 @@ fn describe(msg: &Message) -> String {
 async fn open_many(
     entry: &[SocketAddr],
     authorization: &HeaderValue,
+    tls: Option<&TlsConnector>,
     count: usize,
     first: usize,
     size: usize,
@@ -251,7 +264,7 @@ async fn open_many(
             let addr = entry[i % entry.len()];
             let payload = payload.clone();
             async move {
-                let mut ws = open(addr, authorization, size).await?;
+                let mut ws = open(addr, authorization, tls, size).await?;
                 timeout(IO_LIMIT, echo_once(&mut ws, &payload)).await.map_err(|_| anyhow!("echo timed out"))??;
                 anyhow::Ok(ws)
             }
@@ -324,12 +337,13 @@ async fn gather(mut tasks: JoinSet<Tally>) -> anyhow::Result<(u64, Histogram<u64
 async fn echo(
     entry: &[SocketAddr],
     authorization: &HeaderValue,
+    tls: Option<&TlsConnector>,
     size: usize,
     conns: usize,
     probe: &dyn Probe,
     timing: Timing,
 ) -> anyhow::Result<Outcome> {
-    let clients = open_many(entry, authorization, conns, 0, size).await?;
+    let clients = open_many(entry, authorization, tls, conns, 0, size).await?;
     let payload = Bytes::from(vec![0xa5; size]);
     let measure_from = Instant::now() + timing.warmup;
     let end = measure_from + timing.duration;
@@ -374,6 +388,7 @@ fn quantile(h: &Histogram<u64>, q: f64) -> f64 {
 async fn connect_rate(
     entry: &[SocketAddr],
     authorization: &HeaderValue,
+    tls: Option<&TlsConnector>,
     probe: &dyn Probe,
     timing: Timing,
 ) -> anyhow::Result<Outcome> {
@@ -384,15 +399,15 @@ async fn connect_rate(
     let end = measure_from + timing.duration;
     let mut tasks = JoinSet::new();
     for _ in 0..CONNECT_CLIENTS {
-        let (payload, next, entry, authorization) =
-            (payload.clone(), next.clone(), entry.clone(), authorization.clone());
+        let (payload, next, entry, authorization, tls) =
+            (payload.clone(), next.clone(), entry.clone(), authorization.clone(), tls.cloned());
         tasks.spawn(async move {
             let mut tally = Tally::new();
             while Instant::now() < end && tally.errors < CONNECT_MAX_ERRORS {
                 let started = Instant::now();
                 let addr = entry[next.fetch_add(1, Ordering::Relaxed) % entry.len()];
                 let cycle = async {
-                    let mut ws = open(addr, &authorization, SMALL).await?;
+                    let mut ws = open(addr, &authorization, tls.as_ref(), SMALL).await?;
                     echo_once(&mut ws, &payload).await?;
                     ws.close(None).await?;
                     // Wait for the close reply so the cycle includes a clean close handshake.
@@ -417,12 +432,17 @@ async fn connect_rate(
     Ok(Outcome { values, trouble })
 }
 
-async fn idle_rss(entry: &[SocketAddr], authorization: &HeaderValue, probe: &dyn Probe) -> anyhow::Result<Outcome> {
+async fn idle_rss(
+    entry: &[SocketAddr],
+    authorization: &HeaderValue,
+    tls: Option<&TlsConnector>,
+    probe: &dyn Probe,
+) -> anyhow::Result<Outcome> {
     let before = probe.rss_kib()?;
     let mut held = Vec::new();
     let mut values = Vec::new();
     for target in IDLE_STEPS {
-        let more = open_many(entry, authorization, target - held.len(), held.len(), SMALL).await?;
+        let more = open_many(entry, authorization, tls, target - held.len(), held.len(), SMALL).await?;
         held.extend(more);
         // Let the proxy finish whatever the handshakes left behind before sampling.
         sleep(Duration::from_secs(1)).await;

@@ -30,6 +30,10 @@
 //! - `haproxy-tcp`: HAProxy in `mode tcp`, a byte relay that never parses the handshake or a
 //!   frame: what the kernel work of proxying costs with next to nothing on top, the floor
 //!   for every other column.
+//! - `wasmgate-tls`, `nginx-tls`, `haproxy-tls`: clients over `wss://`, the proxy terminating
+//!   TLS with one ECDSA P-256 certificate made at the start of the run (see `tls`); no
+//!   session resumption, so every new connection is a full handshake. Their ratios are to
+//!   `nginx-tls`. Not in the default set: `--only ...,wasmgate-tls,nginx-tls,haproxy-tls`.
 //!
 //! Every handshake, to every target, carries `Authorization: Bearer <HS256 JWT>` signed with
 //! the secret the generated jwt-auth config checks (see `jwt`), so all targets get the same
@@ -52,6 +56,7 @@ mod scale;
 mod soak;
 mod storm;
 mod table;
+mod tls;
 mod wasmgate;
 
 use std::path::PathBuf;
@@ -63,6 +68,7 @@ use clap::Parser;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use load::{Scenario, Timing};
+use tokio_rustls::TlsConnector;
 use proxies::{Binaries, Running, Target};
 use table::Results;
 
@@ -176,6 +182,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let nofile = procs::raise_nofile_limit()?;
     let bins = Binaries::locate(&targets)?;
     let dir = procs::TempDir::new()?;
+    let tls = match targets.iter().any(|t| t.is_tls()) {
+        true => Some(tls::BenchCert::make(&dir.0)?.connector()?),
+        false => None,
+    };
     let header = header(&bins, &targets, timing, args.rounds, nofile);
     let load_at_start = machine::load_1min();
 
@@ -191,7 +201,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for (&(scenario, target), rounds) in cells.iter().zip(&mut outcomes) {
             eprint!("{round} {target:>13} {:<14} ", scenario.name());
             let authorization = jwt::bearer_for(target.token_alg(), "bench");
-            let outcome = measure(scenario, target, &bins, &dir.0, &authorization, timing).await;
+            let connector = if target.is_tls() { tls.as_ref() } else { None };
+            let outcome = measure(scenario, target, &bins, &dir.0, &authorization, connector, timing).await;
             match &outcome {
                 Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
                 Err(e) => eprintln!("error: {e:#}"),
@@ -236,10 +247,11 @@ async fn measure(
     bins: &Binaries,
     dir: &std::path::Path,
     authorization: &HeaderValue,
+    tls: Option<&TlsConnector>,
     timing: Timing,
 ) -> anyhow::Result<load::Outcome> {
     let running = Running::start(target, bins, dir)?;
-    let mut outcome = scenario.run(&running.entry, authorization, &running, timing).await?;
+    let mut outcome = scenario.run(&running.entry, authorization, tls, &running, timing).await?;
     let failed_calls = match running.failed_plugin_calls() {
         None | Some(Ok(None)) => None,
         Some(Ok(Some(failed))) => Some(format!("failed plugin calls, handled by their on_error: {failed}")),
@@ -321,6 +333,14 @@ fn header(bins: &Binaries, targets: &[Target], timing: Timing, rounds: u32, nofi
     }
     if targets.contains(&Target::Direct) {
         paths.push("Direct: the client alternates between the two backends.".to_string());
+    }
+    if targets.iter().any(|t| t.is_tls()) {
+        paths.push(
+            "The -tls columns: clients over wss:// (TLS 1.3, rustls client, no session resumption: \
+             every new connection is a full handshake), the proxy terminating TLS with the same \
+             ECDSA P-256 certificate, plain ws:// to the backends; their ratios are to nginx-tls."
+                .to_string(),
+        );
     }
     format!(
         "## wasmgate benchmark\n\n{}\n\n{}\n\n\

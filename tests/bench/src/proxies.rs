@@ -1,6 +1,8 @@
 //! The paths under test: two echo backends, and in front of them nothing (direct), wasmgate
 //! (without plugins, or with one of the plugin sets in `Target::wasmgate_plugins`), nginx or
-//! HAProxy, each configured over both backends with generated config files.
+//! HAProxy, each configured over both backends with generated config files. The `-tls`
+//! columns are wasmgate, nginx and HAProxy terminating `wss://` with the run's certificate
+//! (see `tls`), plain `ws://` to the backends.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,6 +14,7 @@ use anyhow::{bail, Context};
 
 use crate::load::Probe;
 use crate::procs::{free_addr, Proc};
+use crate::tls::TlsFiles;
 use crate::wasmgate::{self, Plugin};
 
 const NGINX: &str = "/usr/sbin/nginx";
@@ -48,19 +51,44 @@ pub enum Target {
     /// looked at. The least any proxy can cost on this machine, for scale.
     #[value(name = "haproxy-tcp")]
     HaproxyTcp,
+    /// wasmgate without plugins, clients over `wss://` (`[gateway.tls]`).
+    #[value(name = "wasmgate-tls")]
+    WasmgateTls,
+    /// nginx terminating `wss://`.
+    #[value(name = "nginx-tls")]
+    NginxTls,
+    /// HAProxy terminating `wss://`.
+    #[value(name = "haproxy-tls")]
+    HaproxyTls,
 }
 
 impl Target {
     /// The plugins a wasmgate column loads; None for the other paths.
     pub fn wasmgate_plugins(self) -> Option<&'static [Plugin]> {
         match self {
-            Target::Wasmgate | Target::WasmgateLog => Some(&[]),
+            Target::Wasmgate | Target::WasmgateLog | Target::WasmgateTls => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
             Target::WasmgateAuth => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
             Target::WasmgateRs256 => Some(&[Plugin::JwtAuthRs256, Plugin::LeastConn]),
             Target::WasmgateRs256Nocache => Some(&[Plugin::JwtAuthRs256Uncached, Plugin::LeastConn]),
-            Target::Direct | Target::Nginx | Target::Haproxy | Target::HaproxyTcp => None,
+            Target::Direct | Target::Nginx | Target::Haproxy | Target::HaproxyTcp | Target::NginxTls | Target::HaproxyTls => {
+                None
+            }
+        }
+    }
+
+    /// Clients speak `wss://` to it.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Target::WasmgateTls | Target::NginxTls | Target::HaproxyTls)
+    }
+
+    /// The column its ratios are taken against: nginx, over the same protocol.
+    pub fn baseline(self) -> Target {
+        if self.is_tls() {
+            Target::NginxTls
+        } else {
+            Target::Nginx
         }
     }
 }
@@ -89,6 +117,9 @@ impl fmt::Display for Target {
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::HaproxyTcp => "haproxy-tcp",
+            Target::WasmgateTls => "wasmgate-tls",
+            Target::NginxTls => "nginx-tls",
+            Target::HaproxyTls => "haproxy-tls",
         })
     }
 }
@@ -141,10 +172,10 @@ impl Binaries {
             let version = first_line(Command::new(&self.wasmgate).arg("--version"));
             versions.push(format!("{version} as {}", columns.join(", ")));
         }
-        if targets.contains(&Target::Nginx) {
+        if targets.contains(&Target::Nginx) || targets.contains(&Target::NginxTls) {
             versions.push(format!("{} (2 workers)", first_line(Command::new(NGINX).arg("-v"))));
         }
-        if targets.contains(&Target::Haproxy) || targets.contains(&Target::HaproxyTcp) {
+        if targets.iter().any(|t| matches!(t, Target::Haproxy | Target::HaproxyTcp | Target::HaproxyTls)) {
             let tcp = if targets.contains(&Target::HaproxyTcp) { "; haproxy-tcp: the same in mode tcp" } else { "" };
             versions.push(format!("{} (nbthread 2{tcp})", first_line(Command::new(HAPROXY).arg("-v"))));
         }
@@ -171,6 +202,8 @@ pub fn ensure_installed(targets: &[Target]) -> anyhow::Result<()> {
         (Target::Nginx, NGINX, "nginx-light"),
         (Target::Haproxy, HAPROXY, "haproxy"),
         (Target::HaproxyTcp, HAPROXY, "haproxy"),
+        (Target::NginxTls, NGINX, "nginx-light"),
+        (Target::HaproxyTls, HAPROXY, "haproxy"),
     ]
     .into_iter()
     .filter(|(t, bin, _)| targets.contains(t) && !Path::new(bin).exists())
@@ -267,7 +300,8 @@ fn start_proxy(
         | Target::WasmgateAuth
         | Target::Wasmgate3
         | Target::WasmgateRs256
-        | Target::WasmgateRs256Nocache => {
+        | Target::WasmgateRs256Nocache
+        | Target::WasmgateTls => {
             if !bins.wasmgate.exists() {
                 bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
             }
@@ -279,7 +313,19 @@ fn start_proxy(
             if target == Target::WasmgateLog {
                 extra.gateway.push(format!("access_log = \"{}\"", dir.join("access.log").display()));
             }
-            let text = wasmgate::config_with(listen, admin, servers, plugins, &dir.join("plugin-cache"), &extra);
+            let cache = dir.join("plugin-cache");
+            let text = if target.is_tls() {
+                // The client port is the TLS listener's; the plain one idles on its own.
+                let files = TlsFiles::in_dir(dir);
+                extra.gateway.push(format!(
+                    "\n[gateway.tls]\nlisten = \"{listen}\"\ncerts = [{{ cert = \"{}\", key = \"{}\" }}]",
+                    files.cert.display(),
+                    files.key.display()
+                ));
+                wasmgate::config_with(free_addr()?, admin, servers, plugins, &cache, &extra)
+            } else {
+                wasmgate::config_with(listen, admin, servers, plugins, &cache, &extra)
+            };
             let config = write(dir, "wasmgate.toml", &text)?;
             let mut cmd = Command::new(&bins.wasmgate);
             // Per-connection info logs would be extra work the other proxies (access_log
@@ -287,17 +333,19 @@ fn start_proxy(
             cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "warn").env("NO_COLOR", "1");
             cmd
         }
-        Target::Nginx => {
+        Target::Nginx | Target::NginxTls => {
             let workers = if instances == 1 { 2 } else { 1 };
-            let config = write(dir, "nginx.conf", &nginx_config(listen, servers, dir, workers))?;
+            let tls = target.is_tls().then(|| TlsFiles::in_dir(dir));
+            let config = write(dir, "nginx.conf", &nginx_config(listen, servers, dir, workers, tls.as_ref()))?;
             let mut cmd = Command::new(NGINX);
             // -e: the startup error log, before the config's error_log applies.
             cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(config);
             cmd
         }
-        Target::Haproxy | Target::HaproxyTcp => {
+        Target::Haproxy | Target::HaproxyTcp | Target::HaproxyTls => {
             let mode = if target == Target::HaproxyTcp { "tcp" } else { "http" };
-            let config = write(dir, "haproxy.cfg", &haproxy_config(listen, servers, mode))?;
+            let tls = target.is_tls().then(|| TlsFiles::in_dir(dir));
+            let config = write(dir, "haproxy.cfg", &haproxy_config(listen, servers, mode, tls.as_ref()))?;
             let mut cmd = Command::new(HAPROXY);
             cmd.arg("-db").arg("-f").arg(config);
             cmd
@@ -333,8 +381,20 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
 
 /// Two workers (one per core; one per instance when several run); each may end up holding
 /// all 9,000 idle connections of the RSS scenario, two sockets each, within the machine's
-/// hard limit of 20,000 open files.
-fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path, workers: usize) -> String {
+/// hard limit of 20,000 open files. With `tls`, the listener is `ssl` with the run's
+/// certificate (nginx's defaults otherwise: TLS 1.2 and 1.3, no session cache).
+fn nginx_config(listen: SocketAddr, servers: &[SocketAddr], dir: &Path, workers: usize, tls: Option<&TlsFiles>) -> String {
+    let (ssl, certificate) = match tls {
+        Some(files) => (
+            " ssl",
+            format!(
+                "        ssl_certificate {};\n        ssl_certificate_key {};\n",
+                files.cert.display(),
+                files.key.display()
+            ),
+        ),
+        None => ("", String::new()),
+    };
     let dir = dir.display();
     let servers: String = servers.iter().map(|s| format!("        server {s};\n")).collect();
     format!(
@@ -358,8 +418,8 @@ http {{
 {servers}    }}
 
     server {{
-        listen {listen} backlog=4096;
-        location / {{
+        listen {listen}{ssl} backlog=4096;
+{certificate}        location / {{
             proxy_pass http://echo;
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
@@ -375,8 +435,10 @@ http {{
 }
 
 /// HAProxy sizes its file limit from maxconn (two sockets per proxied connection plus a
-/// margin), so maxconn stays under half the hard limit of 20,000.
-fn haproxy_config(listen: SocketAddr, servers: &[SocketAddr], mode: &str) -> String {
+/// margin), so maxconn stays under half the hard limit of 20,000. With `tls`, the frontend
+/// binds `ssl` with the run's certificate and key in one file.
+fn haproxy_config(listen: SocketAddr, servers: &[SocketAddr], mode: &str, tls: Option<&TlsFiles>) -> String {
+    let ssl = tls.map(|files| format!(" ssl crt {}", files.combined.display())).unwrap_or_default();
     let servers: String = servers.iter().enumerate().map(|(i, s)| format!("    server s{} {s}\n", i + 1)).collect();
     format!(
         r#"global
@@ -392,7 +454,7 @@ defaults
     timeout tunnel 1h
 
 frontend ws
-    bind {listen}
+    bind {listen}{ssl}
     default_backend echo
 
 backend echo

@@ -66,7 +66,8 @@ impl Results {
 
     /// The Markdown table, preceded by `header` and followed by the notes.
     pub fn render(&self, header: &str) -> String {
-        let nginx = self.targets.iter().position(|t| *t == Target::Nginx);
+        let column_of = |target: Target| self.targets.iter().position(|t| *t == target);
+        let has_baseline = self.targets.iter().any(|t| column_of(t.baseline()).is_some());
         let mut out = format!("{header}\n| scenario |");
         for t in &self.targets {
             out.push_str(&format!(" {t} |"));
@@ -76,17 +77,21 @@ impl Results {
         out.push('\n');
         for row in &self.rows {
             out.push_str(&format!("| {} |", row.metric.label));
-            let base = nginx.and_then(|n| match row.cells[n] {
-                Cell::Value { value, .. } if value > 0.0 => Some(value),
-                _ => None,
-            });
-            for cell in &row.cells {
+            for (cell, target) in row.cells.iter().zip(&self.targets) {
+                // Each column against nginx over the same protocol (nginx-tls for -tls ones).
+                let base = column_of(target.baseline()).and_then(|n| match row.cells[n] {
+                    Cell::Value { value, .. } if value > 0.0 => Some(value),
+                    _ => None,
+                });
                 out.push_str(&format!(" {} |", format_cell(cell, row.metric.unit, base)));
             }
             out.push('\n');
         }
-        if nginx.is_some() {
-            out.push_str("\nRatios are value ÷ nginx: above 1 is better for rates, worse for latency and memory.\n");
+        if has_baseline {
+            out.push_str(
+                "\nRatios are value ÷ nginx (÷ nginx-tls for the -tls columns): above 1 is better for rates, \
+                 worse for latency and memory.\n",
+            );
         }
         for note in &self.notes {
             out.push_str(&format!("\n- {note}"));
