@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and the demo in one command: installs the Wasm target and Python client, builds the
-# plugins and the gateway, then runs the gateway with two example echo backends.
+# plugins and the gateway, then runs the gateway with the example echo and chat backends
+# (it prints the chat page's and the dashboard's URLs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh

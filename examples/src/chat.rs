@@ -11,9 +11,15 @@
 //! - client `{"type":"unsubscribe","channel":C}` → `{"type":"unsubscribed","channel":C}`;
 //! - client `{"type":"publish","channel":C,"text":T}` → every subscriber of C, on every
 //!   instance: `{"type":"message","channel":C,"offset":N,"text":T,"server":S}` (S: the
-//!   instance that sends it to that subscriber);
+//!   instance that sends it to that subscriber), with `"from":U` when the publisher's
+//!   upgrade request carried [`USER_HEADER`];
 //! - client `{"type":"history","channel":C,"from":N}` → the `message`s of C from offset N;
 //! - anything else → `{"type":"error","error":WHY}`.
+//!
+//! The handshake: an offer of the subprotocol `chat` is answered with it. The user comes
+//! from the [`USER_HEADER`] request header, which only a gateway that sets it from a
+//! verified token (jwt-auth's `claims_to_headers`, which also removes a client's own) makes
+//! trustworthy.
 //!
 //! A subscribe is idempotent (subscribing twice delivers each message once), which is what
 //! lets a gateway replay it on another instance (plugins/session-replay).
@@ -28,7 +34,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::Message;
+
+/// The request header that names the user whose messages a connection publishes.
+pub const USER_HEADER: &str = "x-chat-user";
+/// The subprotocol a chat server chooses when the client offers it.
+pub const SUBPROTOCOL: &str = "chat";
 
 /// One published message, as every instance keeps it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -36,6 +48,9 @@ pub struct Posted {
     pub channel: String,
     pub offset: u64,
     pub text: String,
+    /// Who published it, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 #[derive(Default)]
@@ -95,14 +110,14 @@ impl Hub {
         }
     }
 
-    fn publish(&self, channel: &str, text: &str) {
+    fn publish(&self, channel: &str, text: &str, from: Option<&str>) {
         match &self.remote {
             Some(hub) => {
-                let _ = hub.send(json!({ "channel": channel, "text": text }).to_string());
+                let _ = hub.send(json!({ "channel": channel, "text": text, "from": from }).to_string());
             }
             None => {
                 let offset = self.rooms.lock().unwrap().get(channel).map_or(0, |r| r.history.len() as u64);
-                self.apply(Posted { channel: channel.into(), offset, text: text.into() });
+                self.apply(Posted { channel: channel.into(), offset, text: text.into(), from: from.map(str::to_string) });
             }
         }
     }
@@ -155,7 +170,8 @@ pub async fn run_hub(listener: TcpListener) -> anyhow::Result<()> {
                 let (Some(channel), Some(text)) = (request["channel"].as_str(), request["text"].as_str()) else { continue };
                 let mut log = state.lock().unwrap();
                 let next = log.0.entry(channel.to_string()).or_insert(0);
-                let posted = Posted { channel: channel.into(), offset: *next, text: text.into() };
+                let from = request["from"].as_str().map(str::to_string);
+                let posted = Posted { channel: channel.into(), offset: *next, text: text.into(), from };
                 *next += 1;
                 let line = serde_json::to_string(&posted).unwrap();
                 log.1.push(line.clone());
@@ -195,12 +211,24 @@ impl Drop for ChatServer {
 }
 
 fn message(posted: &Posted, server: &str) -> String {
-    json!({ "type": "message", "channel": posted.channel, "offset": posted.offset, "text": posted.text, "server": server })
-        .to_string()
+    let mut m = json!({ "type": "message", "channel": posted.channel, "offset": posted.offset, "text": posted.text, "server": server });
+    if let Some(from) = &posted.from {
+        m["from"] = from.as_str().into();
+    }
+    m.to_string()
 }
 
 async fn serve(stream: TcpStream, name: Arc<str>, hub: Arc<Hub>) {
-    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+    let mut user = None;
+    let handshake = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
+        user = request.headers().get(USER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let offers = request.headers().get_all("sec-websocket-protocol");
+        if offers.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|p| p.trim() == SUBPROTOCOL) {
+            response.headers_mut().insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+        }
+        Ok(response)
+    };
+    let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, handshake).await else { return };
     let (mut sink, mut source) = ws.split();
     // Everything for this client goes through one queue, so room feeds never interleave
     // inside a frame.
@@ -251,7 +279,7 @@ async fn serve(stream: TcpStream, name: Arc<str>, hub: Arc<Hub>) {
             }
             (Some("publish"), Some(channel)) => match request["text"].as_str() {
                 Some(text) => {
-                    hub.publish(&channel, text);
+                    hub.publish(&channel, text, user.as_deref());
                     None
                 }
                 None => Some(json!({ "type": "error", "error": "publish needs a text" })),

@@ -2,4 +2,6 @@
 //! benchmarks put behind the gateway.
 
 pub mod chat;
+pub mod demo;
 pub mod echo;
+pub mod login;

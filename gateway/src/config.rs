@@ -334,6 +334,9 @@ pub struct RouteSection {
     /// Plugin chain, in call order.
     #[serde(default)]
     pub plugins: Vec<Spanned<String>>,
+    /// A directory whose files answer plain GET and HEAD requests on this route (relative to
+    /// the config file); upgrades still go upstream. See `static_files`.
+    pub files: Option<Spanned<String>>,
 }
 
 mod defaults {
@@ -640,6 +643,13 @@ impl Config {
                 if !plugin_names.contains(p.get_ref().as_str()) {
                     return Err(at.error(p.span(), "plugins names no [[plugin]]"));
                 }
+            }
+            if let Some(files) = &mut r.files {
+                let dir = self.base_dir.join(files.get_ref());
+                if !dir.is_dir() {
+                    return Err(at.error(files.span(), &format!("files: {} is not a directory", dir.display())));
+                }
+                *files = Spanned::new(files.span(), dir.display().to_string());
             }
         }
         if self.routes.is_empty() {

@@ -8,6 +8,7 @@
 //! [`upstream`] opens the upstream WebSocket → [`relay`] moves frames until both sides close.
 //! [`gateway`] ties them together behind [`Gateway::start`]; [`config`] is the TOML schema;
 //! [`tls`] terminates `wss://`; [`session`] keeps a connection alive across upstream servers.
+//! [`static_files`] answers plain GETs on routes that serve a directory.
 //! [`admin`] serves health, metrics and the [`dashboard`]; [`access_log`] writes a line per
 //! connection; [`cluster`] makes several gateways one (Redis); [`upgrade`] hands the listeners
 //! to a new process. [`limits`] admits client sockets; [`resources`] handles the gateway running
@@ -33,6 +34,7 @@ pub mod relay;
 pub mod resources;
 pub mod routes;
 pub mod session;
+pub mod static_files;
 pub mod upgrade;
 pub mod tls;
 pub mod upstream;

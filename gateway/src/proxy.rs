@@ -82,6 +82,14 @@ async fn answer(
     let handshake_time = &shared.metrics;
     let refusal = match read_upgrade(stream, peer, shared, permit, tls).await {
         Ok((head, client_addr)) => {
+            // A plain GET on a route that serves files (crate::static_files).
+            if let Some(page) = crate::static_files::answer(&head, &shared.routing.load_full().routes).await {
+                trace.request(client_addr, &page.path);
+                trace.route(&page.route);
+                trace.refused(page.status, "static file");
+                crate::static_files::send(stream, &page).await;
+                return None;
+            }
             let started = Instant::now();
             match upgrade(head, client_addr, stream.tls(), shared, trace).await {
                 Ok((response, prepared)) => {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::RouteSection;
 use crate::plugin::PluginSlot;
+use crate::static_files::StaticDir;
 
 #[derive(Clone)]
 pub struct Route {
@@ -17,6 +18,8 @@ pub struct Route {
     /// Plugin chain, in call order: names (for messages) and the slots that serve them.
     pub plugins: Vec<String>,
     pub chain: Vec<Arc<PluginSlot>>,
+    /// The directory plain GETs on this route are answered from (`files`).
+    pub files: Option<StaticDir>,
 }
 
 #[derive(Default, Clone)]
@@ -41,6 +44,7 @@ impl RouteTable {
                 upstream: r.upstream.get_ref().clone(),
                 plugins,
                 chain,
+                files: r.files.as_ref().map(|f| StaticDir::open(std::path::Path::new(f.get_ref()))).transpose()?,
             });
         }
         routes.sort_by(|a, b| {
@@ -78,6 +82,7 @@ mod tests {
             upstream: upstream.into(),
             plugins: vec![],
             chain: vec![],
+            files: None,
         }
     }
 

@@ -306,23 +306,18 @@ async fn admin_lists_plugins_and_reloads_from_the_file() {
     gw.shutdown().await;
 }
 
-/// The demo's embedded configuration loads its plugins and serves both routes.
+/// The demo's embedded configuration loads its plugins and serves its echo routes (its chat
+/// is tests/e2e/chat_browser.rs's).
 #[tokio::test]
 async fn demo_config_serves() {
-    let backends = echo_backends(2).await;
-    let text = std::fs::read_to_string(repo_root().join("examples/demo.toml"))
-        .unwrap()
-        .replace("BACKEND_1", &backends[0].addr.to_string())
-        .replace("BACKEND_2", &backends[1].addr.to_string())
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("127.0.0.1:9090", "127.0.0.1:0");
-    let gw = start_gateway(&text).await;
-    let mut echo = connect(&ws_url(&gw, "/echo")).await;
+    let demo = wasmgate_examples::demo::Demo::start("127.0.0.1:0", "127.0.0.1:0").await.unwrap();
+    let gw = &demo.gateway;
+    let mut echo = connect(&ws_url(gw, "/echo")).await;
     let Message::Text(seen) = roundtrip(&mut echo, Message::text("headers")).await else { panic!() };
     assert!(seen.contains("x-demo: stamped by a Wasm plugin"), "{seen}");
-    let mut tagged = connect(&ws_url(&gw, "/tagged")).await;
+    let mut tagged = connect(&ws_url(gw, "/tagged")).await;
     assert_eq!(roundtrip(&mut tagged, Message::text("hi")).await, Message::text("[via wasm] hi"));
-    gw.shutdown().await;
+    demo.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,4 +130,5 @@ async def main():
         subprocess.run(["rm", "-rf", profile])
 
 
-asyncio.run(main())
+if __name__ == "__main__":
+    asyncio.run(main())
