@@ -162,7 +162,7 @@ async fn read_upgrade(
 async fn upgrade(
     head: RequestHead,
     client_addr: SocketAddr,
-    tls: Option<&rustls::ServerConnection>,
+    tls: Option<&crate::tls::ServerTls>,
     shared: &Arc<Shared>,
     trace: &mut Trace,
 ) -> Result<(Vec<u8>, Prepared), Refusal> {
@@ -271,7 +271,7 @@ fn run_handshake_chain(
     conn: &ConnContext,
     upgrade: &ClientUpgrade,
     client_addr: SocketAddr,
-    tls: Option<&rustls::ServerConnection>,
+    tls: Option<&crate::tls::ServerTls>,
     errors: &Counter,
     trace: &mut Trace,
 ) -> Result<Accept, Refusal> {
@@ -318,7 +318,7 @@ fn merge(decision: &mut Accept, accept: Accept) {
 }
 
 /// The request as plugins see it.
-fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, tls: Option<&rustls::ServerConnection>) -> HandshakeRequest {
+fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, tls: Option<&crate::tls::ServerTls>) -> HandshakeRequest {
     HandshakeRequest {
         method: "GET".into(),
         path: upgrade.path.clone(),

@@ -186,6 +186,10 @@ async fn wss_echo_with_a_test_ca_and_https_forwarded_upstream() {
 
     let (mut ws, _) = wss(addr, "localhost", client_config(&ca, None)).await;
     echo(&mut ws, "hello over TLS").await;
+    // A TLS 1.3 key update from the client, asking for the gateway's: messages still flow
+    // both ways under the new keys.
+    ws.get_mut().get_mut().1.refresh_traffic_keys().expect("key update");
+    echo(&mut ws, "after a key update").await;
     let big = "x".repeat(200_000);
     echo(&mut ws, &big).await;
     let headers = upstream_headers(&mut ws).await;

@@ -16,7 +16,7 @@
 pub mod close;
 pub mod frame;
 pub mod link;
-mod pool;
+pub(crate) mod pool;
 mod reattach;
 mod stop;
 pub mod traffic;

@@ -24,6 +24,20 @@ const TLS_WRITE_CHUNK: usize = 16 * 1024;
 pub enum Transport {
     Plain(TcpStream),
     Tls(Box<TlsTransport>),
+    /// A `wss://` client: rustls's unbuffered API, buffers lent per read (see
+    /// [`crate::tls::unbuffered`]).
+    ServerTls(Box<ServerTlsTransport>),
+}
+
+pub struct ServerTlsTransport {
+    tcp: TcpStream,
+    tls: Mutex<crate::tls::ServerTls>,
+}
+
+impl ServerTlsTransport {
+    fn lock(&self) -> std::sync::MutexGuard<'_, crate::tls::ServerTls> {
+        self.tls.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 pub struct TlsTransport {
@@ -45,10 +59,16 @@ impl Transport {
         Transport::Tls(Box::new(TlsTransport { tcp, state: Mutex::new(state) }))
     }
 
+    /// A client's TLS connection whose handshake is done, with whatever it read past it.
+    pub fn server_tls(tcp: TcpStream, tls: crate::tls::ServerTls) -> Transport {
+        Transport::ServerTls(Box::new(ServerTlsTransport { tcp, tls: Mutex::new(tls) }))
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Transport::Plain(tcp) => tcp,
             Transport::Tls(tls) => &tls.tcp,
+            Transport::ServerTls(tls) => &tls.tcp,
         }
     }
 
@@ -57,6 +77,8 @@ impl Transport {
             Transport::Plain(tcp) => tcp.poll_read_ready(cx),
             Transport::Tls(tls) if tls.lock().buffered_input => Poll::Ready(Ok(())),
             Transport::Tls(tls) => tls.tcp.poll_read_ready(cx),
+            Transport::ServerTls(tls) if tls.lock().has_buffered_input() => Poll::Ready(Ok(())),
+            Transport::ServerTls(tls) => tls.tcp.poll_read_ready(cx),
         }
     }
 
@@ -70,6 +92,15 @@ impl Transport {
         match self {
             Transport::Plain(tcp) => read_once(tcp, buf),
             Transport::Tls(tls) => tls.read(buf),
+            Transport::ServerTls(tls) => {
+                let start = buf.len();
+                let mut out = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+                tls.lock().read(&tls.tcp, &mut out)?;
+                let n = out.filled().len();
+                // SAFETY: `read` initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(start + n) };
+                Ok(n)
+            }
         }
     }
 
@@ -78,6 +109,7 @@ impl Transport {
         match self {
             Transport::Plain(tcp) => tcp.try_write(data),
             Transport::Tls(tls) => tls.write(data),
+            Transport::ServerTls(tls) => tls.lock().write(&tls.tcp, data),
         }
     }
 
@@ -86,6 +118,7 @@ impl Transport {
         match self {
             Transport::Plain(_) => false,
             Transport::Tls(tls) => tls.lock().conn.wants_write(),
+            Transport::ServerTls(tls) => tls.lock().has_pending_output(),
         }
     }
 
@@ -94,6 +127,7 @@ impl Transport {
         match self {
             Transport::Plain(_) => Ok(()),
             Transport::Tls(tls) => flush_records(&tls.tcp, &mut tls.lock().conn),
+            Transport::ServerTls(tls) => tls.lock().flush(&tls.tcp),
         }
     }
 
@@ -104,6 +138,11 @@ impl Transport {
             let mut state = tls.lock();
             state.conn.send_close_notify();
             let _ = flush_records(&tls.tcp, &mut state.conn);
+        }
+        if let Transport::ServerTls(tls) = self {
+            let mut state = tls.lock();
+            state.send_close_notify();
+            let _ = state.flush(&tls.tcp);
         }
         socket2::SockRef::from(self.tcp()).shutdown(std::net::Shutdown::Write)
     }
@@ -232,7 +271,7 @@ impl io::Write for SocketIo<'_> {
 /// that only says "would block" after every message (a third of the syscalls of a small
 /// echo). Nothing is lost: data or a FIN arriving later raises a new event, and tokio
 /// keeps a "read closed" state through the clearing.
-fn read_once(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+pub(crate) fn read_once(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     let mut short_read = None;
     let result = stream.try_io(tokio::io::Interest::READABLE, || {
         let spare = buf.spare_capacity_mut();

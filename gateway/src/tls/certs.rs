@@ -137,6 +137,7 @@ pub struct SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        super::unbuffered::note_sni(hello.server_name());
         self.certs.load().choose(hello.server_name())
     }
 }

@@ -2,13 +2,14 @@
 //! the protocol version and, with mutual TLS, the client certificate's subject, SANs and
 //! SHA-256 fingerprint. Made only when a handshake plugin is about to be called.
 
-use rustls::ServerConnection;
+use super::ServerTls;
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::plugin::{ClientCertificate, TlsInfo};
 
-pub fn describe(conn: &ServerConnection) -> TlsInfo {
+pub fn describe(tls: &ServerTls) -> TlsInfo {
+    let conn = tls.common();
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
@@ -16,7 +17,7 @@ pub fn describe(conn: &ServerConnection) -> TlsInfo {
         None => String::new(),
     };
     TlsInfo {
-        sni: conn.server_name().unwrap_or("").to_ascii_lowercase(),
+        sni: tls.server_name().unwrap_or("").to_ascii_lowercase(),
         version,
         client_certificate: conn.peer_certificates().and_then(|chain| chain.first()).map(|leaf| certificate(leaf)),
     }

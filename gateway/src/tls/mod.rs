@@ -12,6 +12,7 @@ pub mod certs;
 pub mod info;
 pub mod pem;
 pub mod stream;
+pub mod unbuffered;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use rustls::{RootCertStore, ServerConfig};
 
 use certs::{CertSet, ServerCert, SniResolver};
 pub use stream::ClientStream;
+pub use unbuffered::ServerTls;
 
 /// The crypto provider every TLS config of the gateway uses: ring, installed as the
 /// process default on first use (rustls refuses to guess when more than one provider is

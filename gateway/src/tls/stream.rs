@@ -4,21 +4,26 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
+use super::ServerTls;
 use crate::relay::Transport;
 
 pub enum ClientStream {
     Plain(TcpStream),
     /// Boxed: the TLS state is large and most of it is the handshake's.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsClient>),
     /// While the TLS handshake runs, and after one that failed: nothing to read or write.
     Handshaking,
+}
+
+pub struct TlsClient {
+    tcp: TcpStream,
+    tls: ServerTls,
 }
 
 impl ClientStream {
@@ -37,24 +42,15 @@ impl ClientStream {
         let ClientStream::Plain(tcp) = std::mem::replace(self, ClientStream::Handshaking) else {
             return Err(io::Error::other("TLS is already on"));
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let tls = acceptor
-            .accept_with(tcp, |conn| {
-                let mut rest = &already_read[..];
-                while !rest.is_empty() && conn.read_tls(&mut rest).is_ok_and(|n| n > 0) {}
-                // Processed now: the socket may have nothing more to wake the handshake with.
-                // An error stays with the connection and ends the handshake.
-                let _ = conn.process_new_packets();
-            })
-            .await?;
-        *self = ClientStream::Tls(Box::new(tls));
+        let tls = ServerTls::accept(&tcp, config, already_read).await?;
+        *self = ClientStream::Tls(Box::new(TlsClient { tcp, tls }));
         Ok(())
     }
 
     /// The TLS session, if the connection has one.
-    pub fn tls(&self) -> Option<&rustls::ServerConnection> {
+    pub fn tls(&self) -> Option<&ServerTls> {
         match self {
-            ClientStream::Tls(tls) => Some(tls.get_ref().1),
+            ClientStream::Tls(client) => Some(&client.tls),
             _ => None,
         }
     }
@@ -63,12 +59,50 @@ impl ClientStream {
     pub fn into_transport(self) -> Transport {
         match self {
             ClientStream::Plain(tcp) => Transport::Plain(tcp),
-            ClientStream::Tls(tls) => {
-                let (tcp, conn) = tls.into_inner();
-                Transport::tls(tcp, conn)
+            ClientStream::Tls(client) => {
+                let TlsClient { tcp, tls } = *client;
+                Transport::server_tls(tcp, tls)
             }
             ClientStream::Handshaking => unreachable!("a connection without a finished handshake is never relayed"),
         }
+    }
+}
+
+impl TlsClient {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if !self.tls.has_buffered_input() {
+                ready!(self.tcp.poll_read_ready(cx))?;
+            }
+            match self.tls.read(&self.tcp, buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match self.tls.write(&self.tcp, data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.tls.flush(&self.tcp) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tls.send_close_notify();
+        ready!(self.poll_flush(cx))?;
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -80,7 +114,7 @@ impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            ClientStream::Tls(tls) => tls.poll_read(cx, buf),
             ClientStream::Handshaking => Poll::Ready(Err(not_connected())),
         }
     }
@@ -90,7 +124,7 @@ impl AsyncWrite for ClientStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            ClientStream::Tls(tls) => tls.poll_write(cx, buf),
             ClientStream::Handshaking => Poll::Ready(Err(not_connected())),
         }
     }
@@ -98,7 +132,7 @@ impl AsyncWrite for ClientStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            ClientStream::Tls(tls) => tls.poll_flush(cx),
             ClientStream::Handshaking => Poll::Ready(Err(not_connected())),
         }
     }
@@ -106,7 +140,7 @@ impl AsyncWrite for ClientStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            ClientStream::Tls(tls) => tls.poll_shutdown(cx),
             ClientStream::Handshaking => Poll::Ready(Err(not_connected())),
         }
     }
