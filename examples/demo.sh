@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
-exec cargo run --release --quiet -p wasmgate-examples --bin demo
+# setup.sh built every binary with --workspace, as the tests do; `cargo run -p` would resolve
+# features for one package and compile the gateway again, so run the binary it built.
+exec "${CARGO_TARGET_DIR:-target}/release/demo"
