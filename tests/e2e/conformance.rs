@@ -1,7 +1,6 @@
 //! Third-party judges: the Python `websockets` client, and the Autobahn TestSuite cases run
 //! by `kosoku`, both through the gateway in front of the example echo backend.
 
-use std::collections::BTreeMap;
 use std::process::Command;
 
 use wasmgate_tests::*;
@@ -37,32 +36,14 @@ async fn autobahn_testsuite_finds_no_failure() {
     let mut command = Command::new(kosoku);
     command.args(["-m", "fuzzingclient", &gw.listen_addr.to_string(), "-p", "4", "-o"]).arg(&outdir);
     let out = run(command).await;
-    // kosoku exits non-zero for UNIMPLEMENTED cases too (permessage-deflate): judge by the report.
-    assert!(outdir.join("index.json").exists(), "kosoku wrote no report: {}", String::from_utf8_lossy(&out.stderr));
-
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(outdir.join("index.json")).unwrap()).unwrap();
-    let cases = index.as_object().unwrap().values().next().unwrap().as_object().unwrap();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    let mut failed = Vec::new();
-    for (case, result) in cases {
-        let compression_case = case.starts_with("12.") || case.starts_with("13.");
-        for key in ["behavior", "behaviorClose"] {
-            let verdict = result[key].as_str().unwrap_or("?");
-            if verdict == "FAILED" || (compression_case && verdict != "OK") {
-                failed.push(format!("{case} ({key}: {verdict})"));
-            }
-        }
-        *counts.entry(result["behavior"].as_str().unwrap_or("?").to_string()).or_default() += 1;
-    }
-    println!("Autobahn through wasmgate: {counts:?}");
-    assert_eq!(cases.len(), 517, "all cases ran");
-    assert!(failed.is_empty(), "FAILED, or compression cases not OK: {failed:?}");
+    let report = autobahn_report(&outdir, &out.stderr);
+    println!("Autobahn through wasmgate: {:?}", report.counts);
+    assert_eq!(report.cases, 517, "all cases ran");
+    assert!(report.failed.is_empty(), "FAILED, or compression cases not OK: {:?}", report.failed);
     // Strict, not merely acceptable: the upstream's answers to what a client sent before
     // breaking the protocol reach it before its close (cases 3.x-5.x).
-    let not_strict: Vec<&String> =
-        cases.iter().filter(|(_, r)| r["behavior"] == "NON-STRICT").map(|(case, _)| case).collect();
-    assert!(not_strict.is_empty(), "NON-STRICT: {not_strict:?}");
+    assert!(report.not_strict.is_empty(), "NON-STRICT: {:?}", report.not_strict);
+    let counts = report.counts;
     assert!(counts.get("OK").copied().unwrap_or(0) >= 512, "fewer than 512 OK: {counts:?}");
     gw.shutdown().await;
 }

@@ -556,23 +556,9 @@ async fn autobahn_through_the_tls_listener_finds_no_failure() {
     let mut command = std::process::Command::new(python().parent().unwrap().join("kosoku"));
     command.args(["-m", "fuzzingclient", &tunnel.to_string(), "-p", "4", "-o"]).arg(&outdir);
     let out = tokio::task::spawn_blocking(move || command.output().expect("kosoku runs")).await.unwrap();
-    assert!(outdir.join("index.json").exists(), "kosoku wrote no report: {}", String::from_utf8_lossy(&out.stderr));
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(outdir.join("index.json")).unwrap()).unwrap();
-    let cases = index.as_object().unwrap().values().next().unwrap().as_object().unwrap();
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    let mut failed = Vec::new();
-    for (case, result) in cases {
-        let compression_case = case.starts_with("12.") || case.starts_with("13.");
-        for key in ["behavior", "behaviorClose"] {
-            let verdict = result[key].as_str().unwrap_or("?");
-            if verdict == "FAILED" || (compression_case && verdict != "OK") {
-                failed.push(format!("{case} ({key}: {verdict})"));
-            }
-        }
-        *counts.entry(result["behavior"].as_str().unwrap_or("?").to_string()).or_default() += 1;
-    }
-    println!("Autobahn through stunnel and the TLS listener: {counts:?}");
-    assert_eq!(cases.len(), 517, "all cases ran");
-    assert!(failed.is_empty(), "FAILED, or compression cases not OK: {failed:?}");
+    let report = autobahn_report(&outdir, &out.stderr);
+    println!("Autobahn through stunnel and the TLS listener: {:?}", report.counts);
+    assert_eq!(report.cases, 517, "all cases ran");
+    assert!(report.failed.is_empty(), "FAILED, or compression cases not OK: {:?}", report.failed);
     gw.shutdown().await;
 }

@@ -363,3 +363,35 @@ pub async fn raw_websocket(addr: SocketAddr, path: &str) -> TcpStream {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     stream
 }
+
+/// A kosoku (Autobahn TestSuite) report in `outdir`, judged: every case's verdict, counted
+/// by `behavior`; the cases that FAILED, or whose compression case (sections 12, 13) was
+/// not OK; and the cases that ended NON-STRICT. kosoku exits non-zero for UNIMPLEMENTED
+/// cases too, so a run is judged by its report, not its exit status.
+pub struct AutobahnReport {
+    pub cases: usize,
+    pub counts: std::collections::BTreeMap<String, usize>,
+    pub failed: Vec<String>,
+    pub not_strict: Vec<String>,
+}
+
+pub fn autobahn_report(outdir: &Path, kosoku_stderr: &[u8]) -> AutobahnReport {
+    assert!(outdir.join("index.json").exists(), "kosoku wrote no report: {}", String::from_utf8_lossy(kosoku_stderr));
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(outdir.join("index.json")).unwrap()).unwrap();
+    let cases = index.as_object().unwrap().values().next().unwrap().as_object().unwrap();
+    let mut report = AutobahnReport { cases: cases.len(), counts: Default::default(), failed: Vec::new(), not_strict: Vec::new() };
+    for (case, result) in cases {
+        let compression_case = case.starts_with("12.") || case.starts_with("13.");
+        for key in ["behavior", "behaviorClose"] {
+            let verdict = result[key].as_str().unwrap_or("?");
+            if verdict == "FAILED" || (compression_case && verdict != "OK") {
+                report.failed.push(format!("{case} ({key}: {verdict})"));
+            }
+        }
+        if result["behavior"] == "NON-STRICT" {
+            report.not_strict.push(case.clone());
+        }
+        *report.counts.entry(result["behavior"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+    }
+    report
+}
