@@ -13,14 +13,12 @@ on stderr) when a tab does not get there in time.
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import urllib.request
 
 import websockets
 
-from dashboard_browser import CHROMIUM, Page, free_port
+from dashboard_browser import Page, headless_chromium
 
 STATE = """(() => ({
   served_by: document.getElementById('served-by').dataset.server,
@@ -58,21 +56,8 @@ async def say(page, text):
 async def main():
     url, shots, room = sys.argv[1], sys.argv[2], sys.argv[3]
     os.makedirs(shots, exist_ok=True)
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="wasmgate-chromium-")
-    chrome = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-         f"--user-data-dir={profile}", "--window-size=1000,720", f"--remote-debugging-port={port}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version")
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+    async with headless_chromium("1000,720", "--disable-background-timer-throttling",
+                                 "--disable-renderer-backgrounding") as port:
         # Two tabs: the first page Chromium opened, and a new one.
         first = next(t for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json")) if t["type"] == "page")
         new = urllib.request.Request(f"http://127.0.0.1:{port}/json/new?about:blank", method="PUT")
@@ -94,10 +79,6 @@ async def main():
                 await page.screenshot(os.path.join(shots, f"chat-{name}.png"))
             tabs = {"alice": await alice.eval(STATE), "bob": await bob.eval(STATE)}
             print("TABS " + json.dumps(tabs), flush=True)
-    finally:
-        chrome.kill()
-        chrome.wait()
-        subprocess.run(["rm", "-rf", profile])
 
 
 asyncio.run(main())

@@ -14,6 +14,7 @@ Steps, each answered on stdout for the Rust test that runs it:
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -103,31 +104,40 @@ async def drive(page, admin, token, shots, expect):
     print("DRAINING", flush=True)
 
 
-async def main():
-    admin, token, shots, expect = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    os.makedirs(shots, exist_ok=True)
+@contextlib.asynccontextmanager
+async def headless_chromium(window_size, *flags):
+    """Chromium with its DevTools port answering, in a profile of its own; yields the port.
+    Killed and its profile removed on the way out."""
     port = free_port()
     profile = tempfile.mkdtemp(prefix="wasmgate-chromium-")
     chrome = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--window-size=1500,800", f"--remote-debugging-port={port}", "about:blank"],
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", *flags,
+         f"--user-data-dir={profile}", f"--window-size={window_size}", f"--remote-debugging-port={port}",
+         "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        targets = None
         for _ in range(100):
             try:
-                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json"))
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version")
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-        page_target = next(t for t in targets if t["type"] == "page")
-        async with websockets.connect(page_target["webSocketDebuggerUrl"], max_size=None) as ws:
-            await drive(Page(ws), admin, token, shots, expect)
+        yield port
     finally:
         chrome.kill()
         chrome.wait()
         subprocess.run(["rm", "-rf", profile])
+
+
+async def main():
+    admin, token, shots, expect = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    os.makedirs(shots, exist_ok=True)
+    async with headless_chromium("1500,800") as port:
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json"))
+        page_target = next(t for t in targets if t["type"] == "page")
+        async with websockets.connect(page_target["webSocketDebuggerUrl"], max_size=None) as ws:
+            await drive(Page(ws), admin, token, shots, expect)
 
 
 if __name__ == "__main__":
