@@ -7,8 +7,8 @@
 //! instantiating and running `init` may take up to `INIT_TIMEOUT`, and a plugin whose later
 //! `init`s are slow would otherwise stall the worker thread, and with it every connection on
 //! that worker, whatever its route. A call that finds no idle instance asks the refiller for
-//! one and waits for it at most its own deadline, and not at all when making one takes
-//! longer than that (a moving average); then it fails as `Unavailable` and the plugin's
+//! one and waits for it, or for another call to give one back, at most its own deadline,
+//! and not at all when making one takes longer than that (a moving average); then it fails as `Unavailable` and the plugin's
 //! `on_error` decides. The plugin is loaded with one instance made on the loading
 //! thread (its `init` decides the hooks); the refiller then makes one per shard, and a new
 //! one whenever a failed call dropped one.
@@ -66,8 +66,11 @@ struct Inner {
     refill: Mutex<Refill>,
     /// The refiller waits on this for work.
     refill_wanted: Condvar,
-    /// Calls without an instance wait on this for the refiller's news.
-    refill_news: Condvar,
+    /// Calls without an instance wait on this: the refiller made one or gave up, or a call
+    /// gave one back.
+    news: Condvar,
+    /// Calls waiting on `news`; `put` wakes them only when there are some.
+    waiting: AtomicUsize,
     failures_total: Counter,
     backing_off: Gauge,
 }
@@ -83,8 +86,6 @@ struct Shard(Mutex<Vec<Instance>>);
 struct Refill {
     /// Instances asked for and not made yet.
     wanted: usize,
-    /// Instances the refiller made; a waiting call watches it change.
-    made: u64,
     /// Failures to start an instance in a row, the last one's error, and until when the
     /// refiller rests because of them.
     failures: u32,
@@ -151,7 +152,8 @@ impl Pool {
             shards: (0..shards).map(|_| Shard::default()).collect(),
             refill: Mutex::new(Refill { wanted: shards - 1, ..Refill::default() }),
             refill_wanted: Condvar::new(),
-            refill_news: Condvar::new(),
+            news: Condvar::new(),
+            waiting: AtomicUsize::new(0),
         });
         let started = Instant::now();
         let (first, flags) = inner.make()?;
@@ -175,7 +177,8 @@ impl Pool {
     }
 
     /// An idle instance, this thread's own first. When there is none, asks the refiller for
-    /// one and waits for it at most `wait`; not at all while instances keep failing to start.
+    /// one and waits at most `wait` for it or for another call to give one back; not at all
+    /// while instances keep failing to start.
     pub fn take(&self, wait: Duration) -> Result<Instance, PluginError> {
         let inner = &*self.inner;
         if let Some(instance) = inner.pop() {
@@ -183,8 +186,14 @@ impl Pool {
         }
         let deadline = Instant::now() + wait;
         let mut refill = lock(&inner.refill);
+        // Counted before looking again, under the lock `put` takes to wake us: an instance
+        // given back after our look wakes us, one given back before it is found by it.
+        let _waiting = Waiting::register(&inner.waiting);
         inner.want_one(&mut refill);
         loop {
+            if let Some(instance) = inner.pop() {
+                return Ok(instance);
+            }
             let now = Instant::now();
             if let Some(rest) = refill.resting(now) {
                 let why = refill.last_error.as_deref().unwrap_or("unknown");
@@ -202,25 +211,24 @@ impl Pool {
             let Some(left) = deadline.checked_duration_since(now) else {
                 return Err(PluginError::Unavailable(format!("no instance was ready within {wait:?}")));
             };
-            let seen = refill.made;
-            refill = inner.refill_news.wait_timeout(refill, left).unwrap_or_else(|e| e.into_inner()).0;
-            if refill.made != seen {
-                drop(refill);
-                if let Some(instance) = inner.pop() {
-                    return Ok(instance);
-                }
-                // Another waiting call took it; ours is still on its way.
-                refill = lock(&inner.refill);
-            }
+            refill = inner.news.wait_timeout(refill, left).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
-    /// Returns an instance after a successful call, to this thread's shard.
+    /// Returns an instance after a successful call, to this thread's shard, and wakes the
+    /// calls waiting for one (only the refiller's news would wake them otherwise, and it
+    /// makes none while enough idle).
     pub fn put(&self, instance: Instance) {
         let inner = &*self.inner;
-        let mut idle = lock(&inner.shards[inner.home_shard()].0);
-        if idle.len() < inner.max_idle_per_shard {
-            idle.push(instance);
+        {
+            let mut idle = lock(&inner.shards[inner.home_shard()].0);
+            if idle.len() < inner.max_idle_per_shard {
+                idle.push(instance);
+            }
+        }
+        if inner.waiting.load(Ordering::SeqCst) > 0 {
+            let _refill = lock(&inner.refill);
+            inner.news.notify_all();
         }
     }
 
@@ -314,7 +322,6 @@ impl Inner {
                 Ok((instance, _)) => {
                     self.store_made(instance);
                     refill.wanted = refill.wanted.saturating_sub(1);
-                    refill.made += 1;
                     refill.failures = 0;
                     refill.resting_until = None;
                     self.backing_off.set(0.0);
@@ -331,7 +338,7 @@ impl Inner {
                 }
             }
             // Waiting calls: an instance to take, or a failure to give up on.
-            self.refill_news.notify_all();
+            self.news.notify_all();
         }
     }
 
@@ -371,6 +378,22 @@ impl Inner {
             .map_err(|refusal| format!("init refused the configuration: {refusal}"))?;
         store.data_mut().commit_metrics();
         Ok((Instance { store, exports }, hooks))
+    }
+}
+
+/// A call counted in `Inner::waiting` for as long as it waits, whichever way it returns.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn register(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
