@@ -407,6 +407,65 @@ async fn certificates_reload_under_traffic() {
     gw.shutdown().await;
 }
 
+/// A WebSocket over TLS, and whether its TLS session was resumed from a ticket.
+async fn wss_resuming(addr: SocketAddr, config: Arc<ClientConfig>) -> (Wss, bool) {
+    let tls = tls_connect(addr, "localhost", config).await.expect("TLS handshake");
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let (mut ws, response) = tokio_tungstenite::client_async("wss://localhost/", tls).await.expect("upgrade");
+    assert_eq!(response.status(), 101);
+    // The session ticket comes with the 101; an echo makes sure the client has read it.
+    echo(&mut ws, "ticket?").await;
+    (ws, resumed)
+}
+
+/// Sessions resume from stateless tickets: a client's every reconnection skips the
+/// certificate (one ticket per connection is enough, as each brings a fresh one), and so do
+/// more clients than a session cache holds (rustls's default cache keeps 256). After a
+/// certificate reload nobody resumes a session made under the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_from_tickets_until_a_reload() {
+    let dir = tempdir("resume");
+    let ca = TestCa::new("wasmgate test CA");
+    ca.issue("old", &["localhost"]).write(&dir, "site");
+    let backends = echo_backends(1).await;
+    let gw = start_from(&write_tls_config(&dir, &backends, &["site"], "", "")).await;
+    let addr = gw.tls_addr.unwrap();
+
+    let one = client_config(&ca, None);
+    let (ws, resumed) = wss_resuming(addr, one.clone()).await;
+    assert!(!resumed, "the first connection is a full handshake");
+    drop(ws);
+    for i in 0..4 {
+        let (ws, resumed) = wss_resuming(addr, one.clone()).await;
+        assert!(resumed, "reconnection {i} resumed");
+        drop(ws);
+    }
+
+    // 400 clients, each with its own session store: all come back resumed.
+    let clients: Vec<_> = (0..400).map(|_| client_config(&ca, None)).collect();
+    for config in &clients {
+        let (ws, resumed) = wss_resuming(addr, config.clone()).await;
+        assert!(!resumed);
+        drop(ws);
+    }
+    let mut again = 0;
+    for config in &clients {
+        let (ws, resumed) = wss_resuming(addr, config.clone()).await;
+        again += resumed as usize;
+        drop(ws);
+    }
+    assert_eq!(again, clients.len(), "every client resumed its session");
+
+    let new = ca.issue("new", &["localhost"]);
+    new.write(&dir, "site");
+    gw.reload_from_source().await.expect("the new certificate is taken");
+    let tls = tls_connect(addr, "localhost", one.clone()).await.expect("TLS handshake");
+    let session = tls.get_ref().1;
+    assert_eq!(session.handshake_kind(), Some(rustls::HandshakeKind::Full), "no resumption across a reload");
+    assert!(session.peer_certificates().unwrap()[0] == new.der(), "the new certificate was checked");
+    gw.shutdown().await;
+}
+
 /// With `client_ca`, a client without a certificate, or with one from another CA, is
 /// refused in the TLS handshake; one with a certificate the CA signed gets through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

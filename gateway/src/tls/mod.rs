@@ -109,10 +109,15 @@ pub struct StagedTls {
     config: ServerConfig,
 }
 
-/// TLS 1.3 and 1.2, ALPN `http/1.1`, client certificates as `loaded` says. Each
-/// configuration has its own session cache: after a reload no client resumes a session
-/// made with the certificates (or client CA) replaced, so every new connection is
-/// authenticated by what is in force.
+/// TLS 1.3 and 1.2, ALPN `http/1.1`, client certificates as `loaded` says.
+///
+/// Sessions resume from stateless tickets (encrypted with keys rustls rotates every six
+/// hours), so a reconnect storm of any size can skip the certificate's signature, which a
+/// session cache of a few hundred entries could not. One ticket per connection, as Go
+/// sends: a WebSocket client reconnects one connection at a time, and each new connection
+/// brings a fresh ticket. Each configuration has its own ticket keys and session cache:
+/// after a reload no client resumes a session made with the certificates (or client CA)
+/// replaced, so every new connection is authenticated by what is in force.
 fn server_config(resolver: &Arc<SniResolver>, loaded: &LoadedTls) -> Result<ServerConfig, String> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -129,5 +134,7 @@ fn server_config(resolver: &Arc<SniResolver>, loaded: &LoadedTls) -> Result<Serv
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS session tickets: {e}"))?;
+    config.send_tls13_tickets = 1;
     Ok(config)
 }
