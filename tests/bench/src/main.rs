@@ -342,8 +342,10 @@ fn header(bins: &Binaries, targets: &[Target], timing: Timing, rounds: u32, nofi
     }
     if targets.iter().any(|t| t.is_tls()) {
         paths.push(
-            "The -tls columns: clients over wss:// (TLS 1.3, rustls client, no session resumption: \
-             every new connection is a full handshake), the proxy terminating TLS with the same \
+            "The -tls columns: clients over wss:// (TLS 1.3, rustls client offering a browser's \
+             cipher suite order, no session resumption: every new connection is a full handshake; \
+             the certificate and signature checked in full on the first handshake only, as \
+             load generators do), the proxy terminating TLS with the same \
              ECDSA P-256 certificate, plain ws:// to the backends; their ratios are to nginx-tls."
                 .to_string(),
         );

@@ -69,6 +69,9 @@ pub enum Target {
     /// wasmgate without plugins, clients over `wss://` (`[gateway.tls]`).
     #[value(name = "wasmgate-tls")]
     WasmgateTls,
+    /// jwt-auth and least-conn, clients over `wss://`.
+    #[value(name = "wasmgate-auth-tls")]
+    WasmgateAuthTls,
     /// nginx terminating `wss://`.
     #[value(name = "nginx-tls")]
     NginxTls,
@@ -83,7 +86,7 @@ impl Target {
         match self {
             Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers | Target::WasmgatePatient | Target::WasmgateTls => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
-            Target::WasmgateAuth | Target::WasmgateAuthWorkers => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
+            Target::WasmgateAuth | Target::WasmgateAuthWorkers | Target::WasmgateAuthTls => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
             Target::WasmgateRs256 => Some(&[Plugin::JwtAuthRs256, Plugin::LeastConn]),
             Target::WasmgateRs256Nocache => Some(&[Plugin::JwtAuthRs256Uncached, Plugin::LeastConn]),
@@ -95,7 +98,7 @@ impl Target {
 
     /// Clients speak `wss://` to it.
     pub fn is_tls(self) -> bool {
-        matches!(self, Target::WasmgateTls | Target::NginxTls | Target::HaproxyTls)
+        matches!(self, Target::WasmgateTls | Target::WasmgateAuthTls | Target::NginxTls | Target::HaproxyTls)
     }
 
     /// The column its ratios are taken against: nginx, over the same protocol.
@@ -137,6 +140,7 @@ impl fmt::Display for Target {
             Target::Haproxy => "haproxy",
             Target::HaproxyTcp => "haproxy-tcp",
             Target::WasmgateTls => "wasmgate-tls",
+            Target::WasmgateAuthTls => "wasmgate-auth-tls",
             Target::NginxTls => "nginx-tls",
             Target::HaproxyTls => "haproxy-tls",
         })
@@ -282,8 +286,16 @@ impl Running {
         }
         let mut running = Running { proxy: Vec::new(), backends, entry: Vec::new(), admin: None };
         for instance in 0..instances {
-            let dir = if instances == 1 { dir.to_path_buf() } else { dir.join(format!("instance-{instance}")) };
-            std::fs::create_dir_all(&dir)?;
+            let instance_dir = if instances == 1 { dir.to_path_buf() } else { dir.join(format!("instance-{instance}")) };
+            std::fs::create_dir_all(&instance_dir)?;
+            if target.is_tls() && instances > 1 {
+                // Every instance serves the run's one certificate.
+                let (from, to) = (TlsFiles::in_dir(dir), TlsFiles::in_dir(&instance_dir));
+                for (from, to) in [(from.cert, to.cert), (from.key, to.key), (from.combined, to.combined)] {
+                    std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+                }
+            }
+            let dir = instance_dir;
             let (proxy, listen, admin) = start_proxy(target, bins, &dir, &servers, instances)?;
             running.proxy.push(proxy);
             running.entry.push(listen);
@@ -324,7 +336,8 @@ fn start_proxy(
         | Target::WasmgateWorkers
         | Target::WasmgateAuthWorkers
         | Target::WasmgatePatient
-        | Target::WasmgateTls => {
+        | Target::WasmgateTls
+        | Target::WasmgateAuthTls => {
             if !bins.wasmgate.exists() {
                 bail!("{} not found: build it with `cargo build --release -p wasmgate`", bins.wasmgate.display());
             }

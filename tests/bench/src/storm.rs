@@ -40,6 +40,8 @@ use crate::load::{Metric, Outcome, Probe, Unit};
 use crate::procs::{self, TempDir};
 use crate::proxies::{self, Binaries, Running, Target};
 use crate::table::Results;
+use crate::tls::ClientStream;
+use tokio_rustls::TlsConnector;
 
 /// Everything of a storm (the reconnects and their retries) must be over by then.
 const STORM_LIMIT: Duration = Duration::from_secs(120);
@@ -70,6 +72,10 @@ pub struct Options {
     /// Storm every proxy this many times (a fresh proxy each time); medians are reported.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
+    /// For the `-tls` proxies: clients resume their TLS session from the ticket of the
+    /// connection they dropped, instead of a full handshake.
+    #[arg(long)]
+    resume: bool,
     /// Also write the table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -92,6 +98,12 @@ pub struct ClientOptions {
     /// Sign tokens with RS256 instead of HS256.
     #[arg(long)]
     rs256: bool,
+    /// Speak `wss://`, trusting the CA certificate (DER) in this file.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// With `--ca`: each client resumes its TLS session when it reconnects.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn metrics() -> Vec<Metric> {
@@ -101,6 +113,7 @@ fn metrics() -> Vec<Metric> {
         Metric::new("storm: failed attempts (retried)".into(), Unit::Micros),
         Metric::new("storm: proxy CPU µs per reconnect".into(), Unit::Micros),
         Metric::new("set-up ramp: new conns/s".into(), Unit::Rate),
+        Metric::new("storm: TLS sessions resumed".into(), Unit::Rate),
     ]
 }
 
@@ -152,6 +165,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
          is back, over the number of clients (it includes tearing down the dropped connections)."
             .into(),
     );
+    if targets.iter().any(|t| t.is_tls()) {
+        results.note(if options.resume {
+            "The -tls columns: every reconnect resumes the TLS session from the ticket its dropped connection got \
+             (TLS 1.3 PSK with a fresh X25519 exchange, no certificate); the ratios are to nginx-tls."
+                .into()
+        } else {
+            "The -tls columns: every reconnect is a full TLS 1.3 handshake (ECDSA P-256 certificate, X25519), \
+             the clients resume no session; the ratios are to nginx-tls."
+                .into()
+        });
+    }
     results.note(format!("open-file limit {nofile}; load average at the end: {}", crate::machine::load_average()));
     let header = format!(
         "## Reconnect storm\n\n{}\n\nProxies: {}; each in front of two echo-backend processes.\n",
@@ -192,6 +216,14 @@ async fn storm(
     instances: usize,
     options: &Options,
 ) -> anyhow::Result<Outcome> {
+    let ca = if target.is_tls() {
+        let cert = crate::tls::BenchCert::make(dir)?;
+        let ca = dir.join("tls-ca.der");
+        cert.write_ca(&ca)?;
+        Some(ca)
+    } else {
+        None
+    };
     let running = Running::start_instances(target, bins, dir, instances)?;
     let entry: Vec<String> = running.entry.iter().map(SocketAddr::to_string).collect();
     let exe = std::env::current_exe()?;
@@ -215,6 +247,12 @@ async fn storm(
             .arg(Ipv4Addr::new(127, 0, 1, 1 + k as u8).to_string());
         if target.token_alg() == jwt::Alg::Rs256 {
             cmd.arg("--rs256");
+        }
+        if let Some(ca) = &ca {
+            cmd.arg("--ca").arg(ca);
+            if options.resume {
+                cmd.arg("--resume");
+            }
         }
         let (proc, stdin, stdout) = procs::Proc::spawn_piped(&format!("clients-{k}"), cmd, dir)?;
         children.push(ClientProcess { proc, stdin, stdout: BufReader::new(stdout) });
@@ -257,6 +295,7 @@ async fn storm(
     let mut times = Vec::new();
     let mut failed = 0u64;
     let mut gave_up = 0u64;
+    let mut resumed = 0u64;
     for report in reports {
         let mut words = report.split_whitespace();
         if words.next() != Some("done") {
@@ -265,6 +304,7 @@ async fn storm(
         let mut number = || words.next().and_then(|w| w.parse::<u64>().ok()).ok_or_else(|| anyhow!("bad report"));
         failed += number()?;
         gave_up += number()?;
+        resumed += number()?;
         times.extend(words.filter_map(|w| w.parse::<f64>().ok()));
     }
     if times.is_empty() {
@@ -281,17 +321,19 @@ async fn storm(
             failed as f64,
             cpu * 1e6 / options.clients as f64,
             ramp_rate,
+            resumed as f64,
         ],
         trouble,
     })
 }
 
-type Ws = WebSocketStream<tokio::net::TcpStream>;
+type Ws = WebSocketStream<ClientStream>;
 
 /// The `storm-client` child: signs its clients' tokens, connects them, prints `ready SECS`
 /// (the seconds connecting took, signing not counted); on `storm` drops them
-/// all and reconnects them at once, then prints `done FAILED GAVE_UP MS MS ...` (each
-/// client's time from the drop until its echo came back).
+/// all and reconnects them at once, then prints `done FAILED GAVE_UP RESUMED MS MS ...`
+/// (RESUMED: reconnects that resumed their TLS session; then each client's time from the
+/// drop until its echo came back).
 pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
     procs::raise_nofile_limit()?;
     if options.entry.is_empty() {
@@ -300,6 +342,18 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
     let alg = if options.rs256 { jwt::Alg::Rs256 } else { jwt::Alg::Hs256 };
     let tokens: Arc<Vec<HeaderValue>> =
         Arc::new((0..options.count).map(|i| jwt::bearer_for(alg, &format!("client-{}", options.first + i))).collect());
+    // One connector for all, or with --resume one per client: each keeps its own ticket.
+    let connectors: Arc<Vec<TlsConnector>> = Arc::new(match &options.ca {
+        None => Vec::new(),
+        Some(ca) => {
+            let ca = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            let config = crate::tls::client_config(&ca)?;
+            match options.resume {
+                true => (0..options.count).map(|_| crate::tls::resuming(&config)).collect(),
+                false => vec![TlsConnector::from(Arc::new(config))],
+            }
+        }
+    });
     let options = Arc::new(options);
     let failed = Arc::new(AtomicU64::new(0));
 
@@ -308,8 +362,11 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
     let mut held: Vec<Option<Ws>> = Vec::with_capacity(options.count);
     let mut pending = futures_util::stream::iter(0..options.count)
         .map(|i| {
-            let (options, tokens, failed) = (options.clone(), tokens.clone(), failed.clone());
-            async move { (i, reconnect(&options, i, &tokens[i], &failed, Instant::now() + STORM_LIMIT).await) }
+            let (options, tokens, failed, connectors) = (options.clone(), tokens.clone(), failed.clone(), connectors.clone());
+            async move {
+                let tls = (!connectors.is_empty()).then(|| &connectors[i % connectors.len()]);
+                (i, reconnect(&options, i, &tokens[i], tls, &failed, Instant::now() + STORM_LIMIT).await)
+            }
         })
         .buffer_unordered(SETUP_CONCURRENCY);
     held.resize_with(options.count, || None);
@@ -326,22 +383,27 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
 
     // The storm: every connection reset at once, then every client back at once.
     for ws in held.iter_mut().filter_map(Option::take) {
-        let _ = ws.get_ref().set_zero_linger();
+        let _ = ws.get_ref().tcp().set_zero_linger();
         drop(ws);
     }
     let dropped = Instant::now();
     let deadline = dropped + STORM_LIMIT;
     let mut tasks = JoinSet::new();
     for i in 0..options.count {
-        let (options, tokens, failed) = (options.clone(), tokens.clone(), failed.clone());
-        tasks.spawn(async move { reconnect(&options, i, &tokens[i], &failed, deadline).await.ok() });
+        let (options, tokens, failed, connectors) = (options.clone(), tokens.clone(), failed.clone(), connectors.clone());
+        tasks.spawn(async move {
+            let tls = (!connectors.is_empty()).then(|| &connectors[i % connectors.len()]);
+            reconnect(&options, i, &tokens[i], tls, &failed, deadline).await.ok()
+        });
     }
     let mut times = Vec::with_capacity(options.count);
     let mut back = Vec::with_capacity(options.count);
     let mut gave_up = 0u64;
+    let mut resumed = 0u64;
     while let Some(done) = tasks.join_next().await {
         match done? {
             Some((ws, at)) => {
+                resumed += ws.get_ref().resumed() as u64;
                 times.push(at.duration_since(dropped).as_secs_f64() * 1000.0);
                 back.push(ws);
             }
@@ -349,7 +411,7 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
         }
     }
     let times: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
-    println!("done {} {gave_up} {}", failed.load(Ordering::Relaxed), times.join(" "));
+    println!("done {} {gave_up} {resumed} {}", failed.load(Ordering::Relaxed), times.join(" "));
     // Hold the connections until the harness has read the report and stops this process.
     let mut rest = String::new();
     let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut rest)).await;
@@ -363,13 +425,14 @@ async fn reconnect(
     options: &ClientOptions,
     i: usize,
     token: &HeaderValue,
+    tls: Option<&TlsConnector>,
     failed: &AtomicU64,
     deadline: Instant,
 ) -> anyhow::Result<(Ws, Instant)> {
     let addr = options.entry[(options.first + i) % options.entry.len()];
     let mut attempt = 0u64;
     loop {
-        match timeout(ATTEMPT_LIMIT, connect_once(addr, options.source, token)).await {
+        match timeout(ATTEMPT_LIMIT, connect_once(addr, options.source, token, tls)).await {
             Ok(Ok(ws)) => return Ok((ws, Instant::now())),
             Ok(Err(_)) | Err(_) => {
                 failed.fetch_add(1, Ordering::Relaxed);
@@ -386,11 +449,15 @@ async fn reconnect(
     }
 }
 
-async fn connect_once(addr: SocketAddr, source: IpAddr, token: &HeaderValue) -> anyhow::Result<Ws> {
+async fn connect_once(addr: SocketAddr, source: IpAddr, token: &HeaderValue, tls: Option<&TlsConnector>) -> anyhow::Result<Ws> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let tcp = socket.connect(addr).await?;
     tcp.set_nodelay(true)?;
+    let tcp = match tls {
+        Some(connector) => ClientStream::Tls(Box::new(crate::tls::handshake(connector, addr, tcp).await?)),
+        None => ClientStream::Plain(tcp),
+    };
     let mut request = format!("ws://{addr}/").into_client_request()?;
     request.headers_mut().insert(AUTHORIZATION, token.clone());
     let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
