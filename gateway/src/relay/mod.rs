@@ -133,7 +133,7 @@ struct SideState {
 }
 
 struct Relay<'a> {
-    client: &'a Transport,
+    client: Transport,
     /// Owned, so that a connection can move to another server (see `reattach`).
     upstream: Transport,
     /// Frames from the client toward the upstream.
@@ -190,25 +190,28 @@ pub struct ClientCompression {
 
 /// Relays until both sides have closed, or the close deadline passed. Messages and bytes
 /// relayed are added to each of `traffic` as they go (at most once a second).
+///
+/// Not an `async fn`: its arguments would stay in the future for the connection's life
+/// next to the relay they were moved into; the future is the relay alone.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub fn run<'a>(
     client: Endpoint,
     upstream: Endpoint,
-    settings: &RelaySettings,
+    settings: &'a RelaySettings,
     rules: (LinkRules, LinkRules),
-    hook: Option<&dyn MessageHook>,
+    hook: Option<&'a dyn MessageHook>,
     compression: Option<ClientCompression>,
-    mut stop: Stop,
-    traffic: &[&TrafficCounters],
-    reattach: Option<&mut (dyn Reattach + 'static)>,
-) -> RelayOutcome {
+    stop: Stop,
+    traffic: &'a [&'a TrafficCounters],
+    reattach: Option<&'a mut (dyn Reattach + 'static)>,
+) -> impl Future<Output = RelayOutcome> + 'a {
     let now = Instant::now();
     let (inflater, deflater, min_size) = match compression {
         Some(c) => (Some(c.inflater), Some(c.deflater), c.min_size),
         None => (None, None, 0),
     };
     let mut relay = Relay {
-        client: &client.stream,
+        client: client.stream,
         upstream: upstream.stream,
         c2u: Link::new(Side::Client, rules.0, hook.is_some()).with_compression(inflater, None),
         u2c: Link::new(Side::Upstream, rules.1, hook.is_some())
@@ -234,49 +237,60 @@ pub async fn run(
         move_after_message: None,
     };
     relay.reset_timer();
-    // Bytes that came with the handshakes are processed before any read.
-    for side in [Side::Client, Side::Upstream] {
-        if !relay.state(side).unprocessed.is_empty() {
-            let input = std::mem::take(&mut relay.state_mut(side).unprocessed);
-            relay.take_input(side, input);
-        }
-    }
-    relay.flush_all();
-    while !relay.finished() {
-        if relay.move_after_message.is_some() {
-            relay.move_when_whole();
-        }
-        if relay.moving.is_some() {
-            relay.move_upstream(&mut stop).await;
-            relay.flush_all();
-            continue;
-        }
-        let wake = poll_fn(|cx| relay.poll_wake(cx)).await;
-        match wake {
-            Wake::Read(side) => relay.read(side),
-            Wake::Write(side) => relay.write(side),
-            Wake::Timer => relay.on_timer(),
-            Wake::Shutdown if relay.move_on_stop() => {}
-            Wake::Shutdown => {
-                let (code, reason) = (stop.frame)();
-                relay.start_close(Some((code, reason)), Some((code, reason)));
+    // The block uses the relay where it was captured; an `async fn` taking it by value
+    // would keep a second copy of it (rust-lang/rust#62958).
+    async move { relay.drive(stop).await }
+}
+
+impl<'a> Relay<'a> {
+    async fn drive(&mut self, mut stop: Stop) -> RelayOutcome {
+        let relay = self;
+        // Bytes that came with the handshakes are processed before any read.
+        for side in [Side::Client, Side::Upstream] {
+            if !relay.state(side).unprocessed.is_empty() {
+                let input = std::mem::take(&mut relay.state_mut(side).unprocessed);
+                relay.take_input(side, input);
             }
         }
         relay.flush_all();
-        while relay.resume_paused_input() {
+        while !relay.finished() {
+            if relay.move_after_message.is_some() {
+                relay.move_when_whole();
+            }
+            if relay.moving.is_some() {
+                // Boxed: inline, the move's futures (reading the client while another
+                // server is found) would size every connection's task for its whole life.
+                Box::pin(relay.move_upstream(&mut stop)).await;
+                relay.flush_all();
+                continue;
+            }
+            let wake = poll_fn(|cx| relay.poll_wake(cx)).await;
+            match wake {
+                Wake::Read(side) => relay.read(side),
+                Wake::Write(side) => relay.write(side),
+                Wake::Timer => relay.on_timer(),
+                Wake::Shutdown if relay.move_on_stop() => {}
+                Wake::Shutdown => {
+                    let (code, reason) = (stop.frame)();
+                    relay.start_close(Some((code, reason)), Some((code, reason)));
+                }
+            }
             relay.flush_all();
+            while relay.resume_paused_input() {
+                relay.flush_all();
+            }
         }
-    }
-    relay.finish();
-    let totals = relay.totals();
-    relay.traffic.publish(totals);
-    RelayOutcome {
-        code: relay.first_close_code.unwrap_or(code::ABNORMAL),
-        messages_from_client: relay.c2u.messages,
-        messages_from_upstream: relay.u2c.messages,
-        bytes_from_client: relay.c2u.bytes,
-        bytes_from_upstream: relay.u2c.bytes,
-        closed_by: relay.first_closer.unwrap_or(Closer::Gateway),
+        relay.finish();
+        let totals = relay.totals();
+        relay.traffic.publish(totals);
+        RelayOutcome {
+            code: relay.first_close_code.unwrap_or(code::ABNORMAL),
+            messages_from_client: relay.c2u.messages,
+            messages_from_upstream: relay.u2c.messages,
+            bytes_from_client: relay.c2u.bytes,
+            bytes_from_upstream: relay.u2c.bytes,
+            closed_by: relay.first_closer.unwrap_or(Closer::Gateway),
+        }
     }
 }
 
@@ -288,7 +302,7 @@ impl<'a> Relay<'a> {
 
     fn stream(&self, side: Side) -> &Transport {
         match side {
-            Side::Client => self.client,
+            Side::Client => &self.client,
             Side::Upstream => &self.upstream,
         }
     }
@@ -606,7 +620,7 @@ impl<'a> Relay<'a> {
     fn write(&mut self, to: Side) {
         loop {
             let (stream, link) = match to {
-                Side::Client => (self.client, &mut self.u2c),
+                Side::Client => (&self.client, &mut self.u2c),
                 Side::Upstream => (&self.upstream, &mut self.c2u),
             };
             let written = match link.has_output() {
@@ -777,5 +791,37 @@ impl<'a> Relay<'a> {
                 let _ = self.stream(side).shutdown_write();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod size {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn endpoint(listener: &TcpListener) -> Endpoint {
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        Endpoint { stream: Transport::Plain(tcp), already_read: Vec::new() }
+    }
+
+    /// Every idle connection pays for its relay's future: it must hold the relay once, not
+    /// the relay and a second copy of what it was made from, nor a move's futures.
+    #[tokio::test]
+    async fn the_relay_future_is_the_relay_and_little_more() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, upstream) = (endpoint(&listener).await, endpoint(&listener).await);
+        let settings = RelaySettings {
+            max_message_size: 1 << 20,
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            close_timeout: Duration::from_secs(1),
+            message_assembly_timeout: None,
+        };
+        let rules = LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: false, max_message_size: 1 << 20 };
+        let stop = Stop { token: tokio_util::sync::CancellationToken::new(), frame: Box::new(|| (1001, "")) };
+        let relay = run(client, upstream, &settings, (rules, rules), None, None, stop, &[], None);
+        let (future, relay_alone) = (std::mem::size_of_val(&relay), std::mem::size_of::<Relay>());
+        assert!(future <= relay_alone + 160, "the relay's future is {future} bytes, the relay {relay_alone}");
     }
 }

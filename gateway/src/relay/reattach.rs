@@ -194,7 +194,7 @@ impl Relay<'_> {
     /// done. Returns the move's outcome and how many bytes were read.
     async fn read_client_while<T>(&mut self, attach: impl Future<Output = T>, limit: usize) -> (T, usize) {
         tokio::pin!(attach);
-        let client = self.client;
+        let client = &self.client;
         let state = &mut self.client_state;
         let start = state.unprocessed.len();
         let mut open = !state.gone && !state.reading_done;
