@@ -13,6 +13,14 @@
 //! held by slow clients) is the socket refused, and the next ones at once, until a slot
 //! frees. The number of sockets in their handshake stays bounded either way.
 //!
+//! "None finished" alone does not tell slow clients from busy handshakes: 7,000 TLS
+//! handshakes arriving at once go through their ClientHellos in lockstep, and on a loaded
+//! machine the first may finish only after more than a second, all of it spent working
+//! (20,000-client `wss` storm: ~2,000 refusals per gateway instance, each a client's retry).
+//! So a wait that ends without a free slot looks at the runtime: if its workers were busy
+//! for most of the wait, the slots are doing work and the socket waits another round, up to
+//! `BUSY_ROUNDS`; slow clients leave the workers idle, and are refused as before.
+//!
 //! The limits are read from the running configuration at each accept, so a reload changes
 //! them for new sockets. The per-address count covers sockets accepted while that limit was
 //! on; IPv6 clients are counted per /64, the block one subscriber usually holds.
@@ -113,6 +121,12 @@ impl AddressKey {
     }
 }
 
+/// Rounds of `max_handshakes_wait_ms` a socket may wait while the runtime is busy with the
+/// handshakes that hold the slots (see the module doc).
+const BUSY_ROUNDS: u32 = 10;
+/// The share of a wait the runtime's workers must have been busy for it to count as busy.
+const BUSY_SHARE: f64 = 0.5;
+
 /// Refusals being answered at once; beyond this a refused socket gets its answer written
 /// and is closed without waiting for the client to finish sending.
 const MAX_ANSWERING: usize = 256;
@@ -212,7 +226,9 @@ impl Admission {
             Err(Refused::Handshakes) if !limits.handshake_wait.is_zero() && !self.stalled.load(Ordering::Relaxed) => {}
             Err(_) => return first,
         }
-        let deadline = tokio::time::Instant::now() + limits.handshake_wait;
+        let mut deadline = tokio::time::Instant::now() + limits.handshake_wait;
+        let mut busy_since = RuntimeBusy::now();
+        let mut rounds = 1;
         let _waiting = Waiting::new(self);
         loop {
             let freed = self.slot_freed.notified();
@@ -224,6 +240,14 @@ impl Admission {
                 other => return other,
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                let busy = RuntimeBusy::now();
+                if rounds < BUSY_ROUNDS && busy.share_since(&busy_since, limits.handshake_wait) >= BUSY_SHARE {
+                    // The slots' handshakes are working, not waiting on slow clients.
+                    rounds += 1;
+                    deadline = tokio::time::Instant::now() + limits.handshake_wait;
+                    busy_since = busy;
+                    continue;
+                }
                 self.stalled.store(true, Ordering::Relaxed);
                 return self.admit(ip, limits);
             }
@@ -264,6 +288,26 @@ impl Admission {
     /// Client sockets in their handshake now.
     pub fn handshakes(&self) -> usize {
         self.handshakes.load(Ordering::Relaxed)
+    }
+}
+
+/// How long the current runtime's workers have been busy (not parked), summed.
+struct RuntimeBusy {
+    total: Duration,
+    workers: usize,
+}
+
+impl RuntimeBusy {
+    fn now() -> RuntimeBusy {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let workers = metrics.num_workers();
+        RuntimeBusy { total: (0..workers).map(|w| metrics.worker_total_busy_duration(w)).sum(), workers }
+    }
+
+    /// The share of `window` the workers were busy since `earlier`, on average.
+    fn share_since(&self, earlier: &RuntimeBusy, window: Duration) -> f64 {
+        let busy = self.total.saturating_sub(earlier.total).as_secs_f64();
+        busy / (window.as_secs_f64() * self.workers.max(1) as f64).max(f64::MIN_POSITIVE)
     }
 }
 
@@ -432,5 +476,36 @@ mod tests {
         drop(_third);
         assert!(admission.admit_or_wait(ip, &l).await.is_ok(), "a free slot ends the stall");
         assert!(!admission.stalled.load(Ordering::Relaxed));
+    }
+
+    /// Slots held past the wait by handshakes that keep the runtime busy (a storm's
+    /// lockstep, not slow clients): the socket waits on and gets the slot that frees.
+    #[tokio::test]
+    async fn a_busy_runtime_is_not_taken_for_slow_clients() {
+        let registry = Registry::new();
+        let admission = Admission::new(&registry, 100);
+        let l = Limits { handshake_wait: Duration::from_millis(100), ..limits(10, 0, 1) };
+        let ip: Option<IpAddr> = Some("127.0.0.1".parse().unwrap());
+        let held = admission.admit_or_wait(ip, &l).await.unwrap();
+        // The slot's handshake works for 3 rounds of the wait, yielding as tasks do.
+        let worker = tokio::spawn(async move {
+            let mut held = held;
+            let until = std::time::Instant::now() + Duration::from_millis(300);
+            while std::time::Instant::now() < until {
+                let spin = std::time::Instant::now() + Duration::from_micros(500);
+                while std::time::Instant::now() < spin {
+                    std::hint::spin_loop();
+                }
+                tokio::task::yield_now().await;
+            }
+            held.handshake_done();
+            held
+        });
+        let started = std::time::Instant::now();
+        let waited = admission.admit_or_wait(ip, &l).await;
+        assert!(waited.is_ok(), "refused after {:?} although the runtime was busy", started.elapsed());
+        assert!(started.elapsed() >= Duration::from_millis(250), "got a slot only once it freed");
+        assert!(!admission.stalled.load(Ordering::Relaxed));
+        drop(worker.await.unwrap());
     }
 }
