@@ -95,7 +95,8 @@ pub struct GatewaySection {
     #[serde(default = "defaults::max_handshakes")]
     pub max_handshakes: Spanned<u64>,
     /// With `max_handshakes` reached, how long the accept loop waits for one of them to
-    /// finish before answering 503 (and answering at once until one does); 0 = answer at once.
+    /// finish before answering 503 (and answering at once until one does); up to ten times
+    /// that while the runtime is busy with those handshakes (crate::limits); 0 = answer at once.
     #[serde(default = "defaults::max_handshakes_wait_ms")]
     pub max_handshakes_wait_ms: u64,
     /// Client connections served by this many single-threaded workers, each with its own
