@@ -212,7 +212,8 @@ impl Admission {
 
     /// As [`Admission::admit`], but a socket over `max_handshakes` waits up to
     /// `limits.handshake_wait` for a handshake to finish; the accept loop waits with it, so
-    /// the clients behind it wait in the kernel's accept queue. Once a wait has timed out,
+    /// the clients behind it wait in the kernel's accept queue. A wait during which the
+    /// runtime was busy goes on, up to `BUSY_ROUNDS`; once one has timed out otherwise,
     /// sockets over the limit are refused at once until a slot is free again.
     pub async fn admit_or_wait(self: &Arc<Self>, ip: Option<IpAddr>, limits: &Limits) -> Result<Permit, Refused> {
         let first = self.admit(ip, limits);
