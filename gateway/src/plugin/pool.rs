@@ -8,8 +8,9 @@
 //! `init`s are slow would otherwise stall the worker thread, and with it every connection on
 //! that worker, whatever its route. A call that finds no idle instance asks the refiller for
 //! one and waits for it, or for another call to give one back, at most its own deadline,
-//! and not at all when making one takes longer than that (a moving average); then it fails as `Unavailable` and the plugin's
-//! `on_error` decides. The plugin is loaded with one instance made on the loading
+//! and not at all when making one takes longer than that (a moving average); then it fails
+//! as `Unavailable` and the plugin's `on_error` decides. The plugin is loaded with one
+//! instance made on the loading
 //! thread (its `init` decides the hooks); the refiller then makes one per shard, and a new
 //! one whenever a failed call dropped one.
 //!

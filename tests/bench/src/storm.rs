@@ -363,10 +363,7 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
     let mut pending = futures_util::stream::iter(0..options.count)
         .map(|i| {
             let (options, tokens, failed, connectors) = (options.clone(), tokens.clone(), failed.clone(), connectors.clone());
-            async move {
-                let tls = (!connectors.is_empty()).then(|| &connectors[i % connectors.len()]);
-                (i, reconnect(&options, i, &tokens[i], tls, &failed, Instant::now() + STORM_LIMIT).await)
-            }
+            async move { (i, reconnect(&options, i, &tokens[i], &connectors, &failed, Instant::now() + STORM_LIMIT).await) }
         })
         .buffer_unordered(SETUP_CONCURRENCY);
     held.resize_with(options.count, || None);
@@ -391,10 +388,7 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     for i in 0..options.count {
         let (options, tokens, failed, connectors) = (options.clone(), tokens.clone(), failed.clone(), connectors.clone());
-        tasks.spawn(async move {
-            let tls = (!connectors.is_empty()).then(|| &connectors[i % connectors.len()]);
-            reconnect(&options, i, &tokens[i], tls, &failed, deadline).await.ok()
-        });
+        tasks.spawn(async move { reconnect(&options, i, &tokens[i], &connectors, &failed, deadline).await.ok() });
     }
     let mut times = Vec::with_capacity(options.count);
     let mut back = Vec::with_capacity(options.count);
@@ -425,11 +419,13 @@ async fn reconnect(
     options: &ClientOptions,
     i: usize,
     token: &HeaderValue,
-    tls: Option<&TlsConnector>,
+    connectors: &[TlsConnector],
     failed: &AtomicU64,
     deadline: Instant,
 ) -> anyhow::Result<(Ws, Instant)> {
     let addr = options.entry[(options.first + i) % options.entry.len()];
+    // None for plain ws://; one shared connector, or each client its own (--resume).
+    let tls = (!connectors.is_empty()).then(|| &connectors[i % connectors.len()]);
     let mut attempt = 0u64;
     loop {
         match timeout(ATTEMPT_LIMIT, connect_once(addr, options.source, token, tls)).await {
