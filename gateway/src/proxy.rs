@@ -47,9 +47,8 @@ pub async fn serve(
     let mut trace = Trace::start(shared.access_log.as_ref(), client_addr);
     // The handshake's state (5 KiB: the upstream connect, plugin decisions) is boxed and
     // freed before the relay starts, and what the relay needs comes boxed too (unboxed, the
-    // future kept a second copy of it): a connection's task is 1,840 bytes for its life.
-    // (It had grown to 2,592 with session routes: the relay's arguments stored next to the
-    // relay, and the move's futures and the resumer inline; see relay::run.) A panic on the way (a bug; plugin calls catch their own)
+    // future kept a second copy of it): a connection's task is 1,840 bytes for its life
+    // (relay::size keeps it so). A panic on the way (a bug; plugin calls catch their own)
     // still gets the client an answer instead of a silently dropped socket.
     let answered =
         AssertUnwindSafe(Box::pin(answer(&mut stream, client_addr, &shared, &mut permit, tls, &mut trace))).catch_unwind().await;
