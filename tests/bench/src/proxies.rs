@@ -36,6 +36,15 @@ pub enum Target {
     /// A handshake plugin (JWT) and a balancer plugin.
     #[value(name = "wasmgate-auth")]
     WasmgateAuth,
+    /// jwt-auth alone on the route, round robin: with wasmgate-lc, splits wasmgate-auth's cost.
+    #[value(name = "wasmgate-jwt")]
+    WasmgateJwt,
+    /// header-stamp alone on the route (adds one header): the least a handshake plugin costs.
+    #[value(name = "wasmgate-stamp")]
+    WasmgateStamp,
+    /// least-conn alone as the balancer, no route plugin.
+    #[value(name = "wasmgate-lc")]
+    WasmgateLc,
     /// All three: JWT, per-message hook, balancer.
     #[value(name = "wasmgate-3")]
     Wasmgate3,
@@ -87,6 +96,9 @@ impl Target {
             Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers | Target::WasmgatePatient | Target::WasmgateTls => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
             Target::WasmgateAuth | Target::WasmgateAuthWorkers | Target::WasmgateAuthTls => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
+            Target::WasmgateJwt => Some(&[Plugin::JwtAuth]),
+            Target::WasmgateLc => Some(&[Plugin::LeastConn]),
+            Target::WasmgateStamp => Some(&[Plugin::HeaderStamp]),
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
             Target::WasmgateRs256 => Some(&[Plugin::JwtAuthRs256, Plugin::LeastConn]),
             Target::WasmgateRs256Nocache => Some(&[Plugin::JwtAuthRs256Uncached, Plugin::LeastConn]),
@@ -129,6 +141,9 @@ impl fmt::Display for Target {
             Target::WasmgateLog => "wasmgate-log",
             Target::WasmgateHook => "wasmgate-hook",
             Target::WasmgateAuth => "wasmgate-auth",
+            Target::WasmgateJwt => "wasmgate-jwt",
+            Target::WasmgateLc => "wasmgate-lc",
+            Target::WasmgateStamp => "wasmgate-stamp",
             Target::Wasmgate3 => "wasmgate-3",
             Target::WasmgateRs256 => "wasmgate-rs256",
             Target::WasmgateRs256Nocache => "wasmgate-rs256-nocache",
@@ -329,6 +344,9 @@ fn start_proxy(
         | Target::WasmgateLog
         | Target::WasmgateHook
         | Target::WasmgateAuth
+        | Target::WasmgateJwt
+        | Target::WasmgateLc
+        | Target::WasmgateStamp
         | Target::Wasmgate3
         | Target::WasmgateRs256
         | Target::WasmgateRs256Nocache

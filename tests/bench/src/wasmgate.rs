@@ -23,6 +23,8 @@ pub enum Plugin {
     JwtAuthRs256Uncached,
     /// The upstream's balancer: fewest open connections.
     LeastConn,
+    /// Adds one header to the upstream request: a handshake hook doing almost nothing.
+    HeaderStamp,
     /// A message hook that forwards every message: one Wasm call per message each way.
     NoopMessages,
 }
@@ -34,6 +36,7 @@ impl Plugin {
             Plugin::JwtAuth | Plugin::JwtAuthRs256 | Plugin::JwtAuthRs256Uncached => "jwt-auth",
             Plugin::LeastConn => "least-conn",
             Plugin::NoopMessages => "noop-messages",
+            Plugin::HeaderStamp => "header-stamp",
         }
     }
 
@@ -65,6 +68,7 @@ impl Plugin {
                 if self == Plugin::JwtAuthRs256Uncached { ", verified_cache_size = 0" } else { "" }
             ),
             Plugin::LeastConn | Plugin::NoopMessages => "{}".into(),
+            Plugin::HeaderStamp => r#"{ header = "x-stamp", value = "bench" }"#.into(),
         }
     }
 
