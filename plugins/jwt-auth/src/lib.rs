@@ -15,7 +15,7 @@ use wasmgate_sdk::{
     Accept, Action, CloseFrame, Conn, Hooks, Message, Plugin, Reject, Request, Verdict,
 };
 
-use cache::{VerifiedTokens, NO_EXP_KEEP_SECS};
+use cache::{Claims, VerifiedTokens, NO_EXP_KEEP_SECS};
 use keys::{b64url, Alg, Key};
 
 /// Metadata key holding the token's `exp` (seconds since the epoch) when
@@ -450,20 +450,21 @@ impl JwtAuth {
 
     /// Checks the token's form, signature and validity period; returns its claims. A token
     /// whose signature verified before is taken from the cache; its times are checked anew.
-    fn verify(&mut self, token: &str) -> Result<Map<String, Value>, Refusal> {
+    fn verify(&mut self, token: &str) -> Result<Claims, Refusal> {
         let now = now_secs();
-        let key = self.verified.key(token);
-        let cached = key.as_ref().and_then(|k| self.verified.get(k, now)).map(parse_payload);
-        let claims = match cached {
+        let claims = match self.verified.get(token, now) {
             Some(claims) => {
                 wasmgate_sdk::metrics::counter_add("jwt_auth_verify_total", &[("cache", "hit")], 1);
-                claims?
+                claims
             }
             None => {
                 // Another instance of this plugin may have verified it (RS256 and ES256 only:
                 // an HMAC check costs less than the lookup).
-                let shared = key.as_ref().zip(self.shared_prefix.as_deref()).filter(|_| is_asymmetric(token));
-                let shared = shared.map(|(key, prefix)| cache::shared_key(prefix, key));
+                let shared = self
+                    .shared_prefix
+                    .as_deref()
+                    .filter(|_| self.verified.keeps(token) && is_asymmetric(token))
+                    .map(|prefix| cache::shared_key(prefix, token));
                 let (claims, payload, outcome) = match shared.as_deref().and_then(wasmgate_sdk::kv::get) {
                     Some(payload) => (parse_payload(&payload)?, payload, "shared"),
                     None => {
@@ -483,9 +484,8 @@ impl JwtAuth {
                         let _ = wasmgate_sdk::kv::set(shared, &payload, Some(ttl_ms));
                     }
                 }
-                if let Some(key) = key {
-                    self.verified.insert(key, payload, keep_until, now);
-                }
+                let claims = Claims::new(claims);
+                self.verified.insert(token, claims.clone(), keep_until, now);
                 wasmgate_sdk::metrics::counter_add("jwt_auth_verify_total", &[("cache", outcome)], 1);
                 claims
             }
