@@ -15,7 +15,7 @@ use super::engine::Ticking;
 use super::kv::KvError;
 use super::shared_kv::{Fallback, KvFailure, PluginKv, RedisBudget, Route};
 use super::log_text::{self, Throttle};
-use super::plugin_metrics::{Namespace, PendingUpdate, Value, MAX_UPDATES_PER_CALL};
+use super::plugin_metrics::{Namespace, PendingUpdate, SeriesCache, Value, MAX_UPDATES_PER_CALL};
 use super::types::{ConnContext, Opcode, PoolInfo, META_LIMIT_BYTES};
 use super::wasi;
 use crate::metrics::{Counter, Registry};
@@ -134,6 +134,8 @@ pub(super) struct HostState {
     edits: MessageEdits,
     /// Metric updates of the call in progress, applied by `commit_metrics` if it succeeds.
     metric_updates: Vec<PendingUpdate>,
+    /// The series this instance's updates went to before.
+    series_cache: SeriesCache,
     /// The call in progress's Redis budget and wait (see `shared_kv`).
     pub redis: RedisBudget,
     /// The call in progress is `on-message`: kv stays local.
@@ -183,6 +185,7 @@ impl HostState {
             lent: Lent::default(),
             edits: MessageEdits::default(),
             metric_updates: Vec::new(),
+            series_cache: SeriesCache::default(),
             redis,
             in_message: false,
             table: ResourceTable::new(),
@@ -266,8 +269,8 @@ impl HostState {
     pub fn commit_metrics(&mut self) {
         let Ok(names) = &self.env.metric_names else { return };
         for update in self.metric_updates.drain(..) {
-            if let Err(e) = names.apply(&self.env.metrics, &update) {
-                self.env.refuse_metric(&update.name, &e);
+            if let Err((name, e)) = names.apply(&self.env.metrics, &mut self.series_cache, update) {
+                self.env.refuse_metric(&name, &e);
             }
         }
     }

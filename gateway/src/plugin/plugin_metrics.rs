@@ -14,14 +14,20 @@
 //! - **Only from calls that succeed.** Updates wait in the instance until its call returns;
 //!   a call that traps, times out or breaks the contract leaves no series behind, so a
 //!   client cannot grow the registry by making a plugin fail.
+//! - **Cheap when repeated.** Each instance keeps the series it updated before
+//!   (`SeriesCache`), so a plugin counting every handshake pays a hash lookup, not the
+//!   registry's name formatting, checks and shared lock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::metrics::{MetricError, Registry, SeriesBudget, DEFAULT_BUCKETS};
+use crate::metrics::{Counter, Gauge, Histogram, MetricError, Registry, SeriesBudget, DEFAULT_BUCKETS};
 
 /// Most metric updates one hook call may make; more are refused.
 pub(super) const MAX_UPDATES_PER_CALL: usize = 64;
+
+/// Most series one instance keeps handles to; past it, updates go to the registry each time.
+const MAX_CACHED_SERIES: usize = 256;
 
 const HELP: &str = "Defined by a plugin.";
 
@@ -38,6 +44,47 @@ pub(super) enum Value {
     HistogramObserve(f64),
 }
 
+/// The series one instance has updated before, by the name and labels the plugin gave.
+/// Measured in the `connect` benchmark, a plugin's two counter updates per handshake cost
+/// about 6 µs through the registry (jwt-auth's call went from 11 to 17 µs), most of it
+/// there: a formatted name, label checks and a key string, and a lock every worker shares.
+/// A kept handle stays valid: the registry never drops a series, and a reload makes new
+/// instances with empty caches.
+#[derive(Default)]
+pub(super) struct SeriesCache(HashMap<SeriesKey, Handle>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct SeriesKey {
+    kind: u8,
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
+enum Handle {
+    Counter(Counter),
+    Gauge(Gauge),
+    Histogram(Histogram),
+}
+
+impl Value {
+    fn kind(&self) -> u8 {
+        match self {
+            Value::CounterAdd(_) => 0,
+            Value::GaugeSet(_) => 1,
+            Value::HistogramObserve(_) => 2,
+        }
+    }
+
+    fn record(&self, handle: &Handle) {
+        match (self, handle) {
+            (Value::CounterAdd(v), Handle::Counter(c)) => c.add(*v),
+            (Value::GaugeSet(v), Handle::Gauge(g)) => g.set(*v),
+            (Value::HistogramObserve(v), Handle::Histogram(h)) => h.observe(*v),
+            _ => unreachable!("a handle is kept under its own kind"),
+        }
+    }
+}
+
 /// A plugin's metric names and series budget.
 pub(super) struct Namespace {
     prefix: String,
@@ -45,16 +92,36 @@ pub(super) struct Namespace {
 }
 
 impl Namespace {
-    /// Registers (or finds) the update's series and applies it.
-    pub fn apply(&self, registry: &Registry, update: &PendingUpdate) -> Result<(), MetricError> {
-        let name = format!("{}{}", self.prefix, update.name);
-        let (labels, budget) = (&update.labels, &*self.budget);
-        match update.value {
-            Value::CounterAdd(v) => registry.try_counter(&name, HELP, labels, budget)?.add(v),
-            Value::GaugeSet(v) => registry.try_gauge(&name, HELP, labels, budget)?.set(v),
-            Value::HistogramObserve(v) => {
-                registry.try_histogram(&name, HELP, labels, DEFAULT_BUCKETS, budget)?.observe(v)
+    /// Applies the update to its series: the one `cache` kept, or the registry's (registered
+    /// now if new, and then kept). A refusal comes back with the plugin's name for it.
+    pub fn apply(
+        &self,
+        registry: &Registry,
+        cache: &mut SeriesCache,
+        update: PendingUpdate,
+    ) -> Result<(), (String, MetricError)> {
+        let PendingUpdate { name, labels, value } = update;
+        let key = SeriesKey { kind: value.kind(), name, labels };
+        if let Some(handle) = cache.0.get(&key) {
+            value.record(handle);
+            return Ok(());
+        }
+        let full_name = format!("{}{}", self.prefix, key.name);
+        let (labels, budget) = (&key.labels, &*self.budget);
+        let handle = match value {
+            Value::CounterAdd(_) => registry.try_counter(&full_name, HELP, labels, budget).map(Handle::Counter),
+            Value::GaugeSet(_) => registry.try_gauge(&full_name, HELP, labels, budget).map(Handle::Gauge),
+            Value::HistogramObserve(_) => {
+                registry.try_histogram(&full_name, HELP, labels, DEFAULT_BUCKETS, budget).map(Handle::Histogram)
             }
+        };
+        let handle = match handle {
+            Ok(handle) => handle,
+            Err(e) => return Err((key.name, e)),
+        };
+        value.record(&handle);
+        if cache.0.len() < MAX_CACHED_SERIES {
+            cache.0.insert(key, handle);
         }
         Ok(())
     }
@@ -140,13 +207,45 @@ mod tests {
         let spaces = Namespaces::default();
         let (hostile, limits) = (spaces.claim("hostile", 10).unwrap(), spaces.claim("limits", 10).unwrap());
         let update = |name: &str, value| PendingUpdate { name: name.into(), labels: vec![], value };
-        hostile.apply(&registry, &update("refused_total", Value::GaugeSet(1.0))).unwrap();
-        limits.apply(&registry, &update("refused_total", Value::CounterAdd(2))).unwrap();
-        // Within its own names a plugin keeps the type it chose first.
-        let err = limits.apply(&registry, &update("refused_total", Value::GaugeSet(1.0))).unwrap_err();
+        let (mut hostile_cache, mut limits_cache) = (SeriesCache::default(), SeriesCache::default());
+        hostile.apply(&registry, &mut hostile_cache, update("refused_total", Value::GaugeSet(1.0))).unwrap();
+        limits.apply(&registry, &mut limits_cache, update("refused_total", Value::CounterAdd(2))).unwrap();
+        // Within its own names a plugin keeps the type it chose first, with or without a
+        // handle kept for the first type.
+        let (name, err) =
+            limits.apply(&registry, &mut limits_cache, update("refused_total", Value::GaugeSet(1.0))).unwrap_err();
         assert!(matches!(err, MetricError::KindConflict { .. }), "{err}");
+        assert_eq!(name, "refused_total");
+        let err = limits.apply(&registry, &mut SeriesCache::default(), update("refused_total", Value::GaugeSet(1.0)));
+        assert!(matches!(err, Err((_, MetricError::KindConflict { .. }))));
         let text = registry.render();
         assert!(text.contains("wasmgate_plugin_limits__refused_total 2\n"), "{text}");
         assert!(text.contains("wasmgate_plugin_hostile__refused_total 1\n"), "{text}");
+    }
+
+    #[test]
+    fn a_kept_series_counts_on_and_other_labels_are_other_series() {
+        let registry = Registry::new();
+        let spaces = Namespaces::default();
+        let auth = spaces.claim("auth", 2).unwrap();
+        let mut cache = SeriesCache::default();
+        let update = |result: &str| PendingUpdate {
+            name: "total".into(),
+            labels: vec![("result".into(), result.into())],
+            value: Value::CounterAdd(1),
+        };
+        for _ in 0..3 {
+            auth.apply(&registry, &mut cache, update("ok")).unwrap();
+        }
+        auth.apply(&registry, &mut cache, update("denied")).unwrap();
+        assert_eq!(cache.0.len(), 2);
+        // The budget of 2 series is spent: a third is refused, kept handles still count.
+        let (_, err) = auth.apply(&registry, &mut cache, update("expired")).unwrap_err();
+        assert!(matches!(err, MetricError::BudgetSpent(2)), "{err}");
+        auth.apply(&registry, &mut cache, update("ok")).unwrap();
+        let text = registry.render();
+        assert!(text.contains("wasmgate_plugin_auth__total{result=\"ok\"} 4\n"), "{text}");
+        assert!(text.contains("wasmgate_plugin_auth__total{result=\"denied\"} 1\n"), "{text}");
+        assert!(!text.contains("expired"), "{text}");
     }
 }
