@@ -55,6 +55,9 @@ pub mod bindings {
         path: "wit",
         // Records compare in plugin unit tests (`assert_eq!(verdict, ...)`).
         additional_derives: [PartialEq, Eq],
+        // Imports take borrowed lists: metric labels go to the host without being copied
+        // into owned strings first (three guest allocations per update).
+        ownership: Borrowing { duplicate_if_necessary: true },
         pub_export_macro: true,
         export_macro_name: "__export_plugin_world",
         default_bindings_module: "wasmgate_sdk::bindings",

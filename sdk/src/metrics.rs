@@ -10,7 +10,7 @@
 /// Adds `value` to a counter.
 pub fn counter_add(name: &str, labels: &[(&str, &str)], value: u64) {
     #[cfg(target_arch = "wasm32")]
-    host::counter_add(name, &owned(labels), value);
+    host::counter_add(name, labels, value);
     #[cfg(not(target_arch = "wasm32"))]
     native::record(name, labels, |m| m.counter += value);
 }
@@ -18,7 +18,7 @@ pub fn counter_add(name: &str, labels: &[(&str, &str)], value: u64) {
 /// Sets a gauge.
 pub fn gauge_set(name: &str, labels: &[(&str, &str)], value: f64) {
     #[cfg(target_arch = "wasm32")]
-    host::gauge_set(name, &owned(labels), value);
+    host::gauge_set(name, labels, value);
     #[cfg(not(target_arch = "wasm32"))]
     native::record(name, labels, |m| m.gauge = Some(value));
 }
@@ -26,21 +26,13 @@ pub fn gauge_set(name: &str, labels: &[(&str, &str)], value: f64) {
 /// Adds one observation to a histogram.
 pub fn histogram_observe(name: &str, labels: &[(&str, &str)], value: f64) {
     #[cfg(target_arch = "wasm32")]
-    host::histogram_observe(name, &owned(labels), value);
+    host::histogram_observe(name, labels, value);
     #[cfg(not(target_arch = "wasm32"))]
     native::record(name, labels, |m| m.observations.push(value));
 }
 
 #[cfg(target_arch = "wasm32")]
 use crate::bindings::wasmgate::plugin::metrics as host;
-
-#[cfg(target_arch = "wasm32")]
-fn owned(labels: &[(&str, &str)]) -> Vec<(String, String)> {
-    labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod native {
