@@ -6,7 +6,7 @@
 //! certificates sit behind an `ArcSwap` in the SNI resolver ([`certs`]), so a reload changes
 //! what new handshakes get while live connections keep the session they have.
 //!
-//! The crypto provider is ring, installed as the process default (see [`provider`]).
+//! The crypto provider is aws-lc-rs, installed as the process default (see [`provider`]).
 
 pub mod certs;
 pub mod info;
@@ -26,16 +26,17 @@ use certs::{CertSet, ServerCert, SniResolver};
 pub use stream::ClientStream;
 pub use unbuffered::ServerTls;
 
-/// The crypto provider every TLS config of the gateway uses: ring, installed as the
+/// The crypto provider every TLS config of the gateway uses: aws-lc-rs, installed as the
 /// process default on first use (rustls refuses to guess when more than one provider is
-/// compiled in, which a dependency's default features can cause). ring builds with a C
-/// compiler alone and quickly; aws-lc-rs compiles all of AWS-LC's C on every clean build.
+/// compiled in, which a dependency's default features can cause). Every `wss` handshake,
+/// resumed or not, does an X25519 exchange, and AWS-LC's takes half of ring's time here
+/// (BENCHMARKS.md, #18); it builds with a C compiler alone, as ring does.
 pub fn provider() -> Arc<CryptoProvider> {
     if let Some(installed) = CryptoProvider::get_default() {
         return installed.clone();
     }
     // Losing a race to install is fine: whoever won installed a provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     CryptoProvider::get_default().expect("a provider was just installed").clone()
 }
 
@@ -134,7 +135,7 @@ fn server_config(resolver: &Arc<SniResolver>, loaded: &LoadedTls) -> Result<Serv
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS session tickets: {e}"))?;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| format!("TLS session tickets: {e}"))?;
     config.send_tls13_tickets = 1;
     Ok(config)
 }

@@ -161,10 +161,10 @@ impl UpstreamTls {
     }
 }
 
-/// The provider the client-side listener uses too (ring), named explicitly: with a second
-/// provider anywhere in the dependency graph, rustls's implicit choice panics.
+/// The provider the client-side listener uses too (aws-lc-rs), named explicitly: with a
+/// second provider anywhere in the dependency graph, rustls's implicit choice panics.
 fn crypto_provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::ring::default_provider()
+    rustls::crypto::aws_lc_rs::default_provider()
 }
 
 /// Every certificate of a PEM file; none at all is an error.
