@@ -11,9 +11,10 @@
 //! a SHA-256 of the token cost about as much as the HMAC it saved for HS256 tokens.)
 //!
 //! Each plugin instance has its own cache (instances are shared by connections, a few per
-//! plugin), in the instance's memory, bounded by `verified_cache_size` entries of tokens of
-//! at most `MAX_CACHED_TOKEN_BYTES`; a config reload makes new instances, so a changed key
-//! never meets a verdict of the old one. Verdicts on RS256 and ES256 tokens are also shared
+//! plugin), in the instance's memory, bounded by `verified_cache_size` entries and by
+//! `MAX_CACHED_BYTES` (estimated: parsed claims can take several times their JSON's size,
+//! and the instance's memory limit must hold whatever shape of token arrives); a config
+//! reload makes new instances, so a changed key never meets a verdict of the old one. Verdicts on RS256 and ES256 tokens are also shared
 //! between instances through the kv store, under a prefix that fingerprints the public keys
 //! (`shared_prefix`) and the token's SHA-256, with the token's remaining lifetime as TTL and
 //! the plugin's kv share as the bound.
@@ -28,6 +29,11 @@ use sha2::{Digest, Sha256};
 /// token and its claims, and a bounded count of entries must mean bounded memory.
 pub const MAX_CACHED_TOKEN_BYTES: usize = 4096;
 
+/// The most memory one instance's cache may hold, by [`entry_cost`]'s estimate: a quarter of
+/// a plugin's default memory limit (64 MiB). 10,000 typical tokens (a few hundred bytes,
+/// a handful of claims) take about a third of it.
+pub const MAX_CACHED_BYTES: usize = 16 << 20;
+
 /// How long a token without `exp` (allowed with `require_exp = false`) is kept.
 pub const NO_EXP_KEEP_SECS: f64 = 300.0;
 
@@ -36,6 +42,8 @@ pub type Claims = Arc<Map<String, Value>>;
 
 pub struct VerifiedTokens {
     capacity: usize,
+    /// Estimated bytes held, at most `MAX_CACHED_BYTES`.
+    bytes: usize,
     entries: HashMap<Arc<str>, Entry>,
     /// Tokens in insertion order, for evicting the oldest when full. A token may be here
     /// after its entry is gone (expired and removed on lookup); eviction skips those.
@@ -46,6 +54,8 @@ pub struct VerifiedTokens {
 
 struct Entry {
     claims: Claims,
+    /// Its estimated size ([`entry_cost`]).
+    cost: usize,
     /// Seconds since the epoch after which the entry is useless (the token's `exp` plus the
     /// leeway): it is dropped, not served.
     keep_until: f64,
@@ -82,6 +92,7 @@ impl VerifiedTokens {
     pub fn new(capacity: usize) -> VerifiedTokens {
         VerifiedTokens {
             capacity,
+            bytes: 0,
             entries: HashMap::new(),
             order: VecDeque::new(),
             hits: 0,
@@ -104,7 +115,7 @@ impl VerifiedTokens {
             }
         };
         if !fresh {
-            self.entries.remove(token);
+            self.remove(token);
             self.misses += 1;
             return None;
         }
@@ -114,31 +125,62 @@ impl VerifiedTokens {
 
     /// Remembers that `token` verified, with its claims.
     pub fn insert(&mut self, token: &str, claims: Claims, keep_until: f64, now: f64) {
-        if !self.keeps(token) || keep_until <= now {
+        let cost = entry_cost(token, &claims);
+        if !self.keeps(token) || keep_until <= now || cost > MAX_CACHED_BYTES {
             return;
         }
-        if self.entries.len() >= self.capacity {
-            self.make_room(now);
+        self.remove(token);
+        if self.entries.len() >= self.capacity || self.bytes + cost > MAX_CACHED_BYTES {
+            self.drop_expired(now);
+        }
+        while self.entries.len() >= self.capacity || self.bytes + cost > MAX_CACHED_BYTES {
+            let Some(oldest) = self.order.pop_front() else { break };
+            self.remove(&oldest);
         }
         let token: Arc<str> = token.into();
-        if self.entries.insert(token.clone(), Entry { claims, keep_until }).is_none() {
-            self.order.push_back(token);
+        self.bytes += cost;
+        self.entries.insert(token.clone(), Entry { claims, cost, keep_until });
+        self.order.push_back(token);
+        if self.order.len() > 2 * self.entries.len() + 64 {
+            self.compact_order();
         }
     }
 
-    /// Frees at least one slot: expired entries first, then the oldest.
-    fn make_room(&mut self, now: f64) {
+    /// Rebuilds the insertion order from the live entries, each at its latest place: a token
+    /// that expired (dropped on lookup) and verified again would otherwise stay in the
+    /// queue twice, and a queue that only grows is a leak.
+    fn compact_order(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        let mut kept: VecDeque<Arc<str>> = VecDeque::with_capacity(self.entries.len());
+        for token in self.order.drain(..).rev() {
+            if self.entries.contains_key(&token) && seen.insert(token.clone()) {
+                kept.push_front(token);
+            }
+        }
+        self.order = kept;
+    }
+
+    fn remove(&mut self, token: &str) {
+        if let Some(entry) = self.entries.remove(token) {
+            self.bytes -= entry.cost;
+        }
+    }
+
+    /// Drops every entry past its time.
+    fn drop_expired(&mut self, now: f64) {
         let before = self.entries.len();
-        self.entries.retain(|_, e| e.keep_until > now);
+        let mut freed = 0;
+        self.entries.retain(|_, e| {
+            let keep = e.keep_until > now;
+            if !keep {
+                freed += e.cost;
+            }
+            keep
+        });
+        self.bytes -= freed;
         if self.entries.len() < before {
             let entries = &self.entries;
             self.order.retain(|k| entries.contains_key(k));
-            return;
-        }
-        while let Some(oldest) = self.order.pop_front() {
-            if self.entries.remove(&oldest).is_some() {
-                break;
-            }
         }
     }
 
@@ -147,11 +189,33 @@ impl VerifiedTokens {
         self.entries.len()
     }
 
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// (hits, misses) since the instance started.
     #[cfg(test)]
     pub fn counts(&self) -> (u64, u64) {
         (self.hits, self.misses)
     }
+}
+
+/// An over-estimate of the memory an entry holds: the token, the claims as parsed (each key
+/// and value with its allocation and its slot in the map), and the map and queue slots.
+pub fn entry_cost(token: &str, claims: &Map<String, Value>) -> usize {
+    fn value(v: &Value) -> usize {
+        32 + match v {
+            Value::String(s) => s.len() + 16,
+            Value::Array(items) => 16 + items.iter().map(value).sum::<usize>(),
+            Value::Object(map) => object(map),
+            _ => 0,
+        }
+    }
+    fn object(map: &Map<String, Value>) -> usize {
+        64 + map.iter().map(|(k, v)| 64 + k.len() + value(v)).sum::<usize>()
+    }
+    128 + token.len() + object(claims)
 }
 
 #[cfg(test)]
@@ -218,6 +282,53 @@ mod tests {
         assert!(!on.keeps(&long));
         on.insert(&long, claims(0), 200.0, 100.0);
         assert_eq!(on.len(), 0);
+    }
+
+    #[test]
+    fn memory_is_bounded_whatever_the_claims_look_like() {
+        // Tokens of many tiny claims: the parsed map is several times the JSON's size.
+        let wide = |n: usize| -> Claims {
+            let mut map = Map::new();
+            for i in 0..300 {
+                map.insert(format!("c{n}_{i}"), Value::from(i));
+            }
+            Arc::new(map)
+        };
+        let mut cache = VerifiedTokens::new(usize::MAX);
+        let each = entry_cost(&"t".repeat(4000), &wide(0));
+        assert!(each > 4000 + 300 * 64, "an entry's estimate counts its claims: {each}");
+        let fits = MAX_CACHED_BYTES / each;
+        for n in 0..fits + 50 {
+            cache.insert(&format!("{n:04000}"), wide(n), 1000.0, 0.0);
+            assert!(cache.bytes() <= MAX_CACHED_BYTES);
+        }
+        // Later entries' keys are a digit or two longer, so slightly fewer fit.
+        assert!(cache.len() <= fits && cache.len() >= fits * 9 / 10, "{} of {fits}", cache.len());
+        // The oldest went first; the newest is there.
+        assert!(cache.get(&format!("{:04000}", 0), 1.0).is_none());
+        assert!(cache.get(&format!("{:04000}", fits + 49), 1.0).is_some());
+        // A token inserted again is counted once; an expired one met by a lookup gives its
+        // bytes back.
+        let (again, newest) = (format!("{:04000}", fits + 48), format!("{:04000}", fits + 49));
+        let before = cache.bytes();
+        cache.insert(&again, wide(fits + 48), 1000.0, 0.0);
+        assert_eq!(cache.bytes(), before);
+        assert!(cache.get(&newest, 2000.0).is_none());
+        assert_eq!(cache.bytes(), before - entry_cost(&newest, &wide(fits + 49)));
+    }
+
+    #[test]
+    fn a_token_that_expires_and_comes_back_does_not_grow_the_queue() {
+        let mut cache = VerifiedTokens::new(100);
+        for round in 0..1000 {
+            let now = round as f64 * 10.0;
+            assert!(cache.get("t", now).is_none(), "expired at the start of each round");
+            cache.insert("t", claims(round), now + 5.0, now);
+            cache.insert(&format!("other{}", round % 3), claims(0), 1e9, now);
+        }
+        assert_eq!(cache.len(), 4);
+        assert!(cache.order.len() <= 2 * 4 + 64 + 1, "{}", cache.order.len());
+        assert_eq!(cache.get("t", 9990.0 + 1.0), Some(claims(999)));
     }
 
     #[test]
