@@ -125,8 +125,11 @@ impl VerifiedTokens {
 
     /// Remembers that `token` verified, with its claims.
     pub fn insert(&mut self, token: &str, claims: Claims, keep_until: f64, now: f64) {
+        if !self.keeps(token) || keep_until <= now {
+            return;
+        }
         let cost = entry_cost(token, &claims);
-        if !self.keeps(token) || keep_until <= now || cost > MAX_CACHED_BYTES {
+        if cost > MAX_CACHED_BYTES {
             return;
         }
         self.remove(token);
@@ -179,8 +182,7 @@ impl VerifiedTokens {
         });
         self.bytes -= freed;
         if self.entries.len() < before {
-            let entries = &self.entries;
-            self.order.retain(|k| entries.contains_key(k));
+            self.compact_order();
         }
     }
 
