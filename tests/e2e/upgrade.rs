@@ -187,8 +187,10 @@ async fn a_successor_takes_over_the_port_and_nothing_is_refused_or_lost() {
         tally.connects.load(Ordering::Relaxed),
         tally.acked.load(Ordering::Relaxed)
     );
+    // Each churner has one connection open, and may have sent the close of its previous one
+    // (it does not wait for the close handshake) while the gateway still relays it.
     let active = metric(admin, "wasmgate_connections_active").await.unwrap();
-    assert!((CLIENTS as f64..=CLIENTS as f64 + 4.0).contains(&active), "{active} active (clients and churn)");
+    assert!((CLIENTS as f64..=CLIENTS as f64 + 8.0).contains(&active), "{active} active (clients and churn)");
 
     // The successor: same config, so the same port, admin port and handover socket.
     let started = std::time::Instant::now();
