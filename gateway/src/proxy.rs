@@ -26,7 +26,7 @@ use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
 use crate::proxy_protocol;
 use crate::plugin::{
-    panic_text, Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, Header, OnError, Opcode, PluginSlot,
+    header_lines, panic_text, Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, OnError, Opcode, PluginSlot,
     Verdict,
 };
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
@@ -324,11 +324,8 @@ fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, tls: Option<
         path: upgrade.path.clone(),
         query: upgrade.query.clone(),
         host: upgrade.host.clone(),
-        headers: upgrade
-            .headers
-            .iter()
-            .filter_map(|(n, v)| Some(Header { name: n.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
-            .collect(),
+        // Values that are not visible ASCII (obs-text) are left out: plugins get text.
+        headers: header_lines(upgrade.headers.iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))),
         client_addr: client_addr.to_string(),
         subprotocols: upgrade.subprotocols.clone(),
         scheme: if tls.is_some() { "wss" } else { "ws" }.into(),

@@ -216,7 +216,7 @@ fn a_plugin_built_for_another_contract_version_is_refused_by_name() {
         let text = format!("{err:#}");
         assert!(
             text.contains(&format!(
-                "built for wasmgate:plugin@{version}; this gateway speaks @0.5.0"
+                "built for wasmgate:plugin@{version}; this gateway speaks @0.6.0"
             )),
             "{text}"
         );

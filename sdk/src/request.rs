@@ -1,6 +1,6 @@
 //! Reading the client's upgrade request: headers, query parameters, cookies, path segments.
 
-use crate::{Header, Request};
+use crate::Request;
 
 impl Request {
     /// A GET request for `target` ("/path?query") from 127.0.0.1:40000 with no headers;
@@ -12,7 +12,7 @@ impl Request {
             path: path.into(),
             query: query.into(),
             host: String::new(),
-            headers: Vec::new(),
+            headers: String::new(),
             client_addr: "127.0.0.1:40000".into(),
             subprotocols: Vec::new(),
             scheme: "ws".into(),
@@ -20,12 +20,17 @@ impl Request {
         }
     }
 
-    /// Adds a header (its name lower-cased, as the host hands them over).
+    /// Adds a header (its name lower-cased, as the host hands them over). A line break in
+    /// either would split the header in two, so it panics on one.
     pub fn with_header(mut self, name: &str, value: &str) -> Request {
-        self.headers.push(Header {
-            name: name.to_ascii_lowercase(),
-            value: value.into(),
-        });
+        assert!(
+            !name.contains(['\n', '\r', ':']) && !value.contains(['\n', '\r']),
+            "a header name or value with a line break (or a name with ':'): {name:?}: {value:?}"
+        );
+        self.headers.push_str(&name.to_ascii_lowercase());
+        self.headers.push_str(": ");
+        self.headers.push_str(value);
+        self.headers.push('\n');
         self
     }
 
@@ -51,10 +56,19 @@ impl Request {
         &'a self,
         name: &'n str,
     ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
-        self.headers
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_str())
+        self.headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    }
+
+    /// Every header as (name, value), names lower-case, in the order received. The host
+    /// hands them over as one text, a line "name: value" each; this splits it, copying
+    /// nothing.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers.split_terminator('\n').filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            Some((name, value.strip_prefix(' ').unwrap_or(value)))
+        })
     }
 
     /// The first query parameter called `name`, percent- and `+`-decoded.
@@ -132,6 +146,28 @@ mod tests {
         assert_eq!(req.header("X-TOKEN"), Some("a"));
         assert_eq!(req.headers_named("x-token").collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(req.header("absent"), None);
+    }
+
+    #[test]
+    fn headers_split_as_the_host_joins_them() {
+        // As the gateway writes them: empty values and colons inside values included.
+        let req = Request {
+            headers: "host: a:8080\nx-empty: \nauthorization: Bearer t.k.n\n".into(),
+            ..Request::new("/")
+        };
+        assert_eq!(
+            req.headers().collect::<Vec<_>>(),
+            [("host", "a:8080"), ("x-empty", ""), ("authorization", "Bearer t.k.n")]
+        );
+        assert_eq!(Request::new("/").headers().count(), 0);
+        let built = Request::new("/").with_header("X-A", "1").with_header("x-b", "");
+        assert_eq!(built.headers().collect::<Vec<_>>(), [("x-a", "1"), ("x-b", "")]);
+    }
+
+    #[test]
+    #[should_panic(expected = "line break")]
+    fn a_value_with_a_line_break_is_refused() {
+        let _ = Request::new("/").with_header("x-a", "1\nx-admin: yes");
     }
 
     #[test]

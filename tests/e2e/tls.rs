@@ -500,7 +500,7 @@ async fn mutual_tls_needs_a_client_certificate() {
     gw.shutdown().await;
 }
 
-/// Plugins see TLS (contract 0.5.0): the shipped tls-identity plugin lets in the client
+/// Plugins see TLS (contract 0.5.0 and later): the shipped tls-identity plugin lets in the client
 /// certificate its allow list names and tells the upstream its subject, SANs, fingerprint,
 /// SNI name and TLS version; another certificate of the same CA gets 403, and a client's own
 /// identity headers never reach the upstream.

@@ -9,7 +9,7 @@
 // Without the header (or with an unknown value, unless strict) the connection goes to its
 // route's upstream unchanged.
 
-import { log } from 'wasmgate:plugin/host@0.5.0';
+import { log } from 'wasmgate:plugin/host@0.6.0';
 
 // Set by init; one per instance, shared by the connections the instance serves.
 let config = null;
@@ -38,10 +38,19 @@ export function parseConfig(text) {
   return { header: header.toLowerCase(), backends: new Map(Object.entries(backends)), strict };
 }
 
-/// The verdict for a request's headers (a list of {name, value}, names lower-case).
+/// The request's headers (one text, a line "name: value" each, names lower-case) as
+/// {name, value} pairs.
+export function headerLines(text) {
+  return text.split('\n').filter((line) => line !== '').map((line) => {
+    const colon = line.indexOf(':');
+    return { name: line.slice(0, colon), value: line.slice(colon + 1).trim() };
+  });
+}
+
+/// The verdict for a request's headers (the request's `headers` text).
 export function route(cfg, headers) {
-  const found = headers.find((h) => h.name === cfg.header);
-  const pool = found === undefined ? undefined : cfg.backends.get(found.value.trim());
+  const found = headerLines(headers).find((h) => h.name === cfg.header);
+  const pool = found === undefined ? undefined : cfg.backends.get(found.value);
   if (pool === undefined && cfg.strict) {
     const reason = found === undefined ? `missing ${cfg.header} header` : `unknown ${cfg.header} "${found.value}"`;
     return { tag: 'reject', val: { status: 400, reason, headers: [] } };

@@ -3,7 +3,7 @@ import { register } from 'node:module';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-// `wasmgate:plugin/host@0.5.0` exists only inside the gateway; give Node a stand-in.
+// `wasmgate:plugin/host@0.6.0` exists only inside the gateway; give Node a stand-in.
 const stub = 'data:text/javascript,export function log() {}';
 const hooks = `export async function resolve(specifier, context, next) {
   return specifier.startsWith('wasmgate:') ? { url: ${JSON.stringify(stub)}, shortCircuit: true } : next(specifier, context);
@@ -13,7 +13,7 @@ const { lifecycle, handshake } = await import('./router.js');
 
 const conn = () => ({ meta: {}, setMeta(k, v) { this.meta[k] = v; } });
 const req = (...headers) => ({ method: 'GET', path: '/', query: '', host: 'h', clientAddr: '127.0.0.1:1', subprotocols: [], scheme: 'ws',
-  headers: headers.map(([name, value]) => ({ name, value })) });
+  headers: headers.map(([name, value]) => `${name}: ${value}\n`).join('') });
 
 test('the header picks the upstream', () => {
   const hooks = lifecycle.init(JSON.stringify({ header: 'X-Backend', backends: { blue: 'pool-blue', green: 'pool-green' } }));

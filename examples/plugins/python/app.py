@@ -42,9 +42,16 @@ def parse_config(text: str) -> dict:
     return {"header": header.lower(), "allow": frozenset(allow), "meta_key": meta_key}
 
 
-def decide(config: dict, headers) -> tuple:
+def header_lines(headers: str):
+    """(name, value) for each line "name: value" of the request's `headers` text."""
+    for line in headers.splitlines():
+        name, _, value = line.partition(":")
+        yield name, value.strip()
+
+
+def decide(config: dict, headers: str) -> tuple:
     """(True, value) to let the client in, or (False, reason)."""
-    value = next((h.value.strip() for h in headers if h.name == config["header"]), None)
+    value = next((v for n, v in header_lines(headers) if n == config["header"]), None)
     if value is None:
         return False, f"missing {config['header']} header"
     if value not in config["allow"]:

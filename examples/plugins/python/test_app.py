@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(HERE, "build", "bindings"))
 sys.path.insert(0, HERE)
 
 from componentize_py_types import Err  # noqa: E402
-from wit_world.imports.types import Header, Hooks, Request, Verdict_Accept, Verdict_Reject  # noqa: E402
+from wit_world.imports.types import Hooks, Request, Verdict_Accept, Verdict_Reject  # noqa: E402
 
 import app  # noqa: E402
 
@@ -31,7 +31,9 @@ class FakeConn:
 
 
 def request(*headers):
-    return Request("GET", "/", "", "localhost", [Header(n, v) for n, v in headers], "127.0.0.1:1", [], "ws", None)
+    # As the gateway hands them over: one text, a line "name: value" each.
+    lines = "".join(f"{n}: {v}\n" for n, v in headers)
+    return Request("GET", "/", "", "localhost", lines, "127.0.0.1:1", [], "ws", None)
 
 
 def test_allowed_team_is_let_in_and_recorded():

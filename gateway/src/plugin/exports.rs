@@ -17,12 +17,12 @@ use super::types::{
 };
 
 /// The contract's package, `wasmgate:plugin@VERSION` in `sdk/wit/plugin.wit`.
-pub(super) const CONTRACT_VERSION: &str = "0.5.0";
-const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.5.0";
-const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.5.0";
-const BALANCER: &str = "wasmgate:plugin/balancer@0.5.0";
-const MESSAGES: &str = "wasmgate:plugin/messages@0.5.0";
-const RESUME: &str = "wasmgate:plugin/resume@0.5.0";
+pub(super) const CONTRACT_VERSION: &str = "0.6.0";
+const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.6.0";
+const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.6.0";
+const BALANCER: &str = "wasmgate:plugin/balancer@0.6.0";
+const MESSAGES: &str = "wasmgate:plugin/messages@0.6.0";
+const RESUME: &str = "wasmgate:plugin/resume@0.6.0";
 
 type Conn = Resource<Connection>;
 type InitFn<'a> = TypedFunc<(&'a str,), (Result<HookFlags, String>,)>;

@@ -36,7 +36,7 @@ pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, Reloa
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,
     Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, PoolInfo,
-    Reject, ServerInfo, Verdict, META_LIMIT_BYTES, TlsInfo, ClientCertificate,
+    Reject, ServerInfo, Verdict, META_LIMIT_BYTES, TlsInfo, ClientCertificate, header_lines,
 };
 pub use session::{Outgoing, ReattachReason};
 pub use watch::{watch, WatchGuard};
