@@ -2,7 +2,7 @@
 //! kv store and the thread that drives epoch deadlines; and loading a plugin from a spec.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -11,6 +11,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::bindings::Imports;
 use super::cache::{sha256_hex, CompileCache};
+use super::epoch::Ticking;
 use super::exports::ExportIndices;
 use super::hooks::Plugin;
 use super::host::{HostState, PluginEnv};
@@ -20,9 +21,6 @@ use super::plugin_metrics::Namespaces;
 use super::types::OnError;
 use super::wasi;
 use crate::metrics::Registry;
-
-/// How often the engine's epoch advances; deadlines are counted in these ticks.
-pub(super) const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Engine-wide limits. The pooling allocator reserves address space (not memory) for
 /// `max_instances` instances up front.
@@ -108,8 +106,7 @@ pub struct PluginRuntime {
     metric_names: Namespaces,
     opts: RuntimeOptions,
     started: Instant,
-    /// Started with the first plugin: a gateway without plugins has no thread waking up
-    /// every millisecond.
+    /// Started with the first plugin: a gateway without plugins has no epoch thread.
     ticking: std::sync::OnceLock<Ticking>,
 }
 
@@ -226,6 +223,7 @@ impl PluginRuntime {
             self.started,
             self.ticking()?,
         );
+        env.ticking.cover(spec.handshake_timeout.min(spec.message_timeout));
         Plugin::new(
             spec.clone(),
             hash,
@@ -252,35 +250,6 @@ impl PluginRuntime {
 
 fn describe(spec: &PluginSpec) -> String {
     format!("plugin `{}` ({})", spec.name, spec.wasm_path.display())
-}
-
-/// Keeps the thread that advances the epoch running while the runtime or any plugin loaded
-/// from it is alive: without it no deadline would ever pass.
-#[derive(Clone)]
-pub(super) struct Ticking {
-    _alive: Arc<()>,
-}
-
-impl Ticking {
-    fn start(engine: Engine) -> std::io::Result<Ticking> {
-        let alive = Arc::new(());
-        let weak: Weak<()> = Arc::downgrade(&alive);
-        std::thread::Builder::new()
-            .name("wasmgate-epoch".into())
-            .spawn(move || {
-                while weak.strong_count() > 0 {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })?;
-        Ok(Ticking { _alive: alive })
-    }
-}
-
-/// Epoch ticks for a deadline of `d`: one more than `d` covers, so a call is never cut short
-/// by a tick that was about to happen when it started.
-pub(super) fn deadline_ticks(d: Duration) -> u64 {
-    (d.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1) + 1
 }
 
 /// wasmtime's error type into anyhow's, keeping the chain of causes.

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use wasmtime::component::{Component, InstancePre};
 
-use super::engine::{deadline_ticks, PluginSpec};
+use super::engine::PluginSpec;
+use super::epoch;
 use super::exports::{ExportIndices, Exports};
 use super::host::{ConnGuard, HostState, PluginEnv};
 use super::pool::{classify, Pool};
@@ -32,8 +33,6 @@ pub struct Plugin {
     hooks: Hooks,
     /// The component exports `resume.on-reattach`.
     has_resume: bool,
-    handshake_ticks: u64,
-    message_ticks: u64,
     pub(super) pool: Pool,
     stats: Stats,
 }
@@ -182,8 +181,6 @@ impl Plugin {
         let hooks = effective_hooks(&spec.name, &hooks_found, flags);
         let has_resume = hooks_found.has_resume();
         Ok(Arc::new(Plugin {
-            handshake_ticks: deadline_ticks(spec.handshake_timeout),
-            message_ticks: deadline_ticks(spec.message_timeout),
             stats: Stats::new(metrics, &spec.name),
             spec,
             hash,
@@ -234,7 +231,6 @@ impl Plugin {
         let verdict = self.call(
             HANDSHAKE,
             conn,
-            self.handshake_ticks,
             self.spec.handshake_timeout,
             |guard, exports| exports.on_handshake(guard.store, req),
         )?;
@@ -256,7 +252,6 @@ impl Plugin {
         let order = self.call(
             SELECT,
             conn,
-            self.handshake_ticks,
             self.spec.handshake_timeout,
             |guard, exports| exports.select(guard.with_pool(pool).store, candidates),
         )?;
@@ -285,7 +280,6 @@ impl Plugin {
         let action = self.call(
             MESSAGE,
             conn,
-            self.message_ticks,
             self.spec.message_timeout,
             |guard, exports| {
                 let mut guard = guard.with_message(payload, dir == Direction::ClientToUpstream, op);
@@ -305,7 +299,7 @@ impl Plugin {
             return Ok(Vec::new());
         }
         self.stats.reattach.inc();
-        let outgoing = self.call(REATTACH, conn, self.handshake_ticks, self.spec.handshake_timeout, |guard, exports| {
+        let outgoing = self.call(REATTACH, conn, self.spec.handshake_timeout, |guard, exports| {
             exports.on_reattach(guard.store, reason, server)
         })?;
         let bad = outgoing.iter().find(|o| o.op == Opcode::Text && std::str::from_utf8(&o.payload).is_err());
@@ -324,7 +318,6 @@ impl Plugin {
         let done = self.call(
             CLOSE,
             conn,
-            self.handshake_ticks,
             self.spec.handshake_timeout,
             |guard, exports| Some(exports.on_close(guard.store, code, stats)),
         );
@@ -369,19 +362,18 @@ impl Plugin {
         }
     }
 
-    /// Runs one export on a pooled instance with `conn` lent to it and a deadline of
-    /// `ticks`; `f` may lend more through the guard. `f` answers `None` when the export is
-    /// missing, which `hooks` rules out.
+    /// Runs one export on a pooled instance with `conn` lent to it, within `timeout` (which
+    /// also bounds the wait for an instance); `f` may lend more through the guard. `f`
+    /// answers `None` when the export is missing, which `hooks` rules out.
     fn call<'l, R>(
         &self,
         hook: usize,
         conn: &'l ConnContext,
-        ticks: u64,
         timeout: Duration,
         f: impl FnOnce(ConnGuard<'_, 'l>, &Exports) -> Option<wasmtime::Result<R>>,
     ) -> Result<R, PluginError> {
         let started = Instant::now();
-        let result = self.call_timed(conn, ticks, timeout, f);
+        let result = self.call_timed(conn, timeout, f);
         self.stats.call_seconds[hook].observe(started.elapsed().as_secs_f64());
         result
     }
@@ -389,7 +381,6 @@ impl Plugin {
     fn call_timed<'l, R>(
         &self,
         conn: &'l ConnContext,
-        ticks: u64,
         timeout: Duration,
         f: impl FnOnce(ConnGuard<'_, 'l>, &Exports) -> Option<wasmtime::Result<R>>,
     ) -> Result<R, PluginError> {
@@ -397,7 +388,9 @@ impl Plugin {
             .pool
             .take(timeout)
             .inspect_err(|e| self.stats.count_error(e))?;
-        instance.store.set_epoch_deadline(ticks);
+        // The wait for an instance is not the plugin's time: its deadline starts now.
+        let _running = self.pool.env().ticking.running();
+        epoch::set_deadline(&mut instance.store, Instant::now() + timeout);
         // A panic on the host side of the call (in a host function or in wasmtime itself)
         // fails this call like a trap; the instance it left in an unknown state is dropped.
         let called = catch_unwind(AssertUnwindSafe(|| {

@@ -11,7 +11,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{connection, host, kv, message, metrics, types as wit, upstreams};
-use super::engine::Ticking;
+use super::epoch::Ticking;
 use super::kv::KvError;
 use super::shared_kv::{Fallback, KvFailure, PluginKv, RedisBudget, Route};
 use super::log_text::{self, Throttle};
@@ -38,7 +38,8 @@ pub(super) struct PluginEnv {
     /// Origin of `monotonic-ns`.
     pub started: Instant,
     refused: Refused,
-    _ticking: Ticking,
+    /// The epoch thread, kept running by every plugin; calls count themselves on it.
+    pub ticking: Ticking,
 }
 
 /// Writes the host refused, counted on `/metrics` and logged at most every `WARN_EVERY`.
@@ -77,7 +78,7 @@ impl PluginEnv {
             metrics,
             metric_names,
             started,
-            _ticking: ticking,
+            ticking,
         }
     }
 
@@ -140,6 +141,8 @@ pub(super) struct HostState {
     pub redis: RedisBudget,
     /// The call in progress is `on-message`: kv stays local.
     in_message: bool,
+    /// When the call in progress must have returned (see `epoch`).
+    pub deadline: Instant,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -188,6 +191,7 @@ impl HostState {
             series_cache: SeriesCache::default(),
             redis,
             in_message: false,
+            deadline: Instant::now(),
             table: ResourceTable::new(),
         }
     }

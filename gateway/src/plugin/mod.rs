@@ -14,6 +14,7 @@ mod bench;
 mod bindings;
 mod cache;
 mod engine;
+mod epoch;
 mod exports;
 mod hooks;
 mod host;

@@ -31,9 +31,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, InstancePre};
-use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime::{Store, Trap};
 
-use super::engine::deadline_ticks;
+use super::epoch;
 use super::exports::{ExportIndices, Exports};
 use super::host::{HostState, Limits, PluginEnv};
 use super::types::{HookFlags, PluginError};
@@ -361,13 +361,9 @@ impl Inner {
         let state = HostState::new(self.env.clone(), self.memory_limit);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
-        // Time a call waited on Redis is not the plugin's: at its deadline the call gets
-        // that time back (once), and only then is interrupted.
-        store.epoch_deadline_callback(|mut ctx| {
-            let waited = std::mem::take(&mut ctx.data_mut().redis.waited);
-            Ok(if waited.is_zero() { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(deadline_ticks(waited)) })
-        });
-        store.set_epoch_deadline(deadline_ticks(INIT_TIMEOUT));
+        store.epoch_deadline_callback(epoch::on_epoch);
+        let _running = self.env.ticking.running();
+        epoch::set_deadline(&mut store, Instant::now() + INIT_TIMEOUT);
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             format!("instantiation failed: {}", classify(e, &store.data().limits, INIT_TIMEOUT))
         })?;
