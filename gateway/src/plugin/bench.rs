@@ -233,6 +233,22 @@ fn plugin_call_costs() {
             assert!(matches!(jwt.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
         }),
     ));
+    // A token this instance has not verified before: the HMAC, and the claims parsed.
+    let jwt_uncached = rt
+        .load(&PluginSpec {
+            config_json: format!(
+                r#"{{"secret":"{secret}","audience":"bench","claims_to_headers":{{"sub":"x-user-id"}},"verified_cache_size":0}}"#
+            ),
+            ..PluginSpec::new("jwt-uncached", wasm("jwt_auth"))
+        })
+        .unwrap();
+    rows.push((
+        "on-handshake, jwt-auth HS256, cache off, 12 headers",
+        per_call(20_000, || {
+            let c = ConnContext::new(1, "10.0.0.1:40000", "/");
+            assert!(matches!(jwt_uncached.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
+        }),
+    ));
     let stamp = rt
         .load(&PluginSpec {
             config_json: r#"{"header":"x-a","value":"1"}"#.into(),
