@@ -52,10 +52,10 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option
         // against max_connections_per_ip once its header is read (proxy::read_upgrade).
         let known_client = (!shared.routing.load().proxy_protocol).then(|| client_addr.ip());
         // Over max_handshakes this waits for a slot (crate::limits), and so does accepting.
-        let admitted = tokio::select! {
-            admitted = shared.admission.admit_or_wait(known_client, &limits) => admitted,
-            _ = shared.upgrade.accepting.cancelled() => break,
-        };
+        // Not cut short when the process starts retiring: this socket is accepted, so only
+        // this process can answer it (dropping it reset the client), and the wait is bounded
+        // (a 503 at its end). The loop stops at the next accept.
+        let admitted = shared.admission.admit_or_wait(known_client, &limits).await;
         match admitted {
             Ok(permit) => {
                 let _ = stream.set_nodelay(true);
