@@ -293,10 +293,10 @@ pub struct PluginSection {
     /// there. Default: "deny" for the hooks that can refuse (handshake: 503, messages: close
     /// 1011); a balancer falls back to round robin unless "deny" is given.
     pub on_error: Option<Spanned<String>>,
-    /// Deadline for handshake, select and close calls.
+    /// Running time a handshake, select or close call may take (see `plugin::epoch`).
     #[serde(default = "defaults::plugin_timeout_ms")]
     pub timeout_ms: u64,
-    /// Deadline for one on-message call.
+    /// Running time one on-message call may take.
     #[serde(default = "defaults::plugin_message_timeout_ms")]
     pub message_timeout_ms: u64,
     /// Linear memory cap per instance.

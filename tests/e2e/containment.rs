@@ -721,6 +721,65 @@ async fn instances_are_made_off_the_connection_path() {
     gw.assert_settled(&HashMap::new()).await;
 }
 
+/// A call's `timeout_ms` is time it runs, not time on the clock: a gateway descheduled in
+/// the middle of calls, for longer than their timeout (a machine busy with a reconnect
+/// storm, a VM's stolen time; here the whole process stopped with SIGSTOP), fails none of
+/// them, while a call that keeps computing is still stopped at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_count_running_time_not_time_descheduled() {
+    const TIMEOUT_MS: u64 = 20;
+    const STOPS: u32 = 20;
+    const STOPPED: Duration = Duration::from_millis(4 * TIMEOUT_MS);
+    let backend = EchoServer::start("127.0.0.1:0", "b0").await.unwrap();
+    let plugins = [
+        plugin("work", "steady-work", &format!("config = {{ work_ms = 4 }}\ntimeout_ms = {TIMEOUT_MS}")),
+        plugin("spin", "hostile-loop", &format!("timeout_ms = {TIMEOUT_MS}")),
+    ]
+    .concat();
+    let routes = [("/work".to_string(), "\"work\"".to_string()), ("/spin".to_string(), "\"spin\"".to_string())];
+    let gw = GatewayProcess::start(&config(&backend, &plugins, &routes));
+
+    // Four clients handshake back to back: each call computes 4 ms, so both workers are
+    // nearly always inside one when the process is stopped.
+    let url = gw.url("/work");
+    let clients = Hammer::start(4, move |_| {
+        let url = url.clone();
+        async move {
+            let mut ws = handshake(&url).await.unwrap_or_else(|(status, body)| panic!("refused: {status} {body}"));
+            let _ = ws.close(None).await;
+        }
+    });
+    let pid = gw.child.id().to_string();
+    let signal = |name: &str| assert!(Command::new("kill").args([name, &pid]).status().unwrap().success());
+    for i in 0..STOPS {
+        // Uneven gaps, so the stops land at different points of the calls.
+        tokio::time::sleep(Duration::from_millis(15 + (i as u64 * 7) % 11)).await;
+        signal("-STOP");
+        std::thread::sleep(STOPPED);
+        signal("-CONT");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rounds = clients.stop().await;
+
+    let metrics = gw.admin("/metrics").await;
+    let calls = metric_sum(&metrics, "wasmgate_plugin_call_seconds_count{hook=\"handshake\",plugin=\"work\"}");
+    // Calls that took longer on the clock than the process was stopped: cut by a stop.
+    let within = metric_sum(&metrics, "wasmgate_plugin_call_seconds_bucket{hook=\"handshake\",plugin=\"work\",le=\"0.05\"}");
+    let failed = metric_sum(&metrics, "wasmgate_plugins_errors_total{kind=\"timeout\",plugin=\"work\"}");
+    println!("descheduled: {rounds} handshakes, {calls} calls, {} cut by {STOPS} stops of {STOPPED:?}, {failed} timed out", calls - within);
+    assert!(calls - within >= (STOPS / 2) as f64, "the stops did not land in calls: {}", calls - within);
+    assert_eq!(failed, 0.0, "calls failed for time they were descheduled: {metrics}");
+
+    // A call that never ends is stopped all the same: 503 (on_error "deny"), soon.
+    let started = Instant::now();
+    let (status, body) = handshake(&gw.url("/spin")).await.expect_err("refused");
+    assert_eq!(status, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    let metrics = gw.admin("/metrics").await;
+    assert_eq!(metric_sum(&metrics, "wasmgate_plugins_errors_total{kind=\"timeout\",plugin=\"spin\"}"), 1.0);
+    gw.assert_settled(&HashMap::new()).await;
+}
+
 /// While `attacks` run, the route without plugins keeps its latency and RSS stays within
 /// 64 MiB of `rss_before`; stops the attacks and returns how many rounds ran.
 async fn clean_route_holds(gw: &GatewayProcess, attacks: Hammer, what: &str, normal: Duration, rss_before: u64) -> u64 {

@@ -388,9 +388,9 @@ impl Plugin {
             .pool
             .take(timeout)
             .inspect_err(|e| self.stats.count_error(e))?;
-        // The wait for an instance is not the plugin's time: its deadline starts now.
+        // The wait for an instance is not the plugin's time: its budget starts now.
         let _running = self.pool.env().ticking.running();
-        epoch::set_deadline(&mut instance.store, Instant::now() + timeout);
+        epoch::set_budget(&mut instance.store, timeout);
         // A panic on the host side of the call (in a host function or in wasmtime itself)
         // fails this call like a trap; the instance it left in an unknown state is dropped.
         let called = catch_unwind(AssertUnwindSafe(|| {

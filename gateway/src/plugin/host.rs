@@ -141,8 +141,8 @@ pub(super) struct HostState {
     pub redis: RedisBudget,
     /// The call in progress is `on-message`: kv stays local.
     in_message: bool,
-    /// When the call in progress must have returned (see `epoch`).
-    pub deadline: Instant,
+    /// Epoch advances the call in progress may still see (see `epoch`).
+    pub ticks_left: u32,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -177,7 +177,7 @@ pub(super) struct MessageEdits {
 impl HostState {
     pub fn new(env: Arc<PluginEnv>, memory_limit: usize) -> HostState {
         // `init` gets a Redis budget of its own.
-        let redis = RedisBudget { left: env.kv.shared.as_ref().map_or(Duration::ZERO, |s| s.call_budget()), waited: Duration::ZERO };
+        let redis = RedisBudget { left: env.kv.shared.as_ref().map_or(Duration::ZERO, |s| s.call_budget()), waited: false };
         HostState {
             wasi: wasi::deny_all_ctx(&env.name),
             env,
@@ -191,7 +191,7 @@ impl HostState {
             series_cache: SeriesCache::default(),
             redis,
             in_message: false,
-            deadline: Instant::now(),
+            ticks_left: 0,
             table: ResourceTable::new(),
         }
     }
@@ -207,7 +207,7 @@ impl HostState {
         state.metric_updates.clear();
         state.redis = RedisBudget {
             left: state.env.kv.shared.as_ref().map_or(Duration::ZERO, |s| s.call_budget()),
-            waited: Duration::ZERO,
+            waited: false,
         };
         state.in_message = false;
         // A refusal a guest survived in an earlier call must not explain this call's trap.

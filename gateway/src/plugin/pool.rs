@@ -363,7 +363,7 @@ impl Inner {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(epoch::on_epoch);
         let _running = self.env.ticking.running();
-        epoch::set_deadline(&mut store, Instant::now() + INIT_TIMEOUT);
+        epoch::set_budget(&mut store, INIT_TIMEOUT);
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             format!("instantiation failed: {}", classify(e, &store.data().limits, INIT_TIMEOUT))
         })?;

@@ -10,9 +10,9 @@
 //!   [`KvUnavailable`]), and the call is counted in
 //!   `wasmgate_cluster_kv_unavailable_total{plugin, mode}`.
 //!
-//! Time a call waits on Redis is not the plugin's: the hook's epoch deadline is extended by
-//! it (see `HostState::redis_waited`), so a plugin keeps its whole `timeout_ms` of Wasm time
-//! and a handshake waits on Redis at most `redis_timeout_ms` more.
+//! Time a call waits on Redis is not the plugin's: the epoch advance the call sees after a
+//! wait is not charged to it (see `epoch`), so a plugin keeps its whole `timeout_ms` of Wasm
+//! time and a handshake waits on Redis at most `redis_timeout_ms` more.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,12 +33,12 @@ pub enum KvFailure {
     Overflow,
 }
 
-/// One hook call's use of Redis: what is left of its budget, how long it waited (credit for
-/// the epoch deadline), and whether it may use Redis at all.
+/// One hook call's use of Redis: what is left of its budget, and whether it waited since it
+/// last saw an epoch advance (that advance is then not charged to it).
 #[derive(Debug, Default)]
 pub struct RedisBudget {
     pub left: Duration,
-    pub waited: Duration,
+    pub waited: bool,
 }
 
 /// A plugin's Redis-backed store: its namespace there and what to do when Redis is away.
@@ -134,7 +134,7 @@ impl SharedKv {
         let started = Instant::now();
         let answer = op(&self.remote, RemoteKv::key(&self.plugin, key), budget.left);
         let waited = started.elapsed();
-        budget.waited += waited;
+        budget.waited = true;
         budget.left = budget.left.saturating_sub(waited);
         answer.ok()
     }
