@@ -12,7 +12,8 @@
 //! cargo run --release -p wasmgate-bench -- kv [--seconds 5] [--rounds 3] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- resume [--affected 1000] [--idle 3000] [--out FILE]
 //! ```
-//! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable, the
+//! It runs the `wasmgate` and `echo-backend` binaries found next to its own executable (the
+//! gateway from `WASMGATE_BENCH_GATEWAY` instead if set, e.g. `target/dist/wasmgate`), the
 //! plugin components in plugins/target/wasm32-wasip2/release, and `/usr/sbin/nginx` and
 //! `/usr/sbin/haproxy` (installing them with apt-get when missing).
 //!

@@ -162,7 +162,12 @@ impl fmt::Display for Target {
     }
 }
 
-/// Where the workspace's binaries are: next to this one (target/release).
+/// Names the gateway binary to measure instead of the one next to this executable: for
+/// example the `dist` build (`cargo build --profile dist -p wasmgate`, target/dist/wasmgate).
+pub const GATEWAY_ENV: &str = "WASMGATE_BENCH_GATEWAY";
+
+/// Where the workspace's binaries are: next to this one (target/release), the gateway
+/// wherever [`GATEWAY_ENV`] says if set.
 pub struct Binaries {
     echo_backend: PathBuf,
     wasmgate: PathBuf,
@@ -173,7 +178,11 @@ impl Binaries {
     pub fn locate(targets: &[Target]) -> anyhow::Result<Binaries> {
         let exe = std::env::current_exe()?;
         let dir = exe.parent().context("executable has no directory")?;
-        let bins = Binaries { echo_backend: dir.join("echo-backend"), wasmgate: dir.join("wasmgate") };
+        let wasmgate = std::env::var_os(GATEWAY_ENV).map_or_else(|| dir.join("wasmgate"), PathBuf::from);
+        if !wasmgate.exists() {
+            bail!("{} not found (set {GATEWAY_ENV} to measure another build)", wasmgate.display());
+        }
+        let bins = Binaries { echo_backend: dir.join("echo-backend"), wasmgate };
         if !bins.echo_backend.exists() {
             bail!(
                 "{} not found: build it with `cargo build --release -p wasmgate-examples`",
@@ -208,7 +217,7 @@ impl Binaries {
             .collect();
         if !columns.is_empty() {
             let version = first_line(Command::new(&self.wasmgate).arg("--version"));
-            versions.push(format!("{version} as {}", columns.join(", ")));
+            versions.push(format!("{version} ({}) as {}", self.wasmgate.display(), columns.join(", ")));
         }
         if targets.contains(&Target::Nginx) || targets.contains(&Target::NginxTls) {
             versions.push(format!("{} (2 workers)", first_line(Command::new(NGINX).arg("-v"))));
