@@ -178,9 +178,12 @@ impl Binaries {
     pub fn locate(targets: &[Target]) -> anyhow::Result<Binaries> {
         let exe = std::env::current_exe()?;
         let dir = exe.parent().context("executable has no directory")?;
-        let wasmgate = std::env::var_os(GATEWAY_ENV).map_or_else(|| dir.join("wasmgate"), PathBuf::from);
+        let (wasmgate, how) = match std::env::var_os(GATEWAY_ENV) {
+            Some(path) => (PathBuf::from(path), format!("{GATEWAY_ENV} names it")),
+            None => (dir.join("wasmgate"), "build it with `cargo build --release -p wasmgate`".to_string()),
+        };
         if !wasmgate.exists() {
-            bail!("{} not found (set {GATEWAY_ENV} to measure another build)", wasmgate.display());
+            bail!("{} not found: {how}", wasmgate.display());
         }
         let bins = Binaries { echo_backend: dir.join("echo-backend"), wasmgate };
         if !bins.echo_backend.exists() {
