@@ -317,6 +317,13 @@ pub struct PluginSection {
     /// With `[cluster]`, what kv calls do while Redis is away: "local" (default), "deny" or
     /// "allow" (see `cluster`).
     pub kv_unavailable: Option<Spanned<String>>,
+    /// Handshake verdicts the plugin marks as reusable (`verdicts.keep`) that the gateway
+    /// keeps and gives again without calling it; 0 calls the plugin for every handshake.
+    #[serde(default = "defaults::plugin_verdict_cache_size")]
+    pub verdict_cache_size: usize,
+    /// The longest a kept verdict is given again, whatever the plugin asked.
+    #[serde(default = "defaults::plugin_verdict_cache_max_ttl_ms")]
+    pub verdict_cache_max_ttl_ms: u64,
     /// `config` as JSON with `${env:NAME}` and `${file:PATH}` expanded, made by `validate`.
     #[serde(skip)]
     pub config_json: String,
@@ -418,6 +425,13 @@ mod defaults {
     }
     pub fn plugin_kv_max_bytes() -> usize {
         4 << 20
+    }
+    /// A 20,000-client storm's tokens fit, at a few hundred bytes each.
+    pub fn plugin_verdict_cache_size() -> usize {
+        50_000
+    }
+    pub fn plugin_verdict_cache_max_ttl_ms() -> u64 {
+        5 * 60 * 1000
     }
     pub fn plugin_memory_limit_mb() -> u64 {
         64

@@ -206,6 +206,20 @@ fn a_balancer_reads_addresses_from_the_pool_and_skips_servers_that_are_down() {
     assert_eq!(hash.info().errors, 0);
 }
 
+/// 0.6.1 only added an import (`verdicts`): a component built for 0.6.0 loads and runs, its
+/// imports given the 0.6.1 functions.
+#[test]
+fn a_plugin_built_for_contract_0_6_0_still_loads_and_runs() {
+    let rt = runtime();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/contract-0.6.0.wasm");
+    let c = rt.load(&PluginSpec::new("least-active", path)).unwrap();
+    assert!(c.hooks().balancer);
+    let servers = pool(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+    let order = c.select(&conn(), &servers, &[candidate(0, 5), candidate(1, 1), candidate(2, 3)]).unwrap();
+    assert_eq!(order[0], 1, "the least active first: {order:?}");
+    assert_eq!(c.info().errors, 0);
+}
+
 #[test]
 fn a_plugin_built_for_another_contract_version_is_refused_by_name() {
     let rt = runtime();
@@ -216,7 +230,7 @@ fn a_plugin_built_for_another_contract_version_is_refused_by_name() {
         let text = format!("{err:#}");
         assert!(
             text.contains(&format!(
-                "built for wasmgate:plugin@{version}; this gateway speaks @0.6.0"
+                "built for wasmgate:plugin@{version}; this gateway speaks @0.6.1"
             )),
             "{text}"
         );
@@ -700,4 +714,98 @@ fn slow_and_failing_instance_starts_cost_the_plugin_not_the_caller() {
     let _ = failing.on_handshake(&c, &request("/"));
     let attempts = failing.info().instance_failures;
     assert!((2..=6).contains(&attempts), "{attempts} attempts in 1.6 s");
+}
+
+/// The `verdict-keeper` fixture: accepts with `x-call: N` (its call count, in kv) and keeps
+/// them, varying on the parts given.
+fn keeper(rt: &PluginRuntime, vary: &str, keep_ms: u64, tune: impl FnOnce(&mut PluginSpec)) -> Arc<Plugin> {
+    let mut spec = spec("keeper", "verdict_keeper", &format!(r#"{{"vary":{vary},"keep_ms":{keep_ms}}}"#));
+    tune(&mut spec);
+    rt.load(&spec).unwrap()
+}
+
+fn with_headers(headers: &str) -> HandshakeRequest {
+    HandshakeRequest { headers: headers.into(), ..request("/chat") }
+}
+
+/// The `x-call` header of an accept: which call made it.
+fn call_number(p: &Plugin, c: &ConnContext, req: &HandshakeRequest) -> String {
+    match p.on_handshake(c, req).unwrap() {
+        Verdict::Accept(a) => a.add_headers.iter().find(|h| h.name == "x-call").expect("x-call").value.clone(),
+        other => panic!("refused: {other:?}"),
+    }
+}
+
+#[test]
+fn kept_verdicts_are_given_again_without_a_call() {
+    let rt = runtime();
+    let p = keeper(&rt, r#"["x-user"]"#, 60_000, |_| {});
+    let ann = with_headers("x-user: ann\n");
+    assert_eq!(call_number(&p, &conn(), &ann), "1");
+    // The same user, other headers not declared: the kept accept, metadata and all.
+    let again = conn();
+    assert_eq!(call_number(&p, &again, &with_headers("user-agent: x\nx-user: ann\n")), "1");
+    assert_eq!(again.meta("user").as_deref(), Some("ann"));
+    assert_eq!(p.info().calls, 1, "one call for two handshakes");
+    // Another value of the part, a second value, no value, another route: calls.
+    assert_eq!(call_number(&p, &conn(), &with_headers("x-user: bob\n")), "2");
+    assert_eq!(call_number(&p, &conn(), &with_headers("x-user: ann\nx-user: ann\n")), "3");
+    assert_eq!(call_number(&p, &conn(), &with_headers("")), "4");
+    let admin = ConnContext::new(8, "10.0.0.1:5556", "/admin");
+    assert_eq!(call_number(&p, &admin, &ann), "5");
+    // Refusals are never kept.
+    for n in [6, 7] {
+        match p.on_handshake(&conn(), &with_headers("x-user: eve\nx-deny: 1\n")).unwrap() {
+            Verdict::Reject(r) => assert_eq!(r.reason, format!("denied by call {n}")),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(call_number(&p, &conn(), &ann), "1", "still kept");
+    assert_eq!(p.info().calls, 7);
+    // A new version of the plugin starts with none.
+    let reloaded = keeper(&rt, r#"["x-user"]"#, 60_000, |_| {});
+    assert_eq!(call_number(&reloaded, &conn(), &ann), "8");
+}
+
+#[test]
+fn kept_verdicts_expire_and_the_operator_bounds_them() {
+    let rt = runtime();
+    // The plugin's own time.
+    let p = keeper(&rt, r#"["x-user", ":client-ip"]"#, 100, |_| {});
+    let ann = with_headers("x-user: ann\n");
+    assert_eq!(call_number(&p, &conn(), &ann), "1");
+    assert_eq!(call_number(&p, &conn(), &ann), "1");
+    // The client's IP is a declared part; its port is not.
+    assert_eq!(call_number(&p, &ConnContext::new(9, "10.0.0.1:6000", "/chat"), &HandshakeRequest { client_addr: "10.0.0.1:6000".into(), ..ann.clone() }), "2");
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(call_number(&p, &conn(), &ann), "3", "expired");
+    // The operator's cap is shorter than the plugin asks.
+    let capped = keeper(&rt, r#"["x-user"]"#, 60_000, |s| s.verdict_cache_max_ttl = Duration::from_millis(100));
+    let first = call_number(&capped, &conn(), &ann);
+    assert_eq!(call_number(&capped, &conn(), &ann), first);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_ne!(call_number(&capped, &conn(), &ann), first, "capped");
+    // Turned off: a call every time.
+    let off = keeper(&rt, r#"["x-user"]"#, 60_000, |s| s.verdict_cache_size = 0);
+    let calls = off.info().calls;
+    let a = call_number(&off, &conn(), &ann);
+    assert_ne!(call_number(&off, &conn(), &ann), a);
+    assert_eq!(off.info().calls - calls, 2);
+}
+
+#[test]
+fn verdicts_are_declared_in_init_and_kept_only_from_on_handshake() {
+    let rt = runtime();
+    for bad in [r#"["X-User"]"#, r#"[":method"]"#, r#"[]"#, r#"["a","b","c","d","e","f","g","h","i"]"#] {
+        let err = rt
+            .load(&spec("keeper", "verdict_keeper", &format!(r#"{{"vary":{bad},"keep_ms":1000}}"#)))
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("verdicts.vary-on"), "{bad}: {text}");
+    }
+    let p = rt
+        .load(&spec("keeper", "verdict_keeper", r#"{"vary":["x-user"],"keep_ms":1000,"keep_in_close":true}"#))
+        .unwrap();
+    p.on_close(&conn(), 1000, ConnStats::default());
+    assert_eq!(p.info().traps, 1, "keep from on-close is refused");
 }

@@ -45,6 +45,7 @@ pub mod session;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 mod types;
+pub mod verdicts;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 

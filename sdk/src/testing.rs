@@ -47,6 +47,17 @@ pub fn set_replaying(replaying: bool) {
     crate::session::native::with(|s| s.replaying = replaying);
 }
 
+/// The parts [`crate::verdicts::vary_on`] named last on this thread, if it was called.
+pub fn vary_on() -> Option<Vec<String>> {
+    crate::verdicts::native::VARY_ON.with_borrow(Clone::clone)
+}
+
+/// What [`crate::verdicts::keep`] asked for since the last call of this function, and
+/// forgets it: call it before a handshake to clear, and after it to read.
+pub fn kept_for() -> Option<std::time::Duration> {
+    crate::verdicts::native::KEPT_MS.take().map(std::time::Duration::from_millis)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

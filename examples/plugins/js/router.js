@@ -9,7 +9,7 @@
 // Without the header (or with an unknown value, unless strict) the connection goes to its
 // route's upstream unchanged.
 
-import { log } from 'wasmgate:plugin/host@0.6.0';
+import { log } from 'wasmgate:plugin/host@0.6.1';
 
 // Set by init; one per instance, shared by the connections the instance serves.
 let config = null;

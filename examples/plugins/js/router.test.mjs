@@ -3,7 +3,7 @@ import { register } from 'node:module';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-// `wasmgate:plugin/host@0.6.0` exists only inside the gateway; give Node a stand-in.
+// `wasmgate:plugin/host@0.6.1` exists only inside the gateway; give Node a stand-in.
 const stub = 'data:text/javascript,export function log() {}';
 const hooks = `export async function resolve(specifier, context, next) {
   return specifier.startsWith('wasmgate:') ? { url: ${JSON.stringify(stub)}, shortCircuit: true } : next(specifier, context);

@@ -1,5 +1,5 @@
 //! Host-side bindings for what plugins import (`host`, `connection`, `upstreams`,
-//! `message`, `kv`, `metrics`).
+//! `message`, `kv`, `metrics`, `session`, `verdicts`).
 //!
 //! Exports are not generated here: the hooks are called through typed functions over the
 //! gateway's own types (see `types.rs` and `exports.rs`), so arguments need no conversion.
@@ -11,4 +11,4 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-pub use wasmgate::plugin::{connection, host, kv, message, metrics, session, types, upstreams};
+pub use wasmgate::plugin::{connection, host, kv, message, metrics, session, types, upstreams, verdicts};

@@ -74,6 +74,10 @@ pub struct PluginSpec {
     pub kv_max_bytes: usize,
     /// With a cluster, what kv calls do while Redis is away.
     pub kv_unavailable: crate::cluster::KvUnavailable,
+    /// Handshake verdicts kept for the plugin (`verdicts`), 0 for none, and for how long
+    /// at most.
+    pub verdict_cache_size: usize,
+    pub verdict_cache_max_ttl: Duration,
 }
 
 impl PluginSpec {
@@ -92,6 +96,8 @@ impl PluginSpec {
             kv_max_keys: 10_000,
             kv_max_bytes: 4 << 20,
             kv_unavailable: crate::cluster::KvUnavailable::Local,
+            verdict_cache_size: 50_000,
+            verdict_cache_max_ttl: Duration::from_secs(300),
         }
     }
 }

@@ -17,12 +17,16 @@ use super::types::{
 };
 
 /// The contract's package, `wasmgate:plugin@VERSION` in `sdk/wit/plugin.wit`.
-pub(super) const CONTRACT_VERSION: &str = "0.6.0";
-const LIFECYCLE: &str = "wasmgate:plugin/lifecycle@0.6.0";
-const HANDSHAKE: &str = "wasmgate:plugin/handshake@0.6.0";
-const BALANCER: &str = "wasmgate:plugin/balancer@0.6.0";
-const MESSAGES: &str = "wasmgate:plugin/messages@0.6.0";
-const RESUME: &str = "wasmgate:plugin/resume@0.6.0";
+pub(super) const CONTRACT_VERSION: &str = "0.6.1";
+/// Versions whose components load, newest first: 0.6.1 only added an import (`verdicts`),
+/// so a component built for 0.6.0 exports the same hooks under its own version, and
+/// wasmtime's linker gives its 0.6.0 imports the 0.6.1 functions (semver-compatible).
+const COMPATIBLE_VERSIONS: [&str; 2] = [CONTRACT_VERSION, "0.6.0"];
+const LIFECYCLE: &str = "lifecycle";
+const HANDSHAKE: &str = "handshake";
+const BALANCER: &str = "balancer";
+const MESSAGES: &str = "messages";
+const RESUME: &str = "resume";
 
 type Conn = Resource<Connection>;
 type InitFn<'a> = TypedFunc<(&'a str,), (Result<HookFlags, String>,)>;
@@ -48,7 +52,9 @@ pub(super) struct ExportIndices {
 impl ExportIndices {
     pub fn find(component: &Component) -> anyhow::Result<ExportIndices> {
         let func = |interface: &str, name: &str| {
-            let instance = component.get_export_index(None, interface)?;
+            let instance = COMPATIBLE_VERSIONS
+                .iter()
+                .find_map(|v| component.get_export_index(None, format!("wasmgate:plugin/{interface}@{v}")))?;
             component.get_export_index(Some(&instance), name)
         };
         let required = |name: &str| {
@@ -58,7 +64,7 @@ impl ExportIndices {
                      @{CONTRACT_VERSION}: rebuild it against sdk/wit/plugin.wit"
                 ),
                 None => {
-                    anyhow::anyhow!("the component does not export `{LIFECYCLE}` with `{name}`")
+                    anyhow::anyhow!("the component does not export `wasmgate:plugin/{LIFECYCLE}@{CONTRACT_VERSION}` with `{name}`")
                 }
             })
         };

@@ -20,6 +20,7 @@ use super::host::{ConnGuard, HostState, PluginEnv};
 use super::pool::{classify, Pool};
 use super::session::{Outgoing, ReattachReason};
 use super::validate;
+use super::verdicts::{Kept, VerdictCache};
 use super::types::{
     Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
     Hooks, OnError, Opcode, PluginError, PoolInfo, Verdict,
@@ -35,6 +36,9 @@ pub struct Plugin {
     has_resume: bool,
     pub(super) pool: Pool,
     stats: Stats,
+    /// Handshake verdicts kept to be given again without a call, when the plugin declared
+    /// what they depend on and the operator left room for them.
+    verdicts: Option<VerdictCache>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -180,7 +184,18 @@ impl Plugin {
         .map_err(anyhow::Error::msg)?;
         let hooks = effective_hooks(&spec.name, &hooks_found, flags);
         let has_resume = hooks_found.has_resume();
+        let verdicts = match pool.env().vary_on.get() {
+            Some(parts) if spec.verdict_cache_size > 0 && hooks.handshake => Some(VerdictCache::new(
+                parts.clone(),
+                spec.verdict_cache_size,
+                spec.verdict_cache_max_ttl,
+                metrics,
+                &spec.name,
+            )),
+            _ => None,
+        };
         Ok(Arc::new(Plugin {
+            verdicts,
             stats: Stats::new(metrics, &spec.name),
             spec,
             hash,
@@ -227,14 +242,29 @@ impl Plugin {
         if !self.hooks.handshake {
             return Ok(Verdict::Accept(Accept::default()));
         }
+        let lookup = match &self.verdicts {
+            Some(cache) => match cache.find(conn, req) {
+                Ok(kept) => return Ok(Verdict::Accept(kept)),
+                Err(at) => Some(at),
+            },
+            None => None,
+        };
         self.stats.handshake.inc();
-        let verdict = self.call(
+        let (verdict, record) = self.call(
             HANDSHAKE,
             conn,
             self.spec.handshake_timeout,
-            |guard, exports| exports.on_handshake(guard.store, req),
+            |guard, exports| {
+                let mut guard = guard.for_handshake(lookup.is_some());
+                let verdict = exports.on_handshake(guard.store, req)?;
+                Some(verdict.map(|v| (v, guard.take_handshake_record())))
+            },
         )?;
-        self.checked(validate::verdict(&verdict).map(|()| verdict))
+        let verdict = self.checked(validate::verdict(&verdict).map(|()| verdict))?;
+        if let (Verdict::Accept(accept), Some(cache), Some(at), Some(ttl)) = (&verdict, &self.verdicts, lookup, record.keep) {
+            cache.keep(at, Kept { accept: accept.clone(), meta: record.meta }, ttl);
+        }
+        Ok(verdict)
     }
 
     /// Indexes into `candidates` (servers of `pool`), best first. Without the hook:

@@ -3,7 +3,7 @@
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::component::{Resource, ResourceTable};
@@ -17,6 +17,7 @@ use super::shared_kv::{Fallback, KvFailure, PluginKv, RedisBudget, Route};
 use super::log_text::{self, Throttle};
 use super::plugin_metrics::{Namespace, PendingUpdate, SeriesCache, Value, MAX_UPDATES_PER_CALL};
 use super::types::{ConnContext, Opcode, PoolInfo, META_LIMIT_BYTES};
+use super::verdicts::Part;
 use super::wasi;
 use crate::metrics::{Counter, Registry};
 
@@ -40,6 +41,8 @@ pub(super) struct PluginEnv {
     refused: Refused,
     /// The epoch thread, kept running by every plugin; calls count themselves on it.
     pub ticking: Ticking,
+    /// The request parts the plugin's kept verdicts depend on, as its `init` declared them.
+    pub vary_on: OnceLock<Vec<Part>>,
 }
 
 /// Writes the host refused, counted on `/metrics` and logged at most every `WARN_EVERY`.
@@ -79,6 +82,7 @@ impl PluginEnv {
             metric_names,
             started,
             ticking,
+            vary_on: OnceLock::new(),
         }
     }
 
@@ -161,6 +165,17 @@ struct Lent {
     message: Option<NonNull<[u8]>>,
     /// Whether the lent message came from the client, and its opcode.
     message_from: Option<(bool, Opcode)>,
+    /// The call is `on-handshake`: what it asked to keep (see `verdicts`).
+    handshake: Option<HandshakeRecord>,
+}
+
+/// What an `on-handshake` call asked the verdict cache to keep, when the plugin has one.
+#[derive(Default)]
+pub(super) struct HandshakeRecord {
+    /// The plugin keeps verdicts: `keep` and the metadata set are recorded.
+    recording: bool,
+    pub keep: Option<Duration>,
+    pub meta: Vec<(String, String)>,
 }
 
 // SAFETY: the pointers are only dereferenced during the call that set them, on the thread
@@ -228,6 +243,24 @@ impl HostState {
             // SAFETY: see `Lent`.
             Some(p) if handle.rep() == LENT_REP => Ok(unsafe { p.as_ref() }),
             _ => wasmtime::bail!("pool handle used outside the select call it was given to"),
+        }
+    }
+
+    /// A hook call is in progress (not `init`).
+    pub(super) fn in_hook_call(&self) -> bool {
+        self.lent.conn.is_some()
+    }
+
+    /// `verdicts.keep` from the call in progress: only `on-handshake` may.
+    pub(super) fn keep_for(&mut self, ttl: Duration) -> wasmtime::Result<()> {
+        match &mut self.lent.handshake {
+            Some(record) => {
+                if record.recording {
+                    record.keep = Some(ttl);
+                }
+                Ok(())
+            }
+            None => wasmtime::bail!("verdicts.keep may only be called from on-handshake"),
         }
     }
 
@@ -302,6 +335,18 @@ impl<'l> ConnGuard<'_, 'l> {
         state.lent.message_from = Some((from_client, op));
         state.in_message = true;
         self
+    }
+
+    /// Marks the call as `on-handshake`; with `recording`, its `verdicts.keep` and the
+    /// metadata it sets are recorded for the verdict cache.
+    pub fn for_handshake(self, recording: bool) -> Self {
+        self.store.data_mut().lent.handshake = Some(HandshakeRecord { recording, ..HandshakeRecord::default() });
+        self
+    }
+
+    /// What the `on-handshake` call asked to keep.
+    pub fn take_handshake_record(&mut self) -> HandshakeRecord {
+        self.store.data_mut().lent.handshake.take().unwrap_or_default()
     }
 
     /// What the hook set on the message.
@@ -419,7 +464,11 @@ impl connection::HostConnection for HostState {
             wasmtime::format_err!(
                 "connection metadata would pass its limit of {META_LIMIT_BYTES} bytes"
             )
-        })
+        })?;
+        if let Some(record) = self.lent.handshake.as_mut().filter(|r| r.recording) {
+            record.meta.push((key, value));
+        }
+        Ok(())
     }
 
     fn drop(&mut self, _: Resource<connection::Connection>) -> wasmtime::Result<()> {

@@ -4,8 +4,8 @@
 //! Module map: `engine` (runtime and loading) → `cache` (compiled components on disk) →
 //! `exports` (finding and calling hooks) → `pool` (shared instances, made off the calling
 //! thread) → `hooks` (a loaded plugin's hook calls) → `registry` (named, swappable plugins).
-//! `host`, `wasi`, `kv` (with `shared_kv`: Redis in a cluster) and `plugin_metrics` are what
-//! plugins import; `log_text` makes their
+//! `host`, `wasi`, `kv` (with `shared_kv`: Redis in a cluster), `plugin_metrics` and
+//! `verdicts` (handshake answers given again without a call) are what plugins import; `log_text` makes their
 //! log text safe to print; `types` the hook arguments and results, `validate` the checks on
 //! handshake answers; `watch` the file watcher behind hot reload.
 
@@ -27,6 +27,7 @@ mod session;
 mod shared_kv;
 mod types;
 mod validate;
+mod verdicts;
 mod wasi;
 mod watch;
 
