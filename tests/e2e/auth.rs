@@ -46,6 +46,27 @@ fn toml_str(text: &str) -> String {
     serde_json::to_string(text).unwrap()
 }
 
+/// `Bearer <HS256 token>` for `sub` with `aud = "chat"`, expiring `exp_in_secs` from now.
+fn hs256_bearer(secret: &str, sub: &str, exp_in_secs: i64) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let head = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"{sub}","aud":"chat","exp":{}}}"#, now + exp_in_secs));
+    let input = format!("{head}.{claims}");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(input.as_bytes());
+    format!("Bearer {input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+}
+
+/// A series' value on the admin `/metrics` page (0 when absent).
+async fn metric(gw: &Gateway, series: &str) -> f64 {
+    let (status, text) = admin_request(gw, "GET", "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
 /// A complete upgrade request for `target` with extra header lines; (status, response text).
 async fn handshake(gw: &Gateway, target: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut request = format!(
@@ -331,4 +352,63 @@ async fn reload_changes_rules_for_new_handshakes_only() {
     assert_eq!(text_roundtrip(&mut open, "still open").await, "still open");
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// jwt-auth lets the gateway keep its accepts (`verdicts`): a reconnect with the same token
+/// gets the same answer, claim headers included, without a call into the plugin; another
+/// token, a forged one, a token on another route, or one kept past its expiry is checked.
+#[tokio::test]
+async fn a_reconnect_with_the_same_token_is_answered_without_calling_jwt_auth() {
+    const SECRET: &str = "verdict-cache-test-secret-0123456789abcdef";
+    let backends = echo_backends(1).await;
+    let plugins = plugin(
+        "auth",
+        "jwt-auth",
+        &format!("{{ secret = \"{SECRET}\", audience = \"chat\", leeway_secs = 0, claims_to_headers = {{ sub = \"x-user-id\" }}, strip_token = true }}"),
+    );
+    let toml = config(&[("echo", server_list(&backends))], &plugins, &[("/", "\"auth\""), ("/b", "\"auth\"")])
+        .replacen("[gateway]\n", &format!("[gateway]\nadmin_token = \"{ADMIN_TOKEN}\"\n"), 1);
+    let gw = start_gateway(&toml).await;
+    let calls = "wasmgate_plugins_calls_total{hook=\"handshake\",plugin=\"auth\"}";
+    let hits = "wasmgate_plugins_verdict_cache_total{plugin=\"auth\",result=\"hit\"}";
+
+    let ann = hs256_bearer(SECRET, "ann", 3600);
+    for round in 0..3 {
+        let mut ws = connect_with(&gw, "/", &[("authorization", &ann)]).await;
+        let seen = text_roundtrip(&mut ws, "headers").await;
+        assert!(seen.contains("x-user-id: ann"), "round {round}: {seen}");
+        assert!(!seen.to_ascii_lowercase().contains("authorization"), "round {round}: the token is stripped: {seen}");
+    }
+    assert_eq!(metric(&gw, calls).await, 1.0, "one call for three handshakes");
+    assert_eq!(metric(&gw, hits).await, 2.0);
+
+    // A client's own x-user-id does not ride on a kept answer.
+    let mut ws = connect_with(&gw, "/", &[("authorization", &ann), ("x-user-id", "root")]).await;
+    let seen = text_roundtrip(&mut ws, "headers").await;
+    assert!(seen.contains("x-user-id: ann") && !seen.contains("x-user-id: root"), "{seen}");
+    assert_eq!(metric(&gw, calls).await, 1.0);
+
+    // Another user, the same token on another route, a forged token (twice): each a call.
+    let mut ws = connect_with(&gw, "/", &[("authorization", &hs256_bearer(SECRET, "bob", 3600))]).await;
+    assert!(text_roundtrip(&mut ws, "headers").await.contains("x-user-id: bob"));
+    let mut ws = connect_with(&gw, "/b", &[("authorization", &ann)]).await;
+    assert!(text_roundtrip(&mut ws, "headers").await.contains("x-user-id: ann"));
+    let forged = hs256_bearer("not-the-secret-the-gateway-checks-with-0123", "ann", 3600);
+    for _ in 0..2 {
+        let (status, text) = handshake(&gw, "/", &[("Authorization", &forged)]).await;
+        assert_eq!(status, 401, "{text}");
+    }
+    assert_eq!(metric(&gw, calls).await, 5.0);
+
+    // A token kept until it expires, then refused by the plugin.
+    let brief = hs256_bearer(SECRET, "cid", 2);
+    let mut ws = connect_with(&gw, "/", &[("authorization", &brief)]).await;
+    assert!(text_roundtrip(&mut ws, "headers").await.contains("x-user-id: cid"));
+    let _kept = connect_with(&gw, "/", &[("authorization", &brief)]).await;
+    assert_eq!(metric(&gw, calls).await, 6.0, "kept while valid");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, text) = handshake(&gw, "/", &[("Authorization", &brief)]).await;
+    assert_eq!(status, 401, "expired, not kept past its exp: {text}");
+    assert!(text.contains("expired"), "{text}");
+    gw.shutdown().await;
 }

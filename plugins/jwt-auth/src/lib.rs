@@ -61,7 +61,9 @@ pub struct Config {
     close_on_expiry: bool,
     #[serde(default = "defaults::realm")]
     realm: String,
-    /// Tokens whose signature verified, kept per instance so a reconnect skips the check.
+    /// Tokens whose signature verified, kept per instance so a reconnect skips the check;
+    /// above 0 the gateway also keeps this plugin's accepts (`verdicts`), so a reconnect
+    /// with the same token does not call the plugin at all.
     #[serde(default = "defaults::verified_cache_size")]
     verified_cache_size: usize,
 }
@@ -162,6 +164,8 @@ pub struct JwtAuth {
     close_on_expiry: bool,
     realm: String,
     verified: VerifiedTokens,
+    /// The gateway keeps our accepts (see `vary_on`).
+    keep_verdicts: bool,
     /// The kv key prefix of verdicts shared by all instances, for RS256 and ES256 tokens; it
     /// names the public keys, so a changed key set never meets an old verdict.
     shared_prefix: Option<String>,
@@ -295,7 +299,12 @@ impl Plugin for JwtAuth {
             return Err(bad("realm: no quotes or backslashes".into()));
         }
         let shared_prefix = cache::shared_prefix(&keys);
+        let keep_verdicts = config.verified_cache_size > 0;
+        if keep_verdicts {
+            vary_on(&config.token_header, config.token_subprotocol.is_some(), config.token_query.is_some(), config.token_cookie.is_some());
+        }
         Ok(JwtAuth {
+            keep_verdicts,
             shared_prefix,
             keys,
             issuers: config.issuer.map(OneOrMany::into_vec).unwrap_or_default(),
@@ -359,6 +368,17 @@ impl JwtAuth {
         let (token, source) = self.find_token(req)?;
         let claims = self.verify(&token)?;
         self.check_claims(&claims)?;
+        if self.keep_verdicts {
+            // Good until the token expires, as the check above would find; the gateway
+            // gives the same answer to the same token without calling us until then.
+            let left = match claims.get("exp").and_then(Value::as_f64) {
+                Some(exp) => exp + self.leeway_secs - now_secs(),
+                None => NO_EXP_KEEP_SECS,
+            };
+            if left > 0.0 {
+                wasmgate_sdk::verdicts::keep(std::time::Duration::try_from_secs_f64(left).unwrap_or(std::time::Duration::MAX));
+            }
+        }
 
         let mut accept = Accept::default();
         for (claim, header) in &self.claims_to_headers {
@@ -650,6 +670,23 @@ fn json_object(bytes: &[u8], what: &str) -> Result<Map<String, Value>, Refusal> 
 }
 
 /// Seconds since the Unix epoch, from the host's clock.
+/// Tells the gateway what an accept depends on: the token's sources. Everything else in
+/// the answer (headers from claims, metadata, the subprotocol) follows from the token.
+fn vary_on(token_header: &str, subprotocol: bool, query: bool, cookie: bool) {
+    let header = token_header.to_ascii_lowercase();
+    let mut parts = vec![header.as_str()];
+    if subprotocol {
+        parts.push("sec-websocket-protocol");
+    }
+    if query {
+        parts.push(":query");
+    }
+    if cookie {
+        parts.push("cookie");
+    }
+    wasmgate_sdk::verdicts::vary_on(&parts);
+}
+
 fn now_secs() -> f64 {
     wasmgate_sdk::now_ms() as f64 / 1000.0
 }

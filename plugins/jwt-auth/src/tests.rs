@@ -680,3 +680,31 @@ mod shared_cache {
         assert_eq!(count("shared"), 1, "the audience check ran on the shared verdict");
     }
 }
+
+#[test]
+fn accepts_are_kept_by_the_gateway_until_the_token_expires() {
+    let mut p = plugin(json!({"secret": SECRET, "leeway_secs": 30, "token_query": "t"}));
+    assert_eq!(
+        wasmgate_sdk::testing::vary_on(),
+        Some(vec!["authorization".to_string(), ":query".to_string()]),
+        "the token's sources"
+    );
+    let exp = now() + 600;
+    wasmgate_sdk::testing::kept_for();
+    accepted(&handshake(&mut p, &bearer(&token("HS256", json!({}), json!({"sub": "a", "exp": exp}))))).clone();
+    let kept = wasmgate_sdk::testing::kept_for().expect("an accept is kept");
+    // Until exp plus the leeway, give or take the second the test took.
+    let want = (exp + 30 - now()) as f64;
+    assert!((kept.as_secs_f64() - want).abs() < 2.0, "{kept:?} against {want} s");
+    // Refusals are not.
+    refused(&handshake(&mut p, &bearer("not.a.token")));
+    assert_eq!(wasmgate_sdk::testing::kept_for(), None);
+}
+
+#[test]
+fn without_its_cache_jwt_auth_asks_the_gateway_to_keep_nothing() {
+    let mut p = plugin(json!({"secret": SECRET, "verified_cache_size": 0}));
+    assert_eq!(wasmgate_sdk::testing::vary_on(), None);
+    accepted(&handshake(&mut p, &bearer(&token("HS256", json!({}), json!({"sub": "a", "exp": now() + 600}))))).clone();
+    assert_eq!(wasmgate_sdk::testing::kept_for(), None);
+}
