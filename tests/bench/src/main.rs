@@ -24,7 +24,11 @@
 //! - `wasmgate-hook`: `noop-messages` on the route, a Wasm call for every message both ways;
 //!   round robin. One plugin.
 //! - `wasmgate-auth`: `jwt-auth` (HS256) on the route, `least-conn` as the upstream's balancer:
-//!   a Wasm handshake and a Wasm balancer call per connection. Two plugins.
+//!   a Wasm balancer call per connection, and a handshake call per token: the gateway keeps
+//!   jwt-auth's accepts (contract 0.6.1 `verdicts`) and answers a token it has seen without
+//!   calling it. Two plugins.
+//! - `wasmgate-auth-call` (not in the default set): the same with `verdict_cache_size = 0`,
+//!   so jwt-auth is called for every handshake.
 //! - `wasmgate-3`: `jwt-auth` + `noop-messages` on the route, `least-conn` balancer. Three.
 //! - `wasmgate-rs256`, `wasmgate-rs256-nocache` (not in the default set): as `wasmgate-auth`
 //!   with RS256 tokens, jwt-auth's verified-token cache on (its default) or off.
@@ -321,7 +325,7 @@ fn header(bins: &Binaries, targets: &[Target], timing: Timing, rounds: u32, nofi
         ));
     }
     let loads = |plugin| targets.iter().any(|t| t.wasmgate_plugins().is_some_and(|p| p.contains(&plugin)));
-    if loads(wasmgate::Plugin::JwtAuth) {
+    if loads(wasmgate::Plugin::JwtAuth) || loads(wasmgate::Plugin::JwtAuthCalled) {
         paths.push(
             "jwt-auth checks the HS256 token (signature, exp, audience; sub to a header) that every \
              handshake to every target carries."

@@ -36,6 +36,10 @@ pub enum Target {
     /// A handshake plugin (JWT) and a balancer plugin.
     #[value(name = "wasmgate-auth")]
     WasmgateAuth,
+    /// As wasmgate-auth with the gateway's verdict cache off (`verdict_cache_size = 0`):
+    /// jwt-auth is called for every handshake, as before contract 0.6.1.
+    #[value(name = "wasmgate-auth-call")]
+    WasmgateAuthCall,
     /// jwt-auth alone on the route, round robin: with wasmgate-lc, splits wasmgate-auth's cost.
     #[value(name = "wasmgate-jwt")]
     WasmgateJwt,
@@ -96,6 +100,7 @@ impl Target {
             Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers | Target::WasmgatePatient | Target::WasmgateTls => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
             Target::WasmgateAuth | Target::WasmgateAuthWorkers | Target::WasmgateAuthTls => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
+            Target::WasmgateAuthCall => Some(&[Plugin::JwtAuthCalled, Plugin::LeastConn]),
             Target::WasmgateJwt => Some(&[Plugin::JwtAuth]),
             Target::WasmgateLc => Some(&[Plugin::LeastConn]),
             Target::WasmgateStamp => Some(&[Plugin::HeaderStamp]),
@@ -141,6 +146,7 @@ impl fmt::Display for Target {
             Target::WasmgateLog => "wasmgate-log",
             Target::WasmgateHook => "wasmgate-hook",
             Target::WasmgateAuth => "wasmgate-auth",
+            Target::WasmgateAuthCall => "wasmgate-auth-call",
             Target::WasmgateJwt => "wasmgate-jwt",
             Target::WasmgateLc => "wasmgate-lc",
             Target::WasmgateStamp => "wasmgate-stamp",
@@ -356,6 +362,7 @@ fn start_proxy(
         | Target::WasmgateLog
         | Target::WasmgateHook
         | Target::WasmgateAuth
+        | Target::WasmgateAuthCall
         | Target::WasmgateJwt
         | Target::WasmgateLc
         | Target::WasmgateStamp

@@ -15,8 +15,11 @@ use crate::jwt;
 /// The shipped plugins the columns run, configured as a deployment would.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Plugin {
-    /// HS256 token check with an audience, `sub` passed upstream as a header.
+    /// HS256 token check with an audience, `sub` passed upstream as a header; its accepts
+    /// kept by the gateway (contract 0.6.1 `verdicts`), so a repeated token is not checked.
     JwtAuth,
+    /// The same with the gateway's verdict cache off: a call per handshake.
+    JwtAuthCalled,
     /// The same with RS256 tokens (the expensive check), verified tokens cached (the default).
     JwtAuthRs256,
     /// RS256 with the verified-token cache off: every handshake verifies a signature.
@@ -33,7 +36,7 @@ impl Plugin {
     /// Its `[[plugin]]` name, also the name of its crate under plugins/.
     pub fn name(self) -> &'static str {
         match self {
-            Plugin::JwtAuth | Plugin::JwtAuthRs256 | Plugin::JwtAuthRs256Uncached => "jwt-auth",
+            Plugin::JwtAuth | Plugin::JwtAuthCalled | Plugin::JwtAuthRs256 | Plugin::JwtAuthRs256Uncached => "jwt-auth",
             Plugin::LeastConn => "least-conn",
             Plugin::NoopMessages => "noop-messages",
             Plugin::HeaderStamp => "header-stamp",
@@ -55,7 +58,7 @@ impl Plugin {
     /// The `config` table handed to the plugin's `init`, TOML inline.
     fn config(self, extra: &Extra) -> String {
         match self {
-            Plugin::JwtAuth => format!(
+            Plugin::JwtAuth | Plugin::JwtAuthCalled => format!(
                 r#"{{ secret = "{}", audience = "{}", claims_to_headers = {{ sub = "x-user-id" }}{} }}"#,
                 jwt::SECRET,
                 jwt::AUDIENCE,
@@ -158,6 +161,9 @@ pub fn config_with(
             p.component().display(),
             p.config(extra)
         );
+        if *p == Plugin::JwtAuthCalled {
+            text.push_str("verdict_cache_size = 0\n");
+        }
     }
     let chain: Vec<String> = plugins.iter().filter(|p| !p.is_balancer()).map(|p| format!("\"{}\"", p.name())).collect();
     let _ = write!(text, "\n[[route]]\npath = \"/\"\nupstream = \"echo\"\nplugins = [{}]\n", chain.join(", "));
