@@ -321,6 +321,9 @@ pub struct PluginSection {
     /// keeps and gives again without calling it; 0 calls the plugin for every handshake.
     #[serde(default = "defaults::plugin_verdict_cache_size")]
     pub verdict_cache_size: usize,
+    /// ...and the bytes they may take (keys, answers, metadata, 160 per entry).
+    #[serde(default = "defaults::plugin_verdict_cache_max_bytes")]
+    pub verdict_cache_max_bytes: usize,
     /// The longest a kept verdict is given again, whatever the plugin asked.
     #[serde(default = "defaults::plugin_verdict_cache_max_ttl_ms")]
     pub verdict_cache_max_ttl_ms: u64,
@@ -429,6 +432,10 @@ mod defaults {
     /// A 20,000-client storm's tokens fit, at a few hundred bytes each.
     pub fn plugin_verdict_cache_size() -> usize {
         50_000
+    }
+    /// 50,000 answers of a JWT's size (about 650 bytes with the key).
+    pub fn plugin_verdict_cache_max_bytes() -> usize {
+        32 << 20
     }
     pub fn plugin_verdict_cache_max_ttl_ms() -> u64 {
         5 * 60 * 1000

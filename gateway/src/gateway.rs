@@ -461,6 +461,7 @@ fn plugin_specs(config: &Config) -> Vec<PluginSpec> {
             spec.kv_max_keys = p.kv_max_keys;
             spec.kv_max_bytes = p.kv_max_bytes;
             spec.verdict_cache_size = p.verdict_cache_size;
+            spec.verdict_cache_max_bytes = p.verdict_cache_max_bytes;
             spec.verdict_cache_max_ttl = Duration::from_millis(p.verdict_cache_max_ttl_ms);
             spec.kv_unavailable = p.kv_unavailable.as_ref().map_or_else(Default::default, |m| {
                 crate::cluster::KvUnavailable::parse(m.get_ref()).expect("validated")

@@ -77,6 +77,7 @@ pub struct PluginSpec {
     /// Handshake verdicts kept for the plugin (`verdicts`), 0 for none, and for how long
     /// at most.
     pub verdict_cache_size: usize,
+    pub verdict_cache_max_bytes: usize,
     pub verdict_cache_max_ttl: Duration,
 }
 
@@ -97,6 +98,7 @@ impl PluginSpec {
             kv_max_bytes: 4 << 20,
             kv_unavailable: crate::cluster::KvUnavailable::Local,
             verdict_cache_size: 50_000,
+            verdict_cache_max_bytes: 32 << 20,
             verdict_cache_max_ttl: Duration::from_secs(300),
         }
     }

@@ -188,6 +188,7 @@ impl Plugin {
             Some(parts) if spec.verdict_cache_size > 0 && hooks.handshake => Some(VerdictCache::new(
                 parts.clone(),
                 spec.verdict_cache_size,
+                spec.verdict_cache_max_bytes,
                 spec.verdict_cache_max_ttl,
                 metrics,
                 &spec.name,

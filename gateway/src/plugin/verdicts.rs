@@ -9,9 +9,11 @@
 //! runtime). Refusals are never kept, so an attacker's requests always reach the plugin.
 //!
 //! The cache belongs to one plugin version and goes with it on reload. It is bounded by
-//! entries (`verdict_cache_size`) and by a longest life (`verdict_cache_max_ttl_ms`); when
-//! full, expired entries are swept (at most once a second) and otherwise new verdicts are
-//! not kept, so a full cache costs no more than no cache.
+//! entries (`verdict_cache_size`), by bytes (`verdict_cache_max_bytes`: an answer may carry
+//! kilobytes of headers, and a plugin that varies on what clients choose would otherwise
+//! let them fill memory) and by a longest life (`verdict_cache_max_ttl_ms`); when full,
+//! expired entries are swept (at most once a second) and otherwise new verdicts are not
+//! kept, so a full cache costs no more than no cache.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +32,8 @@ pub(super) const MAX_PARTS: usize = 8;
 const MAX_KEY_BYTES: usize = 4096;
 /// How often a full cache looks for expired entries to drop.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// What an entry costs beyond its strings: the map's slot, the entry, the vectors.
+const ENTRY_OVERHEAD: usize = 160;
 
 /// One part of a request a kept verdict depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,15 +127,31 @@ pub(super) struct Kept {
     pub meta: Vec<(String, String)>,
 }
 
+impl Kept {
+    /// The bytes its strings hold.
+    fn bytes(&self) -> usize {
+        let a = &self.accept;
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        a.add_headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
+            + a.remove_headers.iter().map(String::len).sum::<usize>()
+            + opt(&a.upstream)
+            + opt(&a.rewrite_path)
+            + opt(&a.subprotocol)
+            + self.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
 struct Entry {
     kept: Kept,
     until: Instant,
+    bytes: usize,
 }
 
 /// One plugin version's kept verdicts.
 pub(super) struct VerdictCache {
     parts: Vec<Part>,
     max_entries: usize,
+    max_bytes: usize,
     max_ttl: Duration,
     entries: Mutex<Entries>,
     hits: Counter,
@@ -142,14 +162,22 @@ pub(super) struct VerdictCache {
 #[derive(Default)]
 struct Entries {
     map: HashMap<Box<[u8]>, Entry>,
+    /// The entries' keys, strings and overhead.
+    bytes: usize,
     last_sweep: Option<Instant>,
+}
+
+impl Entries {
+    fn fits(&self, bytes: usize, max_entries: usize, max_bytes: usize) -> bool {
+        self.map.len() < max_entries && self.bytes + bytes <= max_bytes
+    }
 }
 
 /// A handshake's place in the cache: its key, if it has one.
 pub(super) struct Lookup(Option<Box<[u8]>>);
 
 impl VerdictCache {
-    pub fn new(parts: Vec<Part>, max_entries: usize, max_ttl: Duration, metrics: &Registry, plugin: &str) -> VerdictCache {
+    pub fn new(parts: Vec<Part>, max_entries: usize, max_bytes: usize, max_ttl: Duration, metrics: &Registry, plugin: &str) -> VerdictCache {
         let counter = |result| {
             metrics.counter(
                 "wasmgate_plugins_verdict_cache_total",
@@ -160,6 +188,7 @@ impl VerdictCache {
         VerdictCache {
             parts,
             max_entries,
+            max_bytes,
             max_ttl,
             entries: Mutex::new(Entries::default()),
             hits: counter("hit"),
@@ -207,20 +236,33 @@ impl VerdictCache {
         if ttl.is_zero() {
             return;
         }
+        let bytes = key.len() + kept.bytes() + ENTRY_OVERHEAD;
         let now = Instant::now();
         let mut entries = self.lock();
-        if entries.map.len() >= self.max_entries && !entries.map.contains_key(&key) {
+        // Another worker may have kept the same answer meanwhile: replace it.
+        if let Some(old) = entries.map.remove(&key) {
+            entries.bytes -= old.bytes;
+        }
+        if !entries.fits(bytes, self.max_entries, self.max_bytes) {
             if entries.last_sweep.is_some_and(|t| now.duration_since(t) < SWEEP_EVERY) {
-                return;
+                return self.size.set(entries.map.len() as f64);
             }
             entries.last_sweep = Some(now);
-            entries.map.retain(|_, e| e.until > now);
-            if entries.map.len() >= self.max_entries {
-                self.size.set(entries.map.len() as f64);
-                return;
+            let mut freed = 0;
+            entries.map.retain(|_, e| {
+                let live = e.until > now;
+                if !live {
+                    freed += e.bytes;
+                }
+                live
+            });
+            entries.bytes -= freed;
+            if !entries.fits(bytes, self.max_entries, self.max_bytes) {
+                return self.size.set(entries.map.len() as f64);
             }
         }
-        entries.map.insert(key, Entry { kept, until: now + ttl });
+        entries.bytes += bytes;
+        entries.map.insert(key, Entry { kept, until: now + ttl, bytes });
         self.size.set(entries.map.len() as f64);
     }
 
@@ -335,7 +377,7 @@ mod tests {
     }
 
     fn cache(max_entries: usize) -> VerdictCache {
-        VerdictCache::new(parts(&["authorization"]), max_entries, Duration::from_secs(60), &Registry::default(), "p")
+        VerdictCache::new(parts(&["authorization"]), max_entries, usize::MAX, Duration::from_secs(60), &Registry::default(), "p")
     }
 
     fn accept(header: &str) -> Kept {
@@ -388,7 +430,7 @@ mod tests {
 
     #[test]
     fn the_operator_caps_the_life_of_a_verdict() {
-        let cache = VerdictCache::new(parts(&["authorization"]), 10, Duration::from_millis(20), &Registry::default(), "p");
+        let cache = VerdictCache::new(parts(&["authorization"]), 10, usize::MAX, Duration::from_millis(20), &Registry::default(), "p");
         let conn = ConnContext::new(1, "[::1]:40000", "/chat");
         let req = request("authorization: Bearer alice\n");
         let Err(at) = cache.find(&conn, &req) else { panic!() };
@@ -396,5 +438,31 @@ mod tests {
         assert!(cache.find(&conn, &req).is_ok());
         std::thread::sleep(Duration::from_millis(30));
         assert!(cache.find(&conn, &req).is_err());
+    }
+
+    #[test]
+    fn the_bytes_kept_are_bounded_too() {
+        // Room for two small answers, not for one with a 4 KiB header.
+        let small = accept("a");
+        let one = "authorization: Bearer a\n".len() + small.bytes() + ENTRY_OVERHEAD + 16;
+        let cache = VerdictCache::new(parts(&["authorization"]), 100, 2 * one, Duration::from_secs(60), &Registry::default(), "p");
+        let conn = ConnContext::new(1, "[::1]:40000", "/chat");
+        let keep = |who: &str, kept: Kept| {
+            let req = request(&format!("authorization: Bearer {who}\n"));
+            if let Err(at) = cache.find(&conn, &req) {
+                cache.keep(at, kept, Duration::from_secs(60));
+            }
+            cache.find(&conn, &req).is_ok()
+        };
+        assert!(!keep("big", accept(&"x".repeat(4096))), "larger than the budget");
+        assert!(keep("a", accept("a")));
+        assert!(keep("b", accept("b")));
+        assert!(!keep("c", accept("c")), "the budget is spent");
+        // Keeping the same answer again replaces it rather than counting it twice.
+        let before = cache.lock().bytes;
+        let req = request("authorization: Bearer a\n");
+        cache.keep(Lookup(key(&cache.parts, "/chat", &req)), accept("a"), Duration::from_secs(60));
+        assert_eq!(cache.lock().map.len(), 2);
+        assert_eq!(cache.lock().bytes, before);
     }
 }
