@@ -252,9 +252,8 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, received: Receiver<Msg>) {
-        loop {
-            // Ends when the gateway (the last sender) is gone.
-            let Ok(first) = received.recv() else { break };
+        // Ends when the gateway (the last sender) is gone.
+        while let Ok(first) = received.recv() {
             // Everything waiting is written, then flushed once: a burst costs few writes,
             // a single line is on disk at once.
             let mut next = Some(first);

@@ -131,7 +131,7 @@ pub async fn answer(head: &RequestHead, routes: &RouteTable) -> Option<Answer> {
     Some(Answer { status, path: target.path, route: route.prefix.clone(), bytes })
 }
 
-fn single<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+fn single(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
     values.next().is_none().then(|| first.to_str().ok()).flatten()
