@@ -227,10 +227,27 @@ fn plugin_call_costs() {
         .unwrap();
     let req = browser_request(&hs256_token(secret, r#"{"sub":"user-1","aud":"bench","exp":4102444800}"#));
     rows.push((
-        "on-handshake, jwt-auth HS256, 12 headers",
+        "on-handshake, jwt-auth HS256, accept kept (no call)",
         per_call(20_000, || {
             let c = ConnContext::new(1, "10.0.0.1:40000", "/");
             assert!(matches!(jwt.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
+        }),
+    ));
+    // The same with the gateway's verdict cache off: a call, jwt-auth's own cache hit.
+    let jwt_called = rt
+        .load(&PluginSpec {
+            config_json: format!(
+                r#"{{"secret":"{secret}","audience":"bench","claims_to_headers":{{"sub":"x-user-id"}}}}"#
+            ),
+            verdict_cache_size: 0,
+            ..PluginSpec::new("jwt-called", wasm("jwt_auth"))
+        })
+        .unwrap();
+    rows.push((
+        "on-handshake, jwt-auth HS256, called, 12 headers",
+        per_call(20_000, || {
+            let c = ConnContext::new(1, "10.0.0.1:40000", "/");
+            assert!(matches!(jwt_called.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
         }),
     ));
     // A token this instance has not verified before: the HMAC, and the claims parsed.
