@@ -171,6 +171,19 @@ impl Entries {
     fn fits(&self, bytes: usize, max_entries: usize, max_bytes: usize) -> bool {
         self.map.len() < max_entries && self.bytes + bytes <= max_bytes
     }
+
+    fn drop_expired(&mut self, now: Instant) {
+        self.last_sweep = Some(now);
+        let mut freed = 0;
+        self.map.retain(|_, e| {
+            let live = e.until > now;
+            if !live {
+                freed += e.bytes;
+            }
+            live
+        });
+        self.bytes -= freed;
+    }
 }
 
 /// A handshake's place in the cache: its key, if it has one.
@@ -247,16 +260,7 @@ impl VerdictCache {
             if entries.last_sweep.is_some_and(|t| now.duration_since(t) < SWEEP_EVERY) {
                 return self.size.set(entries.map.len() as f64);
             }
-            entries.last_sweep = Some(now);
-            let mut freed = 0;
-            entries.map.retain(|_, e| {
-                let live = e.until > now;
-                if !live {
-                    freed += e.bytes;
-                }
-                live
-            });
-            entries.bytes -= freed;
+            entries.drop_expired(now);
             if !entries.fits(bytes, self.max_entries, self.max_bytes) {
                 return self.size.set(entries.map.len() as f64);
             }
