@@ -226,13 +226,11 @@ impl VerdictCache {
             let entries = self.lock();
             entries.map.get(&key).filter(|e| e.until > now).map(|e| e.kept.clone())
         };
-        match kept {
+        // Metadata that no longer fits (earlier plugins of the chain set more this time)
+        // would have failed the call: the plugin is called, as it would have been.
+        match kept.filter(|kept| kept.meta.iter().all(|(k, v)| conn.set_meta(k, v).is_ok())) {
             Some(kept) => {
                 self.hits.inc();
-                for (k, v) in &kept.meta {
-                    // It fit when the call set it on an empty connection, as it is now.
-                    let _ = conn.set_meta(k, v);
-                }
                 Ok(kept.accept)
             }
             None => {
@@ -354,6 +352,7 @@ mod tests {
         assert_ne!(k(&auth, "/chat", &request("authorization: Bearer abd\n")), same);
         assert_ne!(k(&auth, "/chat", &request("authorization: Bearer abc\nauthorization: Bearer abc\n")), same);
         assert_ne!(k(&auth, "/chat", &request("")), same);
+        assert_ne!(k(&auth, "/chat", &request("authorization: \n")), k(&auth, "/chat", &request("")), "empty is not absent");
         assert_ne!(
             k(&auth, "/chat", &request("authorization: a, b\n")),
             k(&auth, "/chat", &request("authorization: a\nauthorization: b\n"))
@@ -468,5 +467,17 @@ mod tests {
         cache.keep(Lookup(key(&cache.parts, "/chat", &req)), accept("a"), Duration::from_secs(60));
         assert_eq!(cache.lock().map.len(), 2);
         assert_eq!(cache.lock().bytes, before);
+    }
+
+    #[test]
+    fn metadata_that_no_longer_fits_sends_the_handshake_to_the_plugin() {
+        let cache = cache(10);
+        let req = request("authorization: Bearer alice\n");
+        let Err(at) = cache.find(&ConnContext::new(1, "[::1]:1", "/chat"), &req) else { panic!() };
+        cache.keep(at, accept("alice"), Duration::from_secs(60));
+        let full = ConnContext::new(2, "[::1]:2", "/chat");
+        full.set_meta("earlier", &"x".repeat(crate::plugin::META_LIMIT_BYTES - "earlier".len())).unwrap();
+        assert!(cache.find(&full, &req).is_err(), "a miss: the call decides");
+        assert!(cache.find(&ConnContext::new(3, "[::1]:3", "/chat"), &req).is_ok());
     }
 }
