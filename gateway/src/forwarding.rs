@@ -9,10 +9,13 @@
 //! the address the gateway saw. "The peer" is the address the connection came from: the
 //! socket's, or the one a trusted proxy named in a PROXY protocol header.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
+
+use crate::upstream::HeaderLines;
 
 /// The networks whose forwarding headers (and PROXY protocol headers) are believed.
 /// Empty, the default, trusts nobody.
@@ -68,54 +71,62 @@ pub fn drop_client_claims(headers: &mut HeaderMap) {
     }
 }
 
-/// The forwarding headers for the upstream: the client's (only left by a trusted peer)
-/// with this hop appended. `X-Forwarded-For` lists every earlier value, in order, then
-/// `client_ip`; `Forwarded` likewise gets this hop's element (`for`, `proto`, and the
+/// Writes the forwarding headers for the upstream: the client's (only left by a trusted
+/// peer) with this hop appended. `X-Forwarded-For` lists every earlier value, in order,
+/// then `client_ip`; `Forwarded` likewise gets this hop's element (`for`, `proto`, and the
 /// normalised `host`); `X-Forwarded-Proto` is the trusted proxy's when it sent one, else
-/// this hop's `proto` (`http`, or `https` on the TLS listener). Other `X-Forwarded-*` headers a trusted proxy sent go on as they are, with the
-/// client's other headers.
-pub fn forwarding_headers(client: &HeaderMap, client_ip: IpAddr, host: &str, proto: &str) -> Vec<(String, String)> {
+/// this hop's `proto` (`http`, or `https` on the TLS listener). Other `X-Forwarded-*`
+/// headers a trusted proxy sent go on as they are, with the client's other headers.
+/// Written in place: every connection pays for these, and formatting them into strings of
+/// their own took a dozen allocations.
+pub fn write_forwarding_headers(out: &mut HeaderLines, client: &HeaderMap, client_ip: IpAddr, host: &str, proto: &str) {
     let client_ip = client_ip.to_canonical();
-    let values = |name: &str| -> Vec<&str> {
-        client.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).collect()
+    let earlier = |name: &'static str| {
+        client.get_all(name).into_iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
     };
-    let ip = client_ip.to_string();
-    let mut chain = values("x-forwarded-for");
-    chain.push(&ip);
-    let mut out = vec![("x-forwarded-for".to_string(), chain.join(", "))];
-
-    // RFC 7239 §6: an IPv6 node is bracketed, and then must be quoted.
-    let node = match client_ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={proto}");
-    if let Some(host) = quoted_string(host) {
-        element.push_str(";host=");
-        element.push_str(&host);
-    }
-    let mut forwarded = values("forwarded");
-    forwarded.push(&element);
-    out.push(("forwarded".to_string(), forwarded.join(", ")));
+    out.push_with("x-forwarded-for", |value| {
+        for hop in earlier("x-forwarded-for") {
+            value.push_str(hop);
+            value.push_str(", ");
+        }
+        let _ = write!(value, "{client_ip}");
+    });
+    out.push_with("forwarded", |value| {
+        for element in earlier("forwarded") {
+            value.push_str(element);
+            value.push_str(", ");
+        }
+        // RFC 7239 §6: an IPv6 node is bracketed, and then must be quoted.
+        let _ = match client_ip {
+            IpAddr::V4(v4) => write!(value, "for={v4}"),
+            IpAddr::V6(v6) => write!(value, "for=\"[{v6}]\""),
+        };
+        value.push_str(";proto=");
+        value.push_str(proto);
+        if is_quotable(host) {
+            value.push_str(";host=");
+            push_quoted(value, host);
+        }
+    });
     if !client.contains_key("x-forwarded-proto") {
-        out.push(("x-forwarded-proto".to_string(), proto.to_string()));
+        out.push("x-forwarded-proto", proto);
     }
-    out
 }
 
-/// Names of the forwarding headers [`forwarding_headers`] writes itself (merging in the
-/// client's, when they were kept).
+/// Names of the forwarding headers [`write_forwarding_headers`] writes itself (merging in
+/// the client's, when they were kept).
 pub fn is_rewritten(name: &str) -> bool {
     matches!(name, "x-forwarded-for" | "forwarded")
 }
 
-/// `value` as an RFC 7230 quoted-string, `"` and `\` escaped; `None` when it holds a
-/// control character, which no quoting makes safe.
-fn quoted_string(value: &str) -> Option<String> {
-    if value.chars().any(|c| c.is_control() && c != '\t') {
-        return None;
-    }
-    let mut out = String::with_capacity(value.len() + 2);
+/// Whether `value` can be an RFC 7230 quoted-string: not if it holds a control character,
+/// which no quoting makes safe.
+fn is_quotable(value: &str) -> bool {
+    !value.chars().any(|c| c.is_control() && c != '\t')
+}
+
+/// Appends `value` as a quoted-string, `"` and `\` escaped.
+fn push_quoted(out: &mut String, value: &str) {
     out.push('"');
     for c in value.chars() {
         if c == '"' || c == '\\' {
@@ -124,7 +135,6 @@ fn quoted_string(value: &str) -> Option<String> {
         out.push(c);
     }
     out.push('"');
-    Some(out)
 }
 
 #[cfg(test)]
@@ -150,6 +160,17 @@ mod tests {
             assert!(parse_network(bad).is_err(), "{bad}");
         }
         assert!(parse_network("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
+    }
+
+    fn forwarding_headers(client: &HeaderMap, client_ip: IpAddr, host: &str, proto: &str) -> Vec<(String, String)> {
+        let mut out = HeaderLines::default();
+        write_forwarding_headers(&mut out, client, client_ip, host, proto);
+        out.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    fn quoted_string(value: &str) -> Option<String> {
+        let mut out = String::new();
+        is_quotable(value).then(|| push_quoted(&mut out, value)).map(|()| out)
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -11,12 +11,14 @@
 use std::time::Duration;
 
 use base64::Engine;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::forwarding;
 use crate::normalize;
+use crate::upstream::HeaderLines;
 
 /// Largest request head accepted (request line and headers).
 const MAX_HEAD: usize = 64 * 1024;
@@ -63,12 +65,12 @@ pub async fn read_request(
 }
 
 async fn read_head(stream: &mut (impl AsyncRead + Unpin), already_read: Vec<u8>) -> Result<RequestHead, ReadError> {
-    let mut buf = already_read;
-    buf.reserve(2048);
+    let mut buf = BytesMut::with_capacity(already_read.len().max(2048));
+    buf.extend_from_slice(&already_read);
     loop {
         // Bytes read before this call may hold the whole head already.
         if !buf.is_empty() {
-            if let Some(head) = parse_head(&buf).map_err(ReadError::Refused)? {
+            if let Some(head) = take_head(&mut buf).map_err(ReadError::Refused)? {
                 return Ok(head);
             }
             if buf.len() >= MAX_HEAD {
@@ -86,21 +88,36 @@ async fn read_head(stream: &mut (impl AsyncRead + Unpin), already_read: Vec<u8>)
     }
 }
 
-/// Parses a complete head from the start of `buf`; `None` while it is incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, Refusal> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut slots);
-    let head_len = match request.parse(buf) {
+/// Takes a complete head, and whatever follows it, out of `buf`; `None`, leaving `buf` as
+/// it is, while the head is incomplete. The header values are slices of one shared copy of
+/// the head rather than a copy each: a head is parsed once per connection, and its values
+/// were a quarter of a plain connection's allocations.
+fn take_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let head_len = match httparse::Request::new(&mut []).parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(Refusal::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("more than {MAX_HEADERS} headers"),
-            ))
-        }
-        Err(e) => return Err(Refusal::new(StatusCode::BAD_REQUEST, format!("malformed HTTP request: {e}"))),
+        Err(e) => return Err(parse_error(e)),
     };
+    let head = buf.split_to(head_len).freeze();
+    let rest = std::mem::take(buf).to_vec();
+    parse_complete_head(&head, rest).map(Some)
+}
+
+fn parse_error(e: httparse::Error) -> Refusal {
+    match e {
+        httparse::Error::TooManyHeaders => {
+            Refusal::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, format!("more than {MAX_HEADERS} headers"))
+        }
+        e => Refusal::new(StatusCode::BAD_REQUEST, format!("malformed HTTP request: {e}")),
+    }
+}
+
+/// Parses `head`, which [`take_head`] found complete.
+fn parse_complete_head(head: &Bytes, rest: Vec<u8>) -> Result<RequestHead, Refusal> {
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    request.parse_with_uninit_headers(head, &mut slots).map_err(parse_error)?;
     let bad = |what: &str| Refusal::new(StatusCode::BAD_REQUEST, format!("malformed HTTP request: {what}"));
     let method = Method::from_bytes(request.method.unwrap_or("").as_bytes()).map_err(|_| bad("method"))?;
     let target = request.path.unwrap_or("").to_string();
@@ -108,7 +125,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, Refusal> {
     let mut headers = HeaderMap::with_capacity(request.headers.len());
     for h in request.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value)).map_err(|_| bad("header value"))?;
         headers.append(name, value);
     }
     // A GET upgrade has no body; one announced here would be read as WebSocket frames.
@@ -117,8 +134,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, Refusal> {
     if has_body && method == Method::GET {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "a WebSocket upgrade request has no body"));
     }
-    let rest = buf[head_len..].to_vec();
-    Ok(Some(RequestHead { method, version, target, headers, rest }))
+    Ok(RequestHead { method, version, target, headers, rest })
 }
 
 /// How long a refused client may keep sending before the socket closes anyway.
@@ -145,12 +161,17 @@ pub async fn refuse(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), refusal:
     .await;
 }
 
-/// The RFC 6455 accept value for a client key.
-pub fn accept_key(key: &str) -> String {
+/// The RFC 6455 accept value for a client key, in base64 (a SHA-1 digest is always 28
+/// bytes in base64, so no allocation).
+pub fn accept_key_bytes(key: &str) -> [u8; 28] {
     let mut sha = Sha1::new();
     sha.update(key.as_bytes());
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+    let mut out = [0u8; 28];
+    base64::engine::general_purpose::STANDARD
+        .encode_slice(sha.finalize(), &mut out)
+        .expect("20 bytes are 28 in base64");
+    out
 }
 
 /// A validated upgrade request, with what the rest of the connection's life needs from it.
@@ -274,7 +295,8 @@ pub fn validate(method: &Method, version: Version, target: &str, mut headers: He
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|k| {
-            base64::engine::general_purpose::STANDARD.decode(k).is_ok_and(|raw| raw.len() == 16)
+            let mut raw = [0u8; 18];
+            base64::engine::general_purpose::STANDARD.decode_slice(k, &mut raw) == Ok(16)
         })
         .ok_or_else(|| {
             Refusal::new(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
@@ -296,8 +318,11 @@ pub fn validate(method: &Method, version: Version, target: &str, mut headers: He
             format!("the request target names host {} but the Host header {}", named.host, authority.host),
         ));
     }
-    let normal_host = HeaderValue::try_from(authority.to_string()).expect("a normal authority is a header value");
-    headers.insert(header::HOST, normal_host);
+    // Most clients send the normal form already; their value is kept as it is.
+    if !normalize::displays_as(&authority, host_header) {
+        let normal_host = HeaderValue::try_from(authority.to_string()).expect("a normal authority is a header value");
+        headers.insert(header::HOST, normal_host);
+    }
     let subprotocols = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -330,17 +355,17 @@ const HOP_BY_HOP: &[&str] = &[
 /// Authorization, subprotocol offer, ...; Host in its normal form) plus this hop's
 /// `X-Forwarded-For` / `Forwarded` / `X-Forwarded-Proto` (see [`forwarding`]). Forwarding
 /// headers left in `upgrade.headers` are a trusted proxy's, and are extended.
-pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr, proto: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::with_capacity(upgrade.headers.len() + 4);
+pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr, proto: &str) -> HeaderLines {
+    let mut out = HeaderLines::with_capacity(512);
     for (name, value) in &upgrade.headers {
         let name = name.as_str();
         let Ok(value) = value.to_str() else { continue };
         if !HOP_BY_HOP.contains(&name) && !forwarding::is_rewritten(name) {
-            out.push((name.to_string(), value.to_string()));
+            out.push(name, value);
         }
     }
     let host = upgrade.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(&upgrade.host);
-    out.extend(forwarding::forwarding_headers(&upgrade.headers, client_ip, host, proto));
+    forwarding::write_forwarding_headers(&mut out, &upgrade.headers, client_ip, host, proto);
     out
 }
 
@@ -349,7 +374,9 @@ pub fn switching_protocols(key: &str, subprotocol: Option<&str>, extensions: Opt
     let mut out = Vec::with_capacity(256);
     status_line(&mut out, StatusCode::SWITCHING_PROTOCOLS);
     out.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
-    push_header(&mut out, "sec-websocket-accept", &accept_key(key));
+    out.extend_from_slice(b"sec-websocket-accept: ");
+    out.extend_from_slice(&accept_key_bytes(key));
+    out.extend_from_slice(b"\r\n");
     // Both values come from checked header values (the upstream's answer or a plugin's
     // choice that must match the client's offer); a stray CR/LF is still never written.
     let clean = |v: &&str| HeaderValue::try_from(*v).is_ok();
@@ -369,7 +396,7 @@ mod tests {
 
     #[test]
     fn accept_key_matches_rfc_example() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(&accept_key_bytes("dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     fn request(extra: &[(&'static str, &'static str)], skip: &[&str]) -> Result<ClientUpgrade, Refusal> {
@@ -427,6 +454,11 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<Option<RequestHead>, Refusal> {
         parse_head(bytes)
+    }
+
+    /// [`take_head`] on a copy of `bytes`.
+    pub(super) fn parse_head(bytes: &[u8]) -> Result<Option<RequestHead>, Refusal> {
+        take_head(&mut BytesMut::from(bytes))
     }
 
     #[test]

@@ -267,12 +267,26 @@ fn host_name(raw: &str) -> Result<String, Unnormalizable> {
     let numeric = last.bytes().all(|b| b.is_ascii_digit())
         || last.strip_prefix("0x").is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
     if numeric {
-        let canonical = name.parse::<Ipv4Addr>().is_ok_and(|addr| addr.to_string() == name);
+        let canonical = name.parse::<Ipv4Addr>().is_ok_and(|addr| displays_as(&addr, &name));
         if !canonical {
             return refuse(format!("the host {raw:?} ends in a number but is not a dotted-quad IPv4 address"));
         }
     }
     Ok(name)
+}
+
+/// Whether `value` displays as exactly `text`, found without writing it anywhere.
+pub fn displays_as(value: &impl std::fmt::Display, text: &str) -> bool {
+    /// Checks each piece written against what is left of `text`.
+    struct Compare<'a>(&'a str);
+    impl std::fmt::Write for Compare<'_> {
+        fn write_str(&mut self, piece: &str) -> std::fmt::Result {
+            self.0 = self.0.strip_prefix(piece).ok_or(std::fmt::Error)?;
+            Ok(())
+        }
+    }
+    let mut rest = Compare(text);
+    std::fmt::write(&mut rest, format_args!("{value}")).is_ok() && rest.0.is_empty()
 }
 
 /// RFC 3986 §2.3.
@@ -297,6 +311,16 @@ pub fn is_plain_route_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn displays_as_compares_the_whole_text() {
+        assert!(displays_as(&"a.example:80", "a.example:80"));
+        assert!(!displays_as(&"a.example:80", "a.example:8"));
+        assert!(!displays_as(&"a.example:8", "a.example:80"));
+        assert!(displays_as(&format_args!("{}:{}", "a", 1), "a:1"));
+        assert!(!displays_as(&"A.example", "a.example"));
+    }
+
 
     fn ok(raw: &str) -> String {
         path(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))

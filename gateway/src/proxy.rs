@@ -218,7 +218,14 @@ async fn upgrade(
         .filter_map(|v| v.to_str().ok())
         .collect();
     if mode == CompressionMode::Passthrough && !client_offers.is_empty() {
-        request.headers.push(("sec-websocket-extensions".into(), client_offers.join(", ")));
+        request.headers.push_with("sec-websocket-extensions", |value| {
+            for (i, offer) in client_offers.iter().enumerate() {
+                if i > 0 {
+                    value.push_str(", ");
+                }
+                value.push_str(offer);
+            }
+        });
     }
     if conn.is_none() && pool.balancer.is_some() {
         conn = Some(new_context());
@@ -342,11 +349,13 @@ fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, secure: bo
     }
     let mut headers = handshake::upstream_headers(upgrade, client_addr.ip(), if secure { "https" } else { "http" });
     if !decision.remove_headers.is_empty() || !decision.add_headers.is_empty() {
-        headers.retain(|(name, _)| {
+        headers.retain(|name| {
             let drop = |n: &String| n.eq_ignore_ascii_case(name);
             !decision.remove_headers.iter().any(drop) && !decision.add_headers.iter().any(|h| drop(&h.name))
         });
-        headers.extend(decision.add_headers.iter().map(|h| (h.name.clone(), h.value.clone())));
+        for added in &decision.add_headers {
+            headers.push(&added.name, &added.value);
+        }
     }
     UpstreamRequest { path_and_query, headers }
 }
@@ -361,11 +370,11 @@ pub(crate) fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Cou
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, pool.unavailable_reason()));
     }
     let Some(((_, slot), conn)) = pool.balancer.as_ref().zip(conn) else {
-        return Ok(pool.round_robin_order(&available));
+        return Ok(pool.round_robin_order(available));
     };
     let plugin = slot.current();
     if !plugin.hooks().balancer {
-        return Ok(pool.round_robin_order(&available));
+        return Ok(pool.round_robin_order(available));
     }
     let candidates: Vec<_> = available.iter().map(|&i| pool.servers[i].candidate(i)).collect();
     match plugin.select(conn, &pool.plugin_view, &candidates) {
@@ -390,7 +399,7 @@ pub(crate) fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Cou
                 trace.refused_by(plugin.name());
                 return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, format!("balancer {} failed", plugin.name())));
             }
-            Ok(pool.round_robin_order(&available))
+            Ok(pool.round_robin_order(available))
         }
     }
 }
@@ -411,7 +420,7 @@ pub(crate) async fn connect_ranked(
     trace: &mut Trace,
 ) -> Result<(UpstreamSocket, ActiveConnection), Refusal> {
     let failures = &shared.metrics.upstream_connect_failures;
-    let mut last_error = String::from("no servers");
+    let mut last_error = None;
     for &index in order.iter().take(pool.max_attempts as usize) {
         let server = &pool.servers[index];
         trace.server(&server.address.authority);
@@ -420,7 +429,7 @@ pub(crate) async fn connect_ranked(
         let active = server.connecting();
         match upstream::open(&server.address, server.tls.as_deref(), request, pool.connect_timeout).await {
             Ok(_) if server.is_draining() => {
-                last_error = format!("{}: draining", server.address.authority);
+                last_error = Some(format!("{}: draining", server.address.authority));
             }
             Ok(socket) => {
                 let took = started.elapsed();
@@ -451,11 +460,11 @@ pub(crate) async fn connect_ranked(
                 }
                 failures.inc();
                 tracing::warn!(pool = %pool.name, server = %server.address.authority, error = %e, "upstream connect failed");
-                last_error = format!("{}: {e}", server.address.authority);
+                last_error = Some(format!("{}: {e}", server.address.authority));
             }
         }
     }
-    Err(Refusal::new(StatusCode::BAD_GATEWAY, format!("no upstream server of {} answered ({last_error})", pool.name)))
+    Err(Refusal::new(StatusCode::BAD_GATEWAY, format!("no upstream server of {} answered ({})", pool.name, last_error.as_deref().unwrap_or("no servers"))))
 }
 
 /// A connection's plugins: the route's chain, the host-side context they share, and

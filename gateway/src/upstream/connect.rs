@@ -12,18 +12,9 @@ use base64::Engine;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{ServerAddress, UpstreamTls};
-use crate::handshake::accept_key;
+use super::{ServerAddress, UpstreamRequest, UpstreamTls};
+use crate::handshake::accept_key_bytes;
 use crate::resources::Shortage;
-
-/// What to ask the upstream for.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamRequest {
-    /// Path and query as the upstream should see them (before the server's path prefix).
-    pub path_and_query: String,
-    /// End-to-end headers to send, already filtered of hop-by-hop ones.
-    pub headers: Vec<(String, String)>,
-}
 
 /// The connection to an upstream server: plain TCP, or TLS over it for `wss://`.
 #[derive(Debug)]
@@ -104,24 +95,19 @@ async fn open_inner(
         (true, None) => return Err(ConnectError::Tls("a wss:// server without TLS settings".into())),
     };
 
-    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-    let mut head = String::with_capacity(512);
+    let mut key = [0u8; 24];
+    let key = encode_key(&mut key);
+    let lines = request.headers.as_str();
+    let mut head = String::with_capacity(160 + server.path_prefix.len() + request.path_and_query.len() + lines.len());
     head.push_str("GET ");
     head.push_str(&server.path_prefix);
     head.push_str(&request.path_and_query);
     head.push_str(" HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n");
     head.push_str("Sec-WebSocket-Key: ");
-    head.push_str(&key);
+    head.push_str(key);
     head.push_str("\r\n");
-    let mut has_host = false;
-    for (name, value) in &request.headers {
-        has_host |= name.eq_ignore_ascii_case("host");
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(value);
-        head.push_str("\r\n");
-    }
-    if !has_host {
+    head.push_str(lines);
+    if !request.headers.has_host() {
         head.push_str("Host: ");
         head.push_str(&server.authority);
         head.push_str("\r\n");
@@ -160,7 +146,7 @@ async fn open_inner(
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case(name))
                 .and_then(|h| std::str::from_utf8(h.value).ok())
-                .map(|v| v.trim().to_string())
+                .map(str::trim)
         };
         if status != 101 {
             if (400..500).contains(&status) {
@@ -185,14 +171,22 @@ async fn open_inner(
             .filter(|h| h.name.eq_ignore_ascii_case("connection"))
             .flat_map(|h| h.value.split(|&b| b == b','))
             .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
-        let accept_ok = find("sec-websocket-accept").is_some_and(|v| v == accept_key(&key));
+        let accept_ok = find("sec-websocket-accept").is_some_and(|v| v.as_bytes() == accept_key_bytes(key).as_slice());
         if !upgrade_ok || !connection_ok || !accept_ok {
             return Err(ConnectError::BadHandshake("101 without a valid WebSocket accept".into()));
         }
-        let subprotocol = find("sec-websocket-protocol");
-        let extensions = find("sec-websocket-extensions");
+        let subprotocol = find("sec-websocket-protocol").map(str::to_string);
+        let extensions = find("sec-websocket-extensions").map(str::to_string);
         return Ok(UpstreamSocket { stream, already_read: buf.split_off(head_len), subprotocol, extensions });
     }
+}
+
+/// A fresh random `Sec-WebSocket-Key`, in base64 in `buf`.
+fn encode_key(buf: &mut [u8; 24]) -> &str {
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(rand::random::<[u8; 16]>(), buf)
+        .expect("16 bytes are 24 in base64");
+    std::str::from_utf8(&buf[..written]).expect("base64 is ASCII")
 }
 
 fn is_framing_header(name: &str) -> bool {

@@ -190,7 +190,7 @@ pub async fn probe(address: &ServerAddress, tls: Option<&UpstreamTls>, settings:
         ProbeKind::WebSocket { path } => {
             let request = UpstreamRequest {
                 path_and_query: path.clone(),
-                headers: vec![("User-Agent".into(), "wasmgate-health-check".into())],
+                headers: [("User-Agent", "wasmgate-health-check")].into_iter().collect(),
             };
             let mut socket = super::open(address, tls, &request, settings.timeout).await?;
             // A client's close frame is masked: FIN + close, masked, 2 bytes of code 1000.

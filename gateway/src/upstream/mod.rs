@@ -10,6 +10,7 @@
 mod connect;
 pub mod drain;
 pub mod health;
+mod request;
 pub mod resolve;
 pub mod server_metrics;
 pub mod tls;
@@ -21,7 +22,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use connect::{open, ConnectError, UpstreamRequest, UpstreamSocket, UpstreamStream};
+pub use connect::{open, ConnectError, UpstreamSocket, UpstreamStream};
+pub use request::{HeaderLines, UpstreamRequest};
 pub use drain::{CloseSignal, Connections, DrainPace};
 pub use health::{Health, HealthSettings, ProbeKind};
 pub use tls::UpstreamTls;
@@ -384,14 +386,14 @@ impl Pool {
         )
     }
 
-    /// `available` (indexes into `servers`), starting from the next one in round-robin order.
-    pub fn round_robin_order(&self, available: &[usize]) -> Vec<usize> {
-        let n = available.len();
-        if n == 0 {
-            return Vec::new();
+    /// `available` (indexes into `servers`), starting from the next one in round-robin order
+    /// (rotated in place: this is every plain connection's path).
+    pub fn round_robin_order(&self, mut available: Vec<usize>) -> Vec<usize> {
+        if !available.is_empty() {
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % available.len();
+            available.rotate_left(start);
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n).map(|i| available[(start + i) % n]).collect()
+        available
     }
 
     /// Finds a server by `host:port`, or `host:port/prefix` when several share an authority.
@@ -508,7 +510,7 @@ mod tests {
         let open = p.servers[0].connection_opened();
         assert_eq!(p.servers[1].state.health.probe_result(false, 2, 1), Some(false));
         assert_eq!(p.available(), [0, 2]);
-        let firsts: Vec<usize> = (0..4).map(|_| p.round_robin_order(&p.available())[0]).collect();
+        let firsts: Vec<usize> = (0..4).map(|_| p.round_robin_order(p.available())[0]).collect();
         assert_eq!(firsts, [0, 2, 0, 2], "round robin over the available servers only");
         assert_eq!(p.find_server("127.0.0.1:3").map(|s| s.address.authority.as_str()), Some("127.0.0.1:3"));
 
