@@ -775,7 +775,10 @@ impl<'a> Relay<'a> {
         self.reset_timer();
     }
 
-    /// Ends both TCP connections with a FIN after everything written.
+    /// Ends both connections after everything written: TLS ones with close_notify and a
+    /// FIN now; plain ones when the relay drops them, which it does right after this, since
+    /// `close` sends the same FIN after the same bytes (a `shutdown` first was two
+    /// more syscalls per connection).
     fn finish(&mut self) {
         // A close whose forwarded copy the other side never answered (the close deadline
         // passed) still gets an answer, written if the socket takes it now; so does a
@@ -787,7 +790,7 @@ impl<'a> Relay<'a> {
         }
         self.flush_all();
         for side in [Side::Client, Side::Upstream] {
-            if !self.state(side).gone {
+            if !self.state(side).gone && !self.stream(side).is_plain() {
                 let _ = self.stream(side).shutdown_write();
             }
         }

@@ -131,6 +131,10 @@ impl Transport {
         }
     }
 
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Transport::Plain(_))
+    }
+
     /// Half-closes: the peer reads the end of the stream after everything sent (TLS first
     /// says so with a close_notify alert).
     pub fn shutdown_write(&self) -> io::Result<()> {
