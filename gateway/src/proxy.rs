@@ -186,13 +186,13 @@ async fn upgrade(
     // Plugins see the connection through a host-side context; connections without plugins
     // skip it.
     let new_context = || {
-        let context = ConnContext::new(shared.next_connection_id(), client_addr.to_string(), route.prefix.clone());
+        let context = ConnContext::new(shared.next_connection_id(), address_text(client_addr), route.prefix.clone());
         Arc::new(if session { context.with_session(log_bytes) } else { context })
     };
     let mut conn = (!chain.is_empty()).then(new_context);
     let errors = &shared.metrics.plugin_errors;
     let decision = match &conn {
-        Some(conn) => run_handshake_chain(&chain, conn, &upgrade, client_addr, tls, errors, trace)?,
+        Some(conn) => run_handshake_chain(&chain, conn, &upgrade, tls, errors, trace)?,
         None => Accept::default(),
     };
 
@@ -277,7 +277,6 @@ fn run_handshake_chain(
     chain: &[Arc<PluginSlot>],
     conn: &ConnContext,
     upgrade: &ClientUpgrade,
-    client_addr: SocketAddr,
     tls: Option<&crate::tls::ServerTls>,
     errors: &Counter,
     trace: &mut Trace,
@@ -289,7 +288,7 @@ fn run_handshake_chain(
         if !plugin.hooks().handshake {
             continue;
         }
-        let request = request.get_or_insert_with(|| plugin_request(upgrade, client_addr, tls));
+        let request = request.get_or_insert_with(|| plugin_request(upgrade, &conn.client_addr, tls));
         match plugin.on_handshake(conn, request) {
             Ok(Verdict::Accept(accept)) => merge(&mut decision, accept),
             Ok(Verdict::Reject(reject)) => {
@@ -325,7 +324,7 @@ fn merge(decision: &mut Accept, accept: Accept) {
 }
 
 /// The request as plugins see it.
-fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, tls: Option<&crate::tls::ServerTls>) -> HandshakeRequest {
+fn plugin_request(upgrade: &ClientUpgrade, client_addr: &str, tls: Option<&crate::tls::ServerTls>) -> HandshakeRequest {
     HandshakeRequest {
         method: "GET".into(),
         path: upgrade.path.clone(),
@@ -338,6 +337,15 @@ fn plugin_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, tls: Option<
         scheme: if tls.is_some() { "wss" } else { "ws" }.into(),
         tls: tls.map(crate::tls::info::describe),
     }
+}
+
+/// `addr` as text, written into a string that has room for any address (`to_string`
+/// grows its string twice on the way).
+fn address_text(addr: SocketAddr) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(48);
+    let _ = write!(text, "{addr}");
+    text
 }
 
 /// Path and headers for the upstream, with the plugins' edits applied.

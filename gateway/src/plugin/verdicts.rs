@@ -85,8 +85,10 @@ pub(super) fn parse_parts(names: &[String]) -> Result<Vec<Part>, String> {
 /// The cache key of `req` on `route`: the route and each part's value, each preceded by its
 /// length so that no two different requests give the same bytes. `None` when it would pass
 /// `MAX_KEY_BYTES`.
-fn key(parts: &[Part], route: &str, req: &HandshakeRequest) -> Option<Box<[u8]>> {
-    let mut key = Vec::with_capacity(128);
+fn key(parts: &[Part], route: &str, req: &HandshakeRequest) -> Option<Vec<u8>> {
+    // Room for every part at once, so a key with a long token grows no more than once.
+    let room = route.len() + req.path.len() + req.query.len() + req.host.len() + req.headers.len() + 64;
+    let mut key = Vec::with_capacity(room.min(MAX_KEY_BYTES + 64));
     let mut push = |bytes: &[u8]| {
         key.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         key.extend_from_slice(bytes);
@@ -117,7 +119,7 @@ fn key(parts: &[Part], route: &str, req: &HandshakeRequest) -> Option<Box<[u8]>>
             }
         }
     }
-    (key.len() <= MAX_KEY_BYTES).then(|| key.into_boxed_slice())
+    (key.len() <= MAX_KEY_BYTES).then_some(key)
 }
 
 /// An accept to give again, and the metadata its call set.
@@ -187,7 +189,7 @@ impl Entries {
 }
 
 /// A handshake's place in the cache: its key, if it has one.
-pub(super) struct Lookup(Option<Box<[u8]>>);
+pub(super) struct Lookup(Option<Vec<u8>>);
 
 impl VerdictCache {
     pub fn new(parts: Vec<Part>, max_entries: usize, max_bytes: usize, max_ttl: Duration, metrics: &Registry, plugin: &str) -> VerdictCache {
@@ -224,7 +226,7 @@ impl VerdictCache {
         let now = Instant::now();
         let kept = {
             let entries = self.lock();
-            entries.map.get(&key).filter(|e| e.until > now).map(|e| e.kept.clone())
+            entries.map.get(&key[..]).filter(|e| e.until > now).map(|e| e.kept.clone())
         };
         // Metadata that no longer fits (earlier plugins of the chain set more this time)
         // would have failed the call: the plugin is called, as it would have been.
@@ -251,7 +253,7 @@ impl VerdictCache {
         let now = Instant::now();
         let mut entries = self.lock();
         // Another worker may have kept the same answer meanwhile: replace it.
-        if let Some(old) = entries.map.remove(&key) {
+        if let Some(old) = entries.map.remove(&key[..]) {
             entries.bytes -= old.bytes;
         }
         if !entries.fits(bytes, self.max_entries, self.max_bytes) {
@@ -264,7 +266,8 @@ impl VerdictCache {
             }
         }
         entries.bytes += bytes;
-        entries.map.insert(key, Entry { kept, until: now + ttl, bytes });
+        // Boxed only when kept: a lookup (most handshakes) needs no key of its own.
+        entries.map.insert(key.into_boxed_slice(), Entry { kept, until: now + ttl, bytes });
         self.size.set(entries.map.len() as f64);
     }
 

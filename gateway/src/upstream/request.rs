@@ -55,7 +55,8 @@ impl HeaderLines {
 
     /// Keeps only the lines whose name `keep` accepts.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
-        let mut kept = HeaderLines::with_capacity(self.text.len());
+        // The same room: what plugins add usually follows.
+        let mut kept = HeaderLines::with_capacity(self.text.capacity());
         for (name, value) in self.iter() {
             if keep(name) {
                 kept.push(name, value);
