@@ -178,15 +178,25 @@ pub struct Serving {
 impl Serving {
     /// Binds `path` (replacing a predecessor's or a stale socket file), private to this user.
     pub fn bind(path: &Path) -> anyhow::Result<(Serving, UnixListener)> {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("cannot replace the handover socket {}: {e}", path.display()),
+        // A retiring process that saw this path as its own may still remove it just after
+        // we bound it (its check and its removal are two steps): bind again then.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!("cannot replace the handover socket {}: {e}", path.display()),
+            }
+            let listener =
+                UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot bind the handover socket {}: {e}", path.display()))?;
+            let made = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).and_then(|()| std::fs::metadata(path));
+            match made {
+                Ok(meta) => return Ok((Serving { path: path.to_path_buf(), file: (meta.dev(), meta.ino()) }, listener)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => continue,
+                Err(e) => anyhow::bail!("cannot set up the handover socket {}: {e}", path.display()),
+            }
         }
-        let listener = UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot bind the handover socket {}: {e}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let meta = std::fs::metadata(path)?;
-        Ok((Serving { path: path.to_path_buf(), file: (meta.dev(), meta.ino()) }, listener))
     }
 
     pub fn remove(self) {

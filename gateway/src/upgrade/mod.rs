@@ -121,11 +121,15 @@ impl Upgrade {
     }
 
     /// Stops accepting and lets go of everything that would lead a client or a successor
-    /// here: the offered socket copies and the handover socket's path.
+    /// here: the offered socket copies and the handover socket's path. After a handover
+    /// the path is left to the successor, which is binding its own socket there at this
+    /// very moment: checking that the file is still ours and then removing it could remove
+    /// the successor's between the two steps, and fail its start (seen in CI).
     fn stop_accepting(&self) {
         self.accepting.cancel();
         self.offered.lock().unwrap().take();
-        if let Some(serving) = self.serving.lock().unwrap().take() {
+        let serving = self.serving.lock().unwrap().take();
+        if let Some(serving) = serving.filter(|_| !self.handed_over.load(Ordering::SeqCst)) {
             serving.remove();
         }
     }
