@@ -161,6 +161,11 @@ impl Connections {
         self.registry.lock().unwrap().live.values().filter(|s| !s.is_closing()).count()
     }
 
+    /// Registered connections asked to close that have not finished closing.
+    fn closing(&self) -> usize {
+        self.registry.lock().unwrap().live.values().filter(|s| s.is_closing()).count()
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -294,12 +299,20 @@ pub struct RebalanceReport {
     pub final_ratio: f64,
 }
 
+/// How long a rebalance watches a pool that looks balanced before it ends. Clients it closed
+/// are still reconnecting when the counts first look right; where they land decides whether
+/// the pool is balanced, so the goal must hold for this long, with nothing left closing.
+const REBALANCE_SETTLE: Duration = Duration::from_millis(500);
+/// How often a rebalance looks again while it waits for the pool to settle.
+const REBALANCE_POLL: Duration = Duration::from_millis(50);
+
 /// Moves connections off the most loaded available servers of `pool`, one every
 /// `1 / per_second` seconds, until the most loaded has at most `target` times the load of the
-/// least loaded (per unit of weight) or is within one connection of it. Closed connections
-/// reconnect and the pool's balancer places them (least-conn puts them on the least loaded).
-/// Stops after `max_moves`, or when `stop` is cancelled. With `migrate`, connections that
-/// can move to another server do so instead of closing.
+/// least loaded (per unit of weight) or is within one connection of it, and stays so for
+/// [`REBALANCE_SETTLE`]. Closed connections reconnect and the pool's balancer places them
+/// (least-conn puts them on the least loaded). Stops after `max_moves`, or when `stop` is
+/// cancelled. With `migrate`, connections that can move to another server do so instead of
+/// closing.
 pub async fn rebalance(
     pool: Arc<Pool>,
     per_second: f64,
@@ -312,39 +325,85 @@ pub async fn rebalance(
     let code = if migrate { MIGRATE_REBALANCE } else { SERVICE_RESTART };
     let pause = Duration::from_secs_f64(1.0 / per_second.max(0.001));
     let mut report = RebalanceReport::default();
-    loop {
-        let loads: Vec<(usize, f64, usize)> = pool
-            .available()
-            .into_iter()
-            .filter(|&i| pool.servers[i].weight > 0)
-            .map(|i| {
-                let server = &pool.servers[i];
-                let open = server.state.connections.open();
-                (i, open as f64 / server.weight as f64, open)
-            })
-            .collect();
-        let (Some(max), Some(min)) = (
-            loads.iter().max_by(|a, b| a.1.total_cmp(&b.1)),
-            loads.iter().min_by(|a, b| a.1.total_cmp(&b.1)),
-        ) else {
-            break;
+    let mut balanced_since: Option<Instant> = None;
+    while let Some(loads) = PoolLoads::measure(&pool) {
+        report.final_ratio = loads.ratio();
+        let next = if loads.meets(target) {
+            let since = *balanced_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= REBALANCE_SETTLE && !loads.closing {
+                break;
+            }
+            REBALANCE_POLL
+        } else {
+            balanced_since = None;
+            if report.moved >= max_moves {
+                break;
+            }
+            let Some(signal) = pool.servers[loads.most_loaded].state.connections.oldest_open() else { break };
+            if signal.close(code) {
+                moved.inc();
+                report.moved += 1;
+            }
+            pause
         };
-        report.final_ratio = if min.1 > 0.0 { max.1 / min.1 } else if max.1 > 0.0 { f64::INFINITY } else { 1.0 };
-        let max_weight = pool.servers[max.0].weight as f64;
-        if report.final_ratio <= target || (max.1 - min.1) * max_weight <= 1.0 || report.moved >= max_moves {
-            break;
-        }
-        let Some(signal) = pool.servers[max.0].state.connections.oldest_open() else { break };
-        if signal.close(code) {
-            moved.inc();
-            report.moved += 1;
-        }
         tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = stop.cancelled() => break,
         }
     }
     report
+}
+
+/// The available servers' loads as a rebalance sees them.
+struct PoolLoads {
+    most_loaded: usize,
+    /// Connections per unit of weight of the most and the least loaded.
+    max: f64,
+    min: f64,
+    max_weight: f64,
+    /// Some connection asked to close is still closing: its client has not reconnected yet.
+    closing: bool,
+}
+
+impl PoolLoads {
+    /// A server's load is its connections that stay: open ones and ones still in their
+    /// handshake (which the balancer placed there), not ones closing. None without an
+    /// available server of non-zero weight.
+    fn measure(pool: &Pool) -> Option<PoolLoads> {
+        let mut loads: Option<PoolLoads> = None;
+        let mut closing_anywhere = false;
+        for i in pool.available() {
+            let server = &pool.servers[i];
+            let closing = server.state.connections.closing();
+            closing_anywhere |= closing > 0;
+            if server.weight == 0 {
+                continue;
+            }
+            let staying = (server.state.active.load(Ordering::Relaxed) as usize).saturating_sub(closing);
+            let load = staying as f64 / server.weight as f64;
+            let loads = loads.get_or_insert(PoolLoads { most_loaded: i, max: load, min: load, max_weight: server.weight as f64, closing: false });
+            if load > loads.max {
+                (loads.most_loaded, loads.max, loads.max_weight) = (i, load, server.weight as f64);
+            }
+            loads.min = loads.min.min(load);
+        }
+        loads.map(|loads| PoolLoads { closing: closing_anywhere, ..loads })
+    }
+
+    fn ratio(&self) -> f64 {
+        if self.min > 0.0 {
+            self.max / self.min
+        } else if self.max > 0.0 {
+            f64::INFINITY
+        } else {
+            1.0
+        }
+    }
+
+    /// At most `target` times the least loaded, or within one connection of it.
+    fn meets(&self, target: f64) -> bool {
+        self.ratio() <= target || (self.max - self.min) * self.max_weight <= 1.0
+    }
 }
 
 #[cfg(test)]
@@ -364,6 +423,35 @@ mod tests {
         assert!(plain.token().is_cancelled());
         assert_eq!(plain.frame(), (1001, "gateway shutting down"));
         assert!(!plain.close(SERVICE_RESTART), "already closing for shutdown");
+    }
+
+    #[test]
+    fn a_rebalance_counts_handshakes_and_not_connections_leaving() {
+        let text = "[gateway]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"p\"\nservers = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n[[route]]\nupstream = \"p\"\n";
+        let config = crate::config::Config::parse(text, "t.toml", Default::default()).unwrap();
+        let pool = Pool::build(&config.upstreams[0], None, None, &super::super::resolve::Names::none());
+        let shutdown = CancellationToken::new();
+        let open = |server: usize| {
+            let guard = pool.servers[server].connection_opened();
+            guard.close_signal(&shutdown);
+            guard
+        };
+        let on_a: Vec<_> = (0..3).map(|_| open(0)).collect();
+        let _on_b = open(1);
+        let _handshake_on_b = pool.servers[1].connecting();
+        let loads = PoolLoads::measure(&pool).unwrap();
+        assert_eq!((loads.max, loads.min, loads.most_loaded, loads.closing), (3.0, 2.0, 0, false));
+        assert!(loads.meets(1.2), "within one connection");
+
+        // Asked to close, a connection no longer counts, but the pool is not settled until
+        // it is gone.
+        assert!(on_a[0].close_signal(&shutdown).close(SERVICE_RESTART));
+        let loads = PoolLoads::measure(&pool).unwrap();
+        assert_eq!((loads.max, loads.min, loads.closing), (2.0, 2.0, true));
+        drop(on_a);
+        let loads = PoolLoads::measure(&pool).unwrap();
+        assert_eq!((loads.max, loads.min, loads.closing), (2.0, 0.0, false));
+        assert!(!loads.meets(1.2) && loads.ratio().is_infinite());
     }
 
     #[test]
