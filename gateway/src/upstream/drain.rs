@@ -427,9 +427,7 @@ mod tests {
 
     #[test]
     fn a_rebalance_counts_handshakes_and_not_connections_leaving() {
-        let text = "[gateway]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"p\"\nservers = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n[[route]]\nupstream = \"p\"\n";
-        let config = crate::config::Config::parse(text, "t.toml", Default::default()).unwrap();
-        let pool = Pool::build(&config.upstreams[0], None, None, &super::super::resolve::Names::none());
+        let pool = super::super::tests::pool(r#"["127.0.0.1:1", "127.0.0.1:2"]"#, None);
         let shutdown = CancellationToken::new();
         let open = |server: usize| {
             let guard = pool.servers[server].connection_opened();

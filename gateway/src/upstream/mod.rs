@@ -496,7 +496,8 @@ mod tests {
         assert!(ServerAddress::parse("wss://x").is_err());
     }
 
-    fn pool(servers: &str, previous: Option<&Pool>) -> Pool {
+    /// A pool `p` of `servers` (a TOML array), built as a reload would from `previous`.
+    pub(super) fn pool(servers: &str, previous: Option<&Pool>) -> Pool {
         let text = format!(
             "[gateway]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"p\"\nservers = {servers}\n[[route]]\nupstream = \"p\"\n"
         );
