@@ -319,7 +319,7 @@ pub fn validate(method: &Method, version: Version, target: &str, mut headers: He
         ));
     }
     // Most clients send the normal form already; their value is kept as it is.
-    if !normalize::displays_as(&authority, host_header) {
+    if !authority.is_spelled(host_header) {
         let normal_host = HeaderValue::try_from(authority.to_string()).expect("a normal authority is a header value");
         headers.insert(header::HOST, normal_host);
     }

@@ -93,6 +93,26 @@ impl fmt::Display for Authority {
     }
 }
 
+impl Authority {
+    /// Whether `text` is this authority as [`Display`](fmt::Display) writes it: the usual
+    /// case of a client that sent the normal form, found without formatting anything.
+    pub fn is_spelled(&self, text: &str) -> bool {
+        let rest = match self.host.contains(':') {
+            true => text.strip_prefix('[').and_then(|t| t.strip_prefix(self.host.as_str())).and_then(|t| t.strip_prefix(']')),
+            false => text.strip_prefix(self.host.as_str()),
+        };
+        match (rest, self.port) {
+            (Some(""), None) => true,
+            (Some(rest), Some(port)) => rest.strip_prefix(':').is_some_and(|digits| {
+                // The port's one spelling: digits, no leading zero (but "0" itself).
+                let canonical = !digits.is_empty() && (digits == "0" || !digits.starts_with('0'));
+                canonical && digits.bytes().all(|b| b.is_ascii_digit()) && digits.parse::<u16>() == Ok(port)
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// Normalises a request target as it came on the request line.
 pub fn target(raw: &str) -> Result<Target, Unnormalizable> {
     if raw.contains('#') {
@@ -267,8 +287,9 @@ fn host_name(raw: &str) -> Result<String, Unnormalizable> {
     let numeric = last.bytes().all(|b| b.is_ascii_digit())
         || last.strip_prefix("0x").is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
     if numeric {
-        let canonical = name.parse::<Ipv4Addr>().is_ok_and(|addr| displays_as(&addr, &name));
-        if !canonical {
+        // std's parser takes only the dotted-quad spelling (no leading zeros, octal or hex),
+        // so what it accepts is already that address's one spelling.
+        if name.parse::<Ipv4Addr>().is_err() {
             return refuse(format!("the host {raw:?} ends in a number but is not a dotted-quad IPv4 address"));
         }
     }
@@ -319,6 +340,25 @@ mod tests {
         assert!(!displays_as(&"a.example:8", "a.example:80"));
         assert!(displays_as(&format_args!("{}:{}", "a", 1), "a:1"));
         assert!(!displays_as(&"A.example", "a.example"));
+    }
+
+    /// `is_spelled` is `displays_as` without the formatting: both must agree on every
+    /// spelling of every authority.
+    #[test]
+    fn is_spelled_agrees_with_the_display() {
+        let spellings = [
+            "chat.example.com", "chat.example.com:80", "chat.example.com:080", "chat.example.com:0", "chat.example.com:00",
+            "chat.example.com:", "Chat.example.com", "chat.example.com.", "chat.example.com.:80", "127.0.0.1",
+            "127.0.0.1:8080", "127.0.0.1:08080", "127.0.0.1:+80", "[::1]", "[::1]:443", "[::1]:0443", "[0:0::1]",
+            "[::1]:", "[::FFFF:1.2.3.4]", "[::ffff:1.2.3.4]:65535", "a:65535", "a:65536", "a:1:2",
+        ];
+        for raw in spellings {
+            let Ok(parsed) = authority(raw) else { continue };
+            for text in spellings.iter().copied().chain([raw, "", "[", ":"]) {
+                assert_eq!(parsed.is_spelled(text), displays_as(&parsed, text), "{parsed} against {text:?}");
+            }
+            assert!(parsed.is_spelled(&parsed.to_string()), "{parsed}");
+        }
     }
 
 
