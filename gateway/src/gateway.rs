@@ -183,6 +183,23 @@ impl Shared {
         self.retired.lock().unwrap().iter().map(|(_, s)| s.clone()).collect()
     }
 
+    /// Every relayed connection not yet asked to close, over all pools and removed servers.
+    pub fn open_connections(&self) -> Vec<crate::upstream::CloseSignal> {
+        let routing = self.routing.load();
+        let servers = routing.pools.values().flat_map(|p| p.servers.iter().cloned()).chain(self.retired_servers());
+        servers.flat_map(|s| s.state.connections.open_signals()).collect()
+    }
+
+    /// Shutdown's part in closing connections: cancels `shutdown` (the background tasks stop,
+    /// and a connection that registers from now on is closed as it registers), then asks
+    /// every open connection to close with 1001.
+    pub fn close_connections(&self) {
+        self.shutdown.cancel();
+        for signal in self.open_connections() {
+            signal.close(crate::upstream::drain::GOING_AWAY);
+        }
+    }
+
     /// Applies `config` as one transaction: changed plugins are compiled and initialised and
     /// routing is built on them, then all of it is swapped in at once. Plugins that fail keep
     /// their previous version; if a plugin the config needs has no version at all, the whole
@@ -672,7 +689,7 @@ impl Gateway {
     /// `shutdown_grace_secs`).
     pub async fn shutdown(self) {
         let grace = Duration::from_secs(self.shared.config.load().gateway.shutdown_grace_secs);
-        self.shared.shutdown.cancel();
+        self.shared.close_connections();
         self.shared.tasks.close();
         if tokio::time::timeout(grace, self.shared.tasks.wait()).await.is_err() {
             tracing::warn!(left = self.shared.tasks.len(), "connections still open after the grace period");

@@ -611,8 +611,7 @@ async fn relay_connection(client: ClientStream, prepared: Box<Prepared>, shared:
             (Some(resumer), None, stop)
         }
         _ => {
-            let signal = active.close_signal(&shared.shutdown);
-            let stop = relay::Stop { token: signal.token().clone(), frame: Box::new(move || signal.frame()) };
+            let stop = active.close_signal(&shared.shutdown).stop();
             (None, Some(active), stop)
         }
     };

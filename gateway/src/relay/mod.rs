@@ -36,7 +36,7 @@ use close::code;
 use frame::OpCode;
 pub use link::{DataKind, Link, LinkEvent, LinkRules, MessageAction, MessageHook, Side};
 pub use reattach::{Reattach, Reattached};
-pub use stop::Stop;
+pub use stop::{Stop, StopFlag, StopSource};
 pub use transport::Transport;
 use stop::StopWatch;
 pub use traffic::TrafficCounters;
@@ -230,7 +230,7 @@ pub fn run<'a>(
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
         timer_deadline: now,
         timer_needs_poll: true,
-        stop: StopWatch::new(stop.token.clone()),
+        stop: StopWatch::new(&stop),
         traffic: traffic::Reporter::new(traffic, now),
         reattach,
         moving: None,
@@ -271,7 +271,7 @@ impl<'a> Relay<'a> {
                 Wake::Timer => relay.on_timer(),
                 Wake::Shutdown if relay.move_on_stop() => {}
                 Wake::Shutdown => {
-                    let (code, reason) = (stop.frame)();
+                    let (code, reason) = stop.frame();
                     relay.start_close(Some((code, reason)), Some((code, reason)));
                 }
             }
@@ -822,7 +822,16 @@ mod size {
             message_assembly_timeout: None,
         };
         let rules = LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: false, max_message_size: 1 << 20 };
-        let stop = Stop { token: tokio_util::sync::CancellationToken::new(), frame: Box::new(|| (1001, "")) };
+        struct NeverFired(StopFlag);
+        impl StopSource for NeverFired {
+            fn flag(&self) -> &StopFlag {
+                &self.0
+            }
+            fn frame(&self) -> (u16, &'static str) {
+                (1001, "")
+            }
+        }
+        let stop = Stop(std::sync::Arc::new(NeverFired(StopFlag::default())));
         let relay = run(client, upstream, &settings, (rules, rules), None, None, stop, &[], None);
         let (future, relay_alone) = (std::mem::size_of_val(&relay), std::mem::size_of::<Relay>());
         assert!(future <= relay_alone + 160, "the relay's future is {future} bytes, the relay {relay_alone}");

@@ -169,7 +169,7 @@ impl Relay<'_> {
                     let input = std::mem::take(&mut client.unprocessed);
                     self.take_input(Side::Client, input);
                 }
-                self.stop = StopWatch::new(new_stop.token.clone());
+                self.stop = StopWatch::new(&new_stop);
                 *stop = new_stop;
                 self.last_data = now;
                 self.reset_timer();

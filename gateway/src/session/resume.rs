@@ -59,7 +59,7 @@ impl Resumer {
 
     /// The relay's stop: shutdown closes with 1001, a drain with 1012 unless it migrates.
     pub fn stop(&self) -> Stop {
-        stop_of(&self.signal)
+        self.signal.stop()
     }
 
     fn metrics(&self) -> &crate::metrics::Registry {
@@ -197,7 +197,3 @@ fn kind(op: Opcode) -> DataKind {
     }
 }
 
-fn stop_of(signal: &CloseSignal) -> Stop {
-    let signal = signal.clone();
-    Stop { token: signal.token().clone(), frame: Box::new(move || signal.frame()) }
-}

@@ -14,7 +14,6 @@ use tokio::time::Instant;
 
 use crate::gateway::{AdminError, Shared};
 use crate::upstream::drain::SERVICE_RESTART;
-use crate::upstream::CloseSignal;
 
 /// The longest `drain_secs` `POST /shutdown` takes: a day.
 const MAX_DRAIN_SECS: f64 = 86_400.0;
@@ -26,7 +25,7 @@ pub fn start(shared: &Arc<Shared>, drain: Duration, cause: &'static str) -> Opti
         return None;
     }
     shared.upgrade.stop_accepting();
-    let open = open_connections(shared).len();
+    let open = shared.open_connections().len();
     let handed_over = shared.upgrade.handed_over.load(std::sync::atomic::Ordering::SeqCst);
     if !handed_over && !migrates_queued_connections() {
         tracing::warn!(
@@ -63,7 +62,7 @@ async fn run(shared: Arc<Shared>, drain: Duration) {
     let grace = Duration::from_secs(shared.config.load().gateway.shutdown_grace_secs);
     let deadline = Instant::now() + drain;
     while !shared.tasks.is_empty() && Instant::now() < deadline + grace {
-        let open = open_connections(&shared);
+        let open = shared.open_connections();
         if open.is_empty() {
             // Handshakes under way, or close handshakes: look again shortly.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -79,7 +78,7 @@ async fn run(shared: Arc<Shared>, drain: Duration) {
             }
         }
     }
-    shared.shutdown.cancel();
+    shared.close_connections();
     shared.tasks.close();
     if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
         tracing::warn!(left = shared.tasks.len(), "connections still open after the grace period");
@@ -88,14 +87,6 @@ async fn run(shared: Arc<Shared>, drain: Duration) {
     shared.upgrade.retired.cancel();
 }
 
-/// Every relayed connection not yet asked to close, over all pools and removed servers.
-fn open_connections(shared: &Shared) -> Vec<CloseSignal> {
-    let routing = shared.routing.load();
-    let mut open: Vec<CloseSignal> =
-        routing.pools.values().flat_map(|p| p.servers.iter()).flat_map(|s| s.state.connections.open_signals()).collect();
-    open.extend(shared.retired_servers().iter().flat_map(|s| s.state.connections.open_signals()));
-    open
-}
 
 /// Whether the kernel moves a closed `SO_REUSEPORT` listener's queued connections to
 /// another listener of its group (`net.ipv4.tcp_migrate_req`, Linux 5.14+).

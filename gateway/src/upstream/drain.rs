@@ -3,9 +3,9 @@
 //!
 //! Each proxied connection registers a [`CloseSignal`] on its server's [`Connections`]
 //! (the [`ActiveConnection`](super::ActiveConnection) guard owns the registration and
-//! removes it on drop, O(1) both ways). The relay watches the signal's token: cancelled by the
-//! gateway's shutdown it closes both sides with 1001; cancelled by [`CloseSignal::close`] it
-//! closes them with the code given there.
+//! removes it on drop, O(1) both ways). The relay watches the signal: closed by the gateway's
+//! shutdown ([`crate::gateway::Shared::close_connections`]) it closes both sides with 1001,
+//! by a drain with the code given to [`CloseSignal::close`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Pool, Server};
+use crate::relay::{Stop, StopFlag, StopSource};
 use crate::metrics::Counter;
 
 /// 1012: the server is going away for a while; reconnect.
@@ -31,61 +32,62 @@ pub const MIGRATE_REBALANCE: u16 = 2;
 /// that failed its health checks.
 pub const MIGRATE_UNHEALTHY: u16 = 3;
 
-/// What a relay watches besides its sockets: when the token is cancelled, close both sides
-/// with [`CloseSignal::frame`].
-#[derive(Debug, Clone)]
+/// What a relay watches besides its sockets: once [`CloseSignal::close`] is called, close
+/// both sides with [`CloseSignal::frame`]. One allocation per connection, the relay's stop
+/// included (see [`crate::relay::Stop`]).
+#[derive(Debug, Clone, Default)]
 pub struct CloseSignal {
     inner: Arc<SignalInner>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct SignalInner {
-    token: CancellationToken,
-    /// The code `close` asked for; 0 when the token was cancelled by its parent (shutdown).
+    /// The code `close` asked for; 0 until then.
     code: AtomicU16,
+    /// Fired by `close`, watched by the relay.
+    stop: StopFlag,
     /// The connection can move to another server (its route keeps session state).
     movable: AtomicBool,
 }
 
-impl CloseSignal {
-    /// A signal also cancelled when `parent` is (the gateway's shutdown token).
-    pub fn child_of(parent: &CancellationToken) -> CloseSignal {
-        CloseSignal {
-            inner: Arc::new(SignalInner {
-                token: parent.child_token(),
-                code: AtomicU16::new(0),
-                movable: AtomicBool::new(false),
-            }),
-        }
+impl StopSource for SignalInner {
+    fn flag(&self) -> &StopFlag {
+        &self.stop
     }
 
-    /// Cancelled when the connection should close.
-    pub fn token(&self) -> &CancellationToken {
-        &self.inner.token
-    }
-
-    /// Asks the relay to close both sides with `code`. Returns false when the connection was
-    /// already asked to close (by this or by shutdown).
-    pub fn close(&self, code: u16) -> bool {
-        if self.inner.token.is_cancelled() {
-            return false;
-        }
-        let first = self.inner.code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
-        self.inner.token.cancel();
-        first
-    }
-
-    pub fn is_closing(&self) -> bool {
-        self.inner.token.is_cancelled()
-    }
-
-    /// The close code and reason for both sides, once the token is cancelled.
-    pub fn frame(&self) -> (u16, &'static str) {
-        match self.inner.code.load(Ordering::Acquire) {
+    fn frame(&self) -> (u16, &'static str) {
+        match self.code.load(Ordering::Acquire) {
             0 | GOING_AWAY => (GOING_AWAY, "gateway shutting down"),
             SERVICE_RESTART | MIGRATE_DRAIN | MIGRATE_REBALANCE | MIGRATE_UNHEALTHY => (SERVICE_RESTART, "service restart"),
             code => (code, ""),
         }
+    }
+}
+
+impl CloseSignal {
+    /// Asks the relay to close both sides with `code` (not 0). Returns false when the
+    /// connection was already asked to close (by this or by shutdown): the first close wins.
+    pub fn close(&self, code: u16) -> bool {
+        debug_assert_ne!(code, 0);
+        if self.inner.code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
+        self.inner.stop.fire();
+        true
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.inner.code.load(Ordering::Acquire) != 0
+    }
+
+    /// The close code and reason for both sides, once closed.
+    pub fn frame(&self) -> (u16, &'static str) {
+        self.inner.frame()
+    }
+
+    /// What the relay watches.
+    pub fn stop(&self) -> Stop {
+        Stop(self.inner.clone())
     }
 }
 
@@ -137,15 +139,19 @@ struct Registry {
 }
 
 impl Connections {
-    /// Adds a connection. A connection that arrives while the server drains is asked to
-    /// close at once (it raced with the drain's start).
-    pub fn register(&self, signal: CloseSignal) -> u64 {
+    /// Adds a connection. A connection that arrives while the gateway shuts down (`shutdown`
+    /// is cancelled) or the server drains is asked to close at once: it raced with the
+    /// shutdown's or the drain's start.
+    pub fn register(&self, signal: CloseSignal, shutdown: &CancellationToken) -> u64 {
         let mut registry = self.registry.lock().unwrap();
         let id = registry.next_id;
         registry.next_id += 1;
-        // Checked under the lock: a drain sets the flag, then takes its list under the lock,
-        // so it either sees this connection or this check sees the flag.
-        if self.draining.load(Ordering::SeqCst) {
+        // Checked under the lock: shutdown cancels its token and a drain sets its flag, then
+        // each takes its list under the lock, so it either sees this connection or this check
+        // sees the token or flag.
+        if shutdown.is_cancelled() {
+            signal.close(GOING_AWAY);
+        } else if self.draining.load(Ordering::SeqCst) {
             signal.close(SERVICE_RESTART);
         }
         registry.live.insert(id, signal);
@@ -412,17 +418,20 @@ mod tests {
 
     #[test]
     fn close_signals_carry_their_code() {
-        let shutdown = CancellationToken::new();
-        let drained = CloseSignal::child_of(&shutdown);
+        let drained = CloseSignal::default();
+        assert!(!drained.is_closing() && !drained.stop().0.flag().is_fired());
         assert!(drained.close(SERVICE_RESTART));
         assert!(!drained.close(4000), "the first close wins");
-        assert!(drained.token().is_cancelled());
+        assert!(drained.is_closing() && drained.stop().0.flag().is_fired());
         assert_eq!(drained.frame(), (1012, "service restart"));
-        let plain = CloseSignal::child_of(&shutdown);
-        shutdown.cancel();
-        assert!(plain.token().is_cancelled());
+        assert_eq!(drained.stop().frame(), (1012, "service restart"));
+        let plain = CloseSignal::default();
+        assert!(plain.close(GOING_AWAY));
         assert_eq!(plain.frame(), (1001, "gateway shutting down"));
         assert!(!plain.close(SERVICE_RESTART), "already closing for shutdown");
+        let custom = CloseSignal::default();
+        custom.close(4001);
+        assert_eq!(custom.frame(), (4001, ""));
     }
 
     #[test]
@@ -456,23 +465,28 @@ mod tests {
     fn registry_adds_removes_and_closes_latecomers_while_draining() {
         let c = Connections::default();
         let shutdown = CancellationToken::new();
-        let signals: Vec<_> = (0..3).map(|_| CloseSignal::child_of(&shutdown)).collect();
-        let ids: Vec<_> = signals.iter().map(|s| c.register(s.clone())).collect();
+        let signals: Vec<_> = (0..3).map(|_| CloseSignal::default()).collect();
+        let ids: Vec<_> = signals.iter().map(|s| c.register(s.clone(), &shutdown)).collect();
         c.unregister(ids[1]);
         assert_eq!(c.open(), 2);
         let (first, targets) = c.begin_drain().unwrap();
         assert_eq!(targets.len(), 2);
         assert!(c.begin_drain().is_none(), "one drain at a time");
         assert!(c.drain_goes_on(first));
-        let late = CloseSignal::child_of(&shutdown);
-        c.register(late.clone());
+        let late = CloseSignal::default();
+        c.register(late.clone(), &shutdown);
         assert_eq!(late.frame(), (1012, "service restart"));
         assert!(late.is_closing());
         c.undrain();
         assert!(!c.drain_goes_on(first), "undrain stops the drain");
-        let after = CloseSignal::child_of(&shutdown);
-        c.register(after.clone());
+        let after = CloseSignal::default();
+        c.register(after.clone(), &shutdown);
         assert!(!after.is_closing());
+        // Once the gateway shuts down, a newcomer closes with 1001, drain or not.
+        shutdown.cancel();
+        let last = CloseSignal::default();
+        c.register(last.clone(), &shutdown);
+        assert_eq!(last.frame(), (1001, "gateway shutting down"));
         // Drained again while the first drain task still sleeps: only the new one goes on.
         let (second, _) = c.begin_drain().unwrap();
         assert!(c.drain_goes_on(second) && !c.drain_goes_on(first));
@@ -483,11 +497,11 @@ mod tests {
         let c = Connections::default();
         let shutdown = CancellationToken::new();
         let (plain, session, closing) =
-            (CloseSignal::child_of(&shutdown), CloseSignal::child_of(&shutdown), CloseSignal::child_of(&shutdown));
+            (CloseSignal::default(), CloseSignal::default(), CloseSignal::default());
         session.mark_movable();
         closing.mark_movable();
         for s in [&plain, &session, &closing] {
-            c.register(s.clone());
+            c.register(s.clone(), &shutdown);
         }
         assert!(closing.close(SERVICE_RESTART));
         assert_eq!(c.move_movable(), 1, "the closing one is not asked again");

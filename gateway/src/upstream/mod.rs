@@ -256,12 +256,13 @@ impl ActiveConnection {
         self.server.state.total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The signal the relay watches: cancelled on shutdown (close with 1001) or when the
-    /// server is drained or rebalanced (1012). Registered on the server on first call.
+    /// The signal the relay watches: closed on shutdown (with 1001) or when the server is
+    /// drained or rebalanced (1012). Registered on the server on first call; closed at once
+    /// if `shutdown` is already cancelled.
     pub fn close_signal(&self, shutdown: &CancellationToken) -> CloseSignal {
         let (_, signal) = self.registration.get_or_init(|| {
-            let signal = CloseSignal::child_of(shutdown);
-            (self.server.state.connections.register(signal.clone()), signal)
+            let signal = CloseSignal::default();
+            (self.server.state.connections.register(signal.clone(), shutdown), signal)
         });
         signal.clone()
     }
