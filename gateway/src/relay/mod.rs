@@ -822,16 +822,7 @@ mod size {
             message_assembly_timeout: None,
         };
         let rules = LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: false, max_message_size: 1 << 20 };
-        struct NeverFired(StopFlag);
-        impl StopSource for NeverFired {
-            fn flag(&self) -> &StopFlag {
-                &self.0
-            }
-            fn frame(&self) -> (u16, &'static str) {
-                (1001, "")
-            }
-        }
-        let stop = Stop(std::sync::Arc::new(NeverFired(StopFlag::default())));
+        let stop = Stop(std::sync::Arc::new(stop::Source::default()));
         let relay = run(client, upstream, &settings, (rules, rules), None, None, stop, &[], None);
         let (future, relay_alone) = (std::mem::size_of_val(&relay), std::mem::size_of::<Relay>());
         assert!(future <= relay_alone + 160, "the relay's future is {future} bytes, the relay {relay_alone}");

@@ -90,6 +90,21 @@ impl StopWatch {
     }
 }
 
+/// A stop for tests: fired by hand, closing with 1001.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct Source(pub StopFlag);
+
+#[cfg(test)]
+impl StopSource for Source {
+    fn flag(&self) -> &StopFlag {
+        &self.0
+    }
+    fn frame(&self) -> (u16, &'static str) {
+        (1001, "")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,18 +116,6 @@ mod tests {
     impl Wake for CountingWaker {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    #[derive(Default)]
-    struct Source(StopFlag);
-
-    impl StopSource for Source {
-        fn flag(&self) -> &StopFlag {
-            &self.0
-        }
-        fn frame(&self) -> (u16, &'static str) {
-            (1001, "")
         }
     }
 
