@@ -296,20 +296,6 @@ fn host_name(raw: &str) -> Result<String, Unnormalizable> {
     Ok(name)
 }
 
-/// Whether `value` displays as exactly `text`, found without writing it anywhere.
-pub fn displays_as(value: &impl std::fmt::Display, text: &str) -> bool {
-    /// Checks each piece written against what is left of `text`.
-    struct Compare<'a>(&'a str);
-    impl std::fmt::Write for Compare<'_> {
-        fn write_str(&mut self, piece: &str) -> std::fmt::Result {
-            self.0 = self.0.strip_prefix(piece).ok_or(std::fmt::Error)?;
-            Ok(())
-        }
-    }
-    let mut rest = Compare(text);
-    std::fmt::write(&mut rest, format_args!("{value}")).is_ok() && rest.0.is_empty()
-}
-
 /// RFC 3986 §2.3.
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
@@ -332,6 +318,20 @@ pub fn is_plain_route_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `value` displays as exactly `text`, found without writing it anywhere.
+    fn displays_as(value: &impl std::fmt::Display, text: &str) -> bool {
+        /// Checks each piece written against what is left of `text`.
+        struct Compare<'a>(&'a str);
+        impl std::fmt::Write for Compare<'_> {
+            fn write_str(&mut self, piece: &str) -> std::fmt::Result {
+                self.0 = self.0.strip_prefix(piece).ok_or(std::fmt::Error)?;
+                Ok(())
+            }
+        }
+        let mut rest = Compare(text);
+        std::fmt::write(&mut rest, format_args!("{value}")).is_ok() && rest.0.is_empty()
+    }
 
     #[test]
     fn displays_as_compares_the_whole_text() {
