@@ -230,7 +230,7 @@ pub fn run<'a>(
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
         timer_deadline: now,
         timer_needs_poll: true,
-        stop: StopWatch::new(&stop),
+        stop: StopWatch::new(stop),
         traffic: traffic::Reporter::new(traffic, now),
         reattach,
         moving: None,
@@ -239,11 +239,11 @@ pub fn run<'a>(
     relay.reset_timer();
     // The block uses the relay where it was captured; an `async fn` taking it by value
     // would keep a second copy of it (rust-lang/rust#62958).
-    async move { relay.drive(stop).await }
+    async move { relay.drive().await }
 }
 
 impl<'a> Relay<'a> {
-    async fn drive(&mut self, mut stop: Stop) -> RelayOutcome {
+    async fn drive(&mut self) -> RelayOutcome {
         let relay = self;
         // Bytes that came with the handshakes are processed before any read.
         for side in [Side::Client, Side::Upstream] {
@@ -260,7 +260,7 @@ impl<'a> Relay<'a> {
             if relay.moving.is_some() {
                 // Boxed: inline, the move's futures (reading the client while another
                 // server is found) would size every connection's task for its whole life.
-                Box::pin(relay.move_upstream(&mut stop)).await;
+                Box::pin(relay.move_upstream()).await;
                 relay.flush_all();
                 continue;
             }
@@ -271,7 +271,7 @@ impl<'a> Relay<'a> {
                 Wake::Timer => relay.on_timer(),
                 Wake::Shutdown if relay.move_on_stop() => {}
                 Wake::Shutdown => {
-                    let (code, reason) = stop.frame();
+                    let (code, reason) = relay.stop.frame();
                     relay.start_close(Some((code, reason)), Some((code, reason)));
                 }
             }

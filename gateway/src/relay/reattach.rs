@@ -141,7 +141,7 @@ impl Relay<'_> {
     /// the client sends into a bounded queue, then queues for the new server the
     /// reattacher's messages, the kept client input and what was read meanwhile. Without a
     /// server, the client gets the close it would have had.
-    pub(super) async fn move_upstream(&mut self, stop: &mut Stop) {
+    pub(super) async fn move_upstream(&mut self) {
         let Some(Move { reason, fallback }) = self.moving.take() else { return };
         let kept = self.c2u.take_unsent();
         let reattach = self.reattach.take().expect("a move needs a reattacher");
@@ -169,8 +169,7 @@ impl Relay<'_> {
                     let input = std::mem::take(&mut client.unprocessed);
                     self.take_input(Side::Client, input);
                 }
-                self.stop = StopWatch::new(&new_stop);
-                *stop = new_stop;
+                self.stop = StopWatch::new(new_stop);
                 self.last_data = now;
                 self.reset_timer();
                 if !upstream.already_read.is_empty() {

@@ -50,12 +50,6 @@ pub trait StopSource: Send + Sync {
 #[derive(Clone)]
 pub struct Stop(pub Arc<dyn StopSource>);
 
-impl Stop {
-    pub fn frame(&self) -> (u16, &'static str) {
-        self.0.frame()
-    }
-}
-
 /// Watches a [`Stop`] for the relay.
 pub(super) struct StopWatch {
     source: Arc<dyn StopSource>,
@@ -67,8 +61,13 @@ pub(super) struct StopWatch {
 }
 
 impl StopWatch {
-    pub(super) fn new(stop: &Stop) -> StopWatch {
-        StopWatch { source: stop.0.clone(), registered: false, told: false }
+    pub(super) fn new(stop: Stop) -> StopWatch {
+        StopWatch { source: stop.0, registered: false, told: false }
+    }
+
+    /// The close code and reason for both sides, once the stop fired.
+    pub(super) fn frame(&self) -> (u16, &'static str) {
+        self.source.frame()
     }
 
     /// Ready once, when the flag has fired.
@@ -122,7 +121,7 @@ mod tests {
     #[test]
     fn fires_once_and_wakes_the_task() {
         let source = Arc::new(Source::default());
-        let mut watch = StopWatch::new(&Stop(source.clone()));
+        let mut watch = StopWatch::new(Stop(source.clone()));
         let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = Waker::from(task.clone());
         let mut cx = Context::from_waker(&waker);
@@ -139,7 +138,7 @@ mod tests {
     fn a_flag_fired_before_the_first_poll_is_seen() {
         let source = Arc::new(Source::default());
         source.0.fire();
-        let mut watch = StopWatch::new(&Stop(source));
+        let mut watch = StopWatch::new(Stop(source));
         let waker = Waker::from(Arc::new(CountingWaker(AtomicUsize::new(0))));
         assert!(watch.poll(&mut Context::from_waker(&waker)).is_ready());
     }
@@ -149,7 +148,7 @@ mod tests {
     fn a_fire_racing_the_first_poll_is_seen_or_wakes() {
         for _ in 0..200 {
             let source = Arc::new(Source::default());
-            let mut watch = StopWatch::new(&Stop(source.clone()));
+            let mut watch = StopWatch::new(Stop(source.clone()));
             let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
             let waker = Waker::from(task.clone());
             let firing = std::thread::spawn(move || source.0.fire());

@@ -424,7 +424,7 @@ mod tests {
         assert!(!drained.close(4000), "the first close wins");
         assert!(drained.is_closing() && drained.stop().0.flag().is_fired());
         assert_eq!(drained.frame(), (1012, "service restart"));
-        assert_eq!(drained.stop().frame(), (1012, "service restart"));
+        assert_eq!(drained.stop().0.frame(), (1012, "service restart"));
         let plain = CloseSignal::default();
         assert!(plain.close(GOING_AWAY));
         assert_eq!(plain.frame(), (1001, "gateway shutting down"));
