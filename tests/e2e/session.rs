@@ -331,8 +331,9 @@ async fn dying_server() -> (String, tokio::sync::oneshot::Sender<()>, Arc<Mutex<
                 Ok((mut stream, _)) = listener.accept() => {
                     let head = read_head(&mut stream).await;
                     let answer = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", accept_for(&head));
-                    stream.write_all(answer.as_bytes()).await.unwrap();
+                    // Counted before the answer, so a client that has its 101 sees the count.
                     *count.lock().unwrap() += 1;
+                    stream.write_all(answer.as_bytes()).await.unwrap();
                     streams.push(stream);
                 }
                 _ = &mut dead => break,
