@@ -79,41 +79,54 @@ pub fn drop_client_claims(headers: &mut HeaderMap) {
 /// headers a trusted proxy sent go on as they are, with the client's other headers.
 /// Written in place: every connection pays for these, and formatting them into strings of
 /// their own took a dozen allocations.
-pub fn write_forwarding_headers(out: &mut HeaderLines, client: &HeaderMap, client_ip: IpAddr, host: &str, proto: &str) {
+///
+/// Each is written only if `keep` accepts its name (a plugin may replace one).
+pub fn write_forwarding_headers(
+    out: &mut HeaderLines,
+    client: &HeaderMap,
+    client_ip: IpAddr,
+    host: &str,
+    proto: &str,
+    keep: impl Fn(&str) -> bool,
+) {
     let client_ip = client_ip.to_canonical();
     let earlier = |name: &'static str| {
         client.get_all(name).into_iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
     };
-    out.push_with("x-forwarded-for", |value| {
-        for hop in earlier("x-forwarded-for") {
-            value.push_str(hop);
-            value.push_str(", ");
-        }
-        push_ip(value, client_ip);
-    });
-    out.push_with("forwarded", |value| {
-        for element in earlier("forwarded") {
-            value.push_str(element);
-            value.push_str(", ");
-        }
-        // RFC 7239 §6: an IPv6 node is bracketed, and then must be quoted.
-        match client_ip {
-            IpAddr::V4(_) => {
-                value.push_str("for=");
-                push_ip(value, client_ip);
+    if keep("x-forwarded-for") {
+        out.push_with("x-forwarded-for", |value| {
+            for hop in earlier("x-forwarded-for") {
+                value.push_str(hop);
+                value.push_str(", ");
             }
-            IpAddr::V6(v6) => {
-                let _ = write!(value, "for=\"[{v6}]\"");
+            push_ip(value, client_ip);
+        });
+    }
+    if keep("forwarded") {
+        out.push_with("forwarded", |value| {
+            for element in earlier("forwarded") {
+                value.push_str(element);
+                value.push_str(", ");
             }
-        }
-        value.push_str(";proto=");
-        value.push_str(proto);
-        if is_quotable(host) {
-            value.push_str(";host=");
-            push_quoted(value, host);
-        }
-    });
-    if !client.contains_key("x-forwarded-proto") {
+            // RFC 7239 §6: an IPv6 node is bracketed, and then must be quoted.
+            match client_ip {
+                IpAddr::V4(_) => {
+                    value.push_str("for=");
+                    push_ip(value, client_ip);
+                }
+                IpAddr::V6(v6) => {
+                    let _ = write!(value, "for=\"[{v6}]\"");
+                }
+            }
+            value.push_str(";proto=");
+            value.push_str(proto);
+            if is_quotable(host) {
+                value.push_str(";host=");
+                push_quoted(value, host);
+            }
+        });
+    }
+    if !client.contains_key("x-forwarded-proto") && keep("x-forwarded-proto") {
         out.push("x-forwarded-proto", proto);
     }
 }
@@ -190,7 +203,7 @@ mod tests {
 
     fn forwarding_headers(client: &HeaderMap, client_ip: IpAddr, host: &str, proto: &str) -> Vec<(String, String)> {
         let mut out = HeaderLines::default();
-        write_forwarding_headers(&mut out, client, client_ip, host, proto);
+        write_forwarding_headers(&mut out, client, client_ip, host, proto, |_| true);
         out.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
     }
 

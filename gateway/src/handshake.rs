@@ -354,18 +354,19 @@ const HOP_BY_HOP: &[&str] = &[
 /// The headers to send upstream: the client's end-to-end headers (Origin, cookies,
 /// Authorization, subprotocol offer, ...; Host in its normal form) plus this hop's
 /// `X-Forwarded-For` / `Forwarded` / `X-Forwarded-Proto` (see [`forwarding`]). Forwarding
-/// headers left in `upgrade.headers` are a trusted proxy's, and are extended.
-pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr, proto: &str) -> HeaderLines {
+/// headers left in `upgrade.headers` are a trusted proxy's, and are extended. Only headers
+/// whose (lower-case) name `keep` accepts are written: plugins' removals cost no second pass.
+pub fn upstream_headers(upgrade: &ClientUpgrade, client_ip: std::net::IpAddr, proto: &str, keep: impl Fn(&str) -> bool) -> HeaderLines {
     let mut out = HeaderLines::with_capacity(512);
     for (name, value) in &upgrade.headers {
         let name = name.as_str();
         let Ok(value) = value.to_str() else { continue };
-        if !HOP_BY_HOP.contains(&name) && !forwarding::is_rewritten(name) {
+        if !HOP_BY_HOP.contains(&name) && !forwarding::is_rewritten(name) && keep(name) {
             out.push(name, value);
         }
     }
     let host = upgrade.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(&upgrade.host);
-    forwarding::write_forwarding_headers(&mut out, &upgrade.headers, client_ip, host, proto);
+    forwarding::write_forwarding_headers(&mut out, &upgrade.headers, client_ip, host, proto, keep);
     out
 }
 

@@ -6,12 +6,14 @@
 //! The upstream is opened *before* the client gets its 101, so a dead upstream shows up as a
 //! 502 the client can see, not as an accepted socket that dies at once.
 
+use std::cell::OnceCell;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::FutureExt as _;
+use smallvec::SmallVec;
 use http::StatusCode;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
@@ -26,7 +28,7 @@ use crate::metrics::Counter;
 use crate::compression::negotiate::{self, DeflatePolicy};
 use crate::proxy_protocol;
 use crate::plugin::{
-    header_lines, panic_text, Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeRequest, OnError, Opcode, PluginSlot,
+    header_lines, panic_text, Accept, Action, Compression, CompressionMode, ConnContext, ConnStats, Direction, HandshakeInput, HandshakeRequest, OnError, Opcode, PluginSlot,
     Verdict,
 };
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
@@ -186,7 +188,7 @@ async fn upgrade(
     // Plugins see the connection through a host-side context; connections without plugins
     // skip it.
     let new_context = || {
-        let context = ConnContext::new(shared.next_connection_id(), address_text(client_addr), route.prefix.clone());
+        let context = ConnContext::new(shared.next_connection_id(), client_addr, route.prefix.clone());
         Arc::new(if session { context.with_session(log_bytes) } else { context })
     };
     let mut conn = (!chain.is_empty()).then(new_context);
@@ -281,16 +283,23 @@ fn run_handshake_chain(
     errors: &Counter,
     trace: &mut Trace,
 ) -> Result<Accept, Refusal> {
-    let mut decision = Accept::default();
-    let mut request = None;
-    for slot in chain {
+    let mut decision: Option<Accept> = None;
+    let request = PluginRequest { upgrade, client_addr: conn.client_addr, tls, record: OnceCell::new() };
+    for slot in chain.iter() {
         let plugin = slot.current();
         if !plugin.hooks().handshake {
             continue;
         }
-        let request = request.get_or_insert_with(|| plugin_request(upgrade, &conn.client_addr, tls));
-        match plugin.on_handshake(conn, request) {
-            Ok(Verdict::Accept(accept)) => merge(&mut decision, accept),
+        match plugin.on_handshake(conn, &request) {
+            Ok(Verdict::Accept(accept)) => {
+                decision = Some(match decision {
+                    Some(mut earlier) => {
+                        merge(&mut earlier, accept);
+                        earlier
+                    }
+                    None => accept,
+                })
+            }
             Ok(Verdict::Reject(reject)) => {
                 trace.refused_by(plugin.name());
                 let status = StatusCode::from_u16(reject.status).unwrap_or(StatusCode::FORBIDDEN);
@@ -311,7 +320,7 @@ fn run_handshake_chain(
             }
         }
     }
-    Ok(decision)
+    Ok(decision.unwrap_or_default())
 }
 
 fn merge(decision: &mut Accept, accept: Accept) {
@@ -323,19 +332,55 @@ fn merge(decision: &mut Accept, accept: Accept) {
     decision.remove_headers.extend(accept.remove_headers);
 }
 
-/// The request as plugins see it.
-fn plugin_request(upgrade: &ClientUpgrade, client_addr: &str, tls: Option<&crate::tls::ServerTls>) -> HandshakeRequest {
-    HandshakeRequest {
-        method: "GET".into(),
-        path: upgrade.path.clone(),
-        query: upgrade.query.clone(),
-        host: upgrade.host.clone(),
-        // Values that are not visible ASCII (obs-text) are left out: plugins get text.
-        headers: header_lines(upgrade.headers.iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))),
-        client_addr: client_addr.to_string(),
-        subprotocols: upgrade.subprotocols.clone(),
-        scheme: if tls.is_some() { "wss" } else { "ws" }.into(),
-        tls: tls.map(crate::tls::info::describe),
+/// The request as plugins see it, read from the parsed upgrade. The `request` record is
+/// written only for the first plugin actually called: a verdict the gateway kept needs a
+/// few of the request's parts, not a copy of it.
+struct PluginRequest<'a> {
+    upgrade: &'a ClientUpgrade,
+    client_addr: SocketAddr,
+    tls: Option<&'a crate::tls::ServerTls>,
+    record: OnceCell<HandshakeRequest>,
+}
+
+impl HandshakeInput for PluginRequest<'_> {
+    fn record(&self) -> &HandshakeRequest {
+        self.record.get_or_init(|| {
+            let upgrade = self.upgrade;
+            HandshakeRequest {
+                method: "GET".into(),
+                path: upgrade.path.clone(),
+                query: upgrade.query.clone(),
+                host: upgrade.host.clone(),
+                // Values that are not visible ASCII (obs-text) are left out: plugins get text.
+                headers: header_lines(upgrade.headers.iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))),
+                client_addr: address_text(self.client_addr),
+                subprotocols: upgrade.subprotocols.clone(),
+                scheme: self.scheme().into(),
+                tls: self.tls.map(crate::tls::info::describe),
+            }
+        })
+    }
+    fn path(&self) -> &str {
+        &self.upgrade.path
+    }
+    fn query(&self) -> &str {
+        &self.upgrade.query
+    }
+    fn host(&self) -> &str {
+        &self.upgrade.host
+    }
+    fn scheme(&self) -> &str {
+        if self.tls.is_some() { "wss" } else { "ws" }
+    }
+    fn sni(&self) -> Option<&str> {
+        self.tls.map(|tls| tls.server_name().unwrap_or(""))
+    }
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        Some(self.client_addr.ip())
+    }
+    fn each_header_value(&self, name: &str, each: &mut dyn FnMut(&str)) {
+        // The record's filter: values that are not text are not there.
+        self.upgrade.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).for_each(each);
     }
 }
 
@@ -355,15 +400,15 @@ fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, secure: bo
         path_and_query.push('?');
         path_and_query.push_str(&upgrade.query);
     }
-    let mut headers = handshake::upstream_headers(upgrade, client_addr.ip(), if secure { "https" } else { "http" });
-    if !decision.remove_headers.is_empty() || !decision.add_headers.is_empty() {
-        headers.retain(|name| {
-            let drop = |n: &String| n.eq_ignore_ascii_case(name);
-            !decision.remove_headers.iter().any(drop) && !decision.add_headers.iter().any(|h| drop(&h.name))
-        });
-        for added in &decision.add_headers {
-            headers.push(&added.name, &added.value);
-        }
+    // What plugins remove or set is left out of the client's headers as they are written.
+    let edits = !decision.remove_headers.is_empty() || !decision.add_headers.is_empty();
+    let keep = |name: &str| {
+        let named = |n: &String| n.eq_ignore_ascii_case(name);
+        !edits || !(decision.remove_headers.iter().any(named) || decision.add_headers.iter().any(|h| named(&h.name)))
+    };
+    let mut headers = handshake::upstream_headers(upgrade, client_addr.ip(), if secure { "https" } else { "http" }, keep);
+    for added in &decision.add_headers {
+        headers.push(&added.name, &added.value);
     }
     UpstreamRequest { path_and_query, headers }
 }
@@ -384,11 +429,12 @@ pub(crate) fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Cou
     if !plugin.hooks().balancer {
         return Ok(pool.round_robin_order(available));
     }
-    let candidates: Vec<_> = available.iter().map(|&i| pool.servers[i].candidate(i)).collect();
+    // A pool has a handful of servers, mostly: no allocation for the call's bookkeeping.
+    let candidates: SmallVec<[_; 16]> = available.iter().map(|&i| pool.servers[i].candidate(i)).collect();
     match plugin.select(conn, &pool.plugin_view, &candidates) {
         Ok(ranked) => {
             let mut order = Vec::with_capacity(ranked.len());
-            let mut seen = vec![false; candidates.len()];
+            let mut seen: SmallVec<[bool; 64]> = smallvec::smallvec![false; candidates.len()];
             for i in ranked.into_iter().map(|i| i as usize) {
                 if i < candidates.len() && !std::mem::replace(&mut seen[i], true) {
                     order.push(available[i]);
@@ -478,7 +524,7 @@ pub(crate) async fn connect_ranked(
 /// A connection's plugins: the route's chain, the host-side context they share, and
 /// whether any reads messages (decided once, at the handshake).
 struct Chain {
-    slots: Vec<Arc<PluginSlot>>,
+    slots: Arc<[Arc<PluginSlot>]>,
     conn: Option<Arc<ConnContext>>,
     reads_messages: bool,
 }
@@ -684,7 +730,7 @@ fn notify_close(chain: &[Arc<PluginSlot>], conn: &ConnContext, outcome: &RelayOu
 /// plugins before it left it; drop, reply and close end the chain.
 struct ChainHook {
     conn: Arc<ConnContext>,
-    chain: Vec<Arc<PluginSlot>>,
+    chain: Arc<[Arc<PluginSlot>]>,
     errors: Counter,
     /// What a plugin makes (a new payload, a reply) obeys the limit relayed messages do.
     max_message_size: u64,
@@ -702,7 +748,7 @@ impl MessageHook for ChainHook {
         };
         let mut replaced: Option<Vec<u8>> = None;
         let mut compress = true;
-        for slot in &self.chain {
+        for slot in self.chain.iter() {
             let plugin = slot.current();
             if !plugin.hooks().messages {
                 continue;
@@ -743,5 +789,105 @@ impl MessageHook for ChainHook {
             }
         }
         MessageAction::Send { payload: replaced, compress }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::Header;
+    use http::{HeaderMap, HeaderName, HeaderValue};
+
+    fn upgrade(headers: &[(&str, &[u8])]) -> ClientUpgrade {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_bytes(value).unwrap());
+        }
+        ClientUpgrade {
+            key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+            path: "/chat/room".into(),
+            query: "a=1&b=%20".into(),
+            host: "chat.example".into(),
+            subprotocols: vec!["v2.chat".into()],
+            headers: map,
+        }
+    }
+
+    fn values(input: &dyn HandshakeInput, name: &str) -> Vec<String> {
+        let mut all = Vec::new();
+        input.each_header_value(name, &mut |v| all.push(v.to_string()));
+        all
+    }
+
+    /// Kept verdicts are found by the parts read from the parsed upgrade; a call sees the
+    /// record. Both must give the same values, or a kept answer would be given to a request
+    /// the plugin never judged.
+    #[test]
+    fn a_plugin_request_reads_its_parts_as_its_record_carries_them() {
+        let cases: &[&[(&str, &[u8])]] = &[
+            &[],
+            &[("authorization", b"Bearer a.b.c")],
+            &[("authorization", b"a"), ("x-authorization", b"z"), ("authorization", b"b, c")],
+            // obs-text is left out of the record, so it must be left out of the parts.
+            &[("x-token", b"caf\xe9"), ("x-token", b"ok"), ("x-token", b"")],
+            &[("cookie", b"a=1; b=2"), ("cookie", b"c=3"), ("x-empty", b""), ("authorization-x", b"y")],
+        ];
+        let names = ["authorization", "x-authorization", "x-token", "cookie", "x-empty", "authorization-x", "absent"];
+        for (i, headers) in cases.iter().enumerate() {
+            let upgrade = upgrade(headers);
+            for addr in ["192.0.2.7:40000", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:1"] {
+                let lazy = PluginRequest { upgrade: &upgrade, client_addr: addr.parse().unwrap(), tls: None, record: OnceCell::new() };
+                let record = lazy.record().clone();
+                for name in names {
+                    assert_eq!(values(&lazy, name), values(&record, name), "case {i}, header {name}");
+                }
+                assert_eq!(
+                    (lazy.path(), lazy.query(), lazy.host(), lazy.scheme(), lazy.sni(), lazy.client_ip()),
+                    (record.path(), record.query(), record.host(), record.scheme(), record.sni(), record.client_ip()),
+                    "case {i}, {addr}"
+                );
+            }
+        }
+    }
+
+    /// A plugin's edits: what it removes or sets is gone from the client's headers and from
+    /// the forwarding headers, in any case; what it sets follows once; the rest is untouched.
+    #[test]
+    fn the_upstream_gets_the_clients_headers_with_the_plugins_edits() {
+        let upgrade = upgrade(&[
+            ("origin", b"https://chat.example"),
+            ("x-user-id", b"root"),
+            ("x-user-id", b"admin"),
+            ("cookie", b"a=1"),
+            ("x-trace", b"t1"),
+        ]);
+        let client = "192.0.2.7:40000".parse().unwrap();
+        let lines = |decision: &Accept| {
+            let request = upstream_request(&upgrade, client, false, decision);
+            request.headers.iter().map(|(n, v)| format!("{n}: {v}")).collect::<Vec<_>>()
+        };
+        let untouched = lines(&Accept::default());
+        assert_eq!(untouched, [
+            "origin: https://chat.example",
+            "x-user-id: root",
+            "x-user-id: admin",
+            "cookie: a=1",
+            "x-trace: t1",
+            "x-forwarded-for: 192.0.2.7",
+            "forwarded: for=192.0.2.7;proto=http;host=\"chat.example\"",
+            "x-forwarded-proto: http",
+        ]);
+        let edited = Accept {
+            add_headers: vec![Header { name: "X-User-Id".into(), value: "ann".into() }],
+            remove_headers: vec!["COOKIE".into(), "x-forwarded-for".into(), "absent".into()],
+            ..Accept::default()
+        };
+        assert_eq!(lines(&edited), [
+            "origin: https://chat.example",
+            "x-trace: t1",
+            "forwarded: for=192.0.2.7;proto=http;host=\"chat.example\"",
+            "x-forwarded-proto: http",
+            "X-User-Id: ann",
+        ]);
     }
 }

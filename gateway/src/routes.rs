@@ -13,11 +13,13 @@ pub struct Route {
     /// Exact host (normal form, no port), or any host.
     pub host: Option<String>,
     /// Path prefix, matched on whole segments: "/api" matches "/api" and "/api/x", not "/apix".
-    pub prefix: String,
+    /// Shared: each connection's plugin context names its route.
+    pub prefix: Arc<str>,
     pub upstream: String,
     /// Plugin chain, in call order: names (for messages) and the slots that serve them.
     pub plugins: Vec<String>,
-    pub chain: Vec<Arc<PluginSlot>>,
+    /// Shared, so that a connection holds its chain without copying it.
+    pub chain: Arc<[Arc<PluginSlot>]>,
     /// The directory plain GETs on this route are answered from (`files`).
     pub files: Option<StaticDir>,
 }
@@ -40,7 +42,7 @@ impl RouteTable {
             let chain = plugins.iter().map(|name| plugin(name)).collect::<Result<_, _>>()?;
             routes.push(Route {
                 host: r.host.as_ref().map(|h| h.get_ref().clone()),
-                prefix: r.path.get_ref().clone(),
+                prefix: r.path.get_ref().as_str().into(),
                 upstream: r.upstream.get_ref().clone(),
                 plugins,
                 chain,
@@ -81,7 +83,7 @@ mod tests {
             prefix: prefix.into(),
             upstream: upstream.into(),
             plugins: vec![],
-            chain: vec![],
+            chain: Arc::new([]),
             files: None,
         }
     }

@@ -128,7 +128,7 @@ pub async fn answer(head: &RequestHead, routes: &RouteTable) -> Option<Answer> {
         Some((path, body)) => (200, response(200, content_type(&path), &body, head_only)),
         None => (404, response(404, "text/plain; charset=utf-8", b"not found\n", head_only)),
     };
-    Some(Answer { status, path: target.path, route: route.prefix.clone(), bytes })
+    Some(Answer { status, path: target.path, route: route.prefix.to_string(), bytes })
 }
 
 fn single(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {

@@ -62,7 +62,7 @@ impl Drop for TempDir {
 }
 
 fn conn() -> ConnContext {
-    ConnContext::new(7, "10.0.0.1:5555", "/chat")
+    ConnContext::new(7, "10.0.0.1:5555".parse().unwrap(), "/chat")
 }
 
 fn request(path: &str) -> HandshakeRequest {
@@ -556,7 +556,7 @@ fn instances_are_shared_and_capped() {
         for t in 0..8u64 {
             let p = &p;
             s.spawn(move || {
-                let c = ConnContext::new(t, "10.0.0.1:1", "/");
+                let c = ConnContext::new(t, "10.0.0.1:1".parse().unwrap(), "/");
                 for _ in 0..2000 {
                     let a = p
                         .on_message(&c, Direction::ClientToUpstream, Opcode::Binary, b"x")
@@ -751,7 +751,7 @@ fn kept_verdicts_are_given_again_without_a_call() {
     assert_eq!(call_number(&p, &conn(), &with_headers("x-user: bob\n")), "2");
     assert_eq!(call_number(&p, &conn(), &with_headers("x-user: ann\nx-user: ann\n")), "3");
     assert_eq!(call_number(&p, &conn(), &with_headers("")), "4");
-    let admin = ConnContext::new(8, "10.0.0.1:5556", "/admin");
+    let admin = ConnContext::new(8, "10.0.0.1:5556".parse().unwrap(), "/admin");
     assert_eq!(call_number(&p, &admin, &ann), "5");
     // Refusals are never kept.
     for n in [6, 7] {
@@ -776,7 +776,7 @@ fn kept_verdicts_expire_and_the_operator_bounds_them() {
     assert_eq!(call_number(&p, &conn(), &ann), "1");
     assert_eq!(call_number(&p, &conn(), &ann), "1");
     // The client's IP is a declared part; its port is not.
-    assert_eq!(call_number(&p, &ConnContext::new(9, "10.0.0.1:6000", "/chat"), &HandshakeRequest { client_addr: "10.0.0.1:6000".into(), ..ann.clone() }), "2");
+    assert_eq!(call_number(&p, &ConnContext::new(9, "10.0.0.1:6000".parse().unwrap(), "/chat"), &HandshakeRequest { client_addr: "10.0.0.1:6000".into(), ..ann.clone() }), "2");
     std::thread::sleep(Duration::from_millis(150));
     assert_eq!(call_number(&p, &conn(), &ann), "3", "expired");
     // The operator's cap is shorter than the plugin asks.

@@ -121,7 +121,7 @@ fn browser_request(token: &str) -> HandshakeRequest {
 #[ignore = "benchmark; run with --ignored --nocapture"]
 fn plugin_call_costs() {
     let rt = PluginRuntime::new(RuntimeOptions::default(), Arc::new(Registry::new())).unwrap();
-    let conn = ConnContext::new(1, "10.0.0.1:40000", "/");
+    let conn = ConnContext::new(1, "10.0.0.1:40000".parse().unwrap(), "/");
     let mut rows: Vec<(&str, Duration)> = Vec::new();
 
     let noop = rt
@@ -161,7 +161,7 @@ fn plugin_call_costs() {
             let threads: Vec<_> = (0..2)
                 .map(|_| {
                     s.spawn(|| {
-                        let conn = ConnContext::new(2, "10.0.0.2:40000", "/");
+                        let conn = ConnContext::new(2, "10.0.0.2:40000".parse().unwrap(), "/");
                         per_call(400_000, || {
                             noop.on_message(&conn, Direction::ClientToUpstream, Opcode::Text, b"hello")
                                 .unwrap();
@@ -229,7 +229,7 @@ fn plugin_call_costs() {
     rows.push((
         "on-handshake, jwt-auth HS256, accept kept (no call)",
         per_call(20_000, || {
-            let c = ConnContext::new(1, "10.0.0.1:40000", "/");
+            let c = ConnContext::new(1, "10.0.0.1:40000".parse().unwrap(), "/");
             assert!(matches!(jwt.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
         }),
     ));
@@ -246,7 +246,7 @@ fn plugin_call_costs() {
     rows.push((
         "on-handshake, jwt-auth HS256, called, 12 headers",
         per_call(20_000, || {
-            let c = ConnContext::new(1, "10.0.0.1:40000", "/");
+            let c = ConnContext::new(1, "10.0.0.1:40000".parse().unwrap(), "/");
             assert!(matches!(jwt_called.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
         }),
     ));
@@ -262,7 +262,7 @@ fn plugin_call_costs() {
     rows.push((
         "on-handshake, jwt-auth HS256, cache off, 12 headers",
         per_call(20_000, || {
-            let c = ConnContext::new(1, "10.0.0.1:40000", "/");
+            let c = ConnContext::new(1, "10.0.0.1:40000".parse().unwrap(), "/");
             assert!(matches!(jwt_uncached.on_handshake(&c, &req), Ok(Verdict::Accept(_))));
         }),
     ));

@@ -22,7 +22,7 @@ use super::session::{Outgoing, ReattachReason};
 use super::validate;
 use super::verdicts::{Kept, VerdictCache};
 use super::types::{
-    Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeRequest, HookFlags,
+    Accept, Action, Candidate, ConnContext, ConnStats, Direction, HandshakeInput, HookFlags,
     Hooks, OnError, Opcode, PluginError, PoolInfo, Verdict,
 };
 use crate::metrics::{Counter, Histogram, Registry};
@@ -238,7 +238,7 @@ impl Plugin {
     pub fn on_handshake(
         &self,
         conn: &ConnContext,
-        req: &HandshakeRequest,
+        req: &dyn HandshakeInput,
     ) -> Result<Verdict, PluginError> {
         if !self.hooks.handshake {
             return Ok(Verdict::Accept(Accept::default()));
@@ -257,7 +257,7 @@ impl Plugin {
             self.spec.handshake_timeout,
             |guard, exports| {
                 let mut guard = guard.for_handshake(lookup.is_some());
-                let verdict = exports.on_handshake(guard.store, req)?;
+                let verdict = exports.on_handshake(guard.store, req.record())?;
                 Some(verdict.map(|v| (v, guard.take_handshake_record())))
             },
         )?;

@@ -439,11 +439,11 @@ impl connection::HostConnection for HostState {
     }
 
     fn client_addr(&mut self, c: Resource<connection::Connection>) -> wasmtime::Result<String> {
-        Ok(self.conn(&c)?.client_addr.clone())
+        Ok(self.conn(&c)?.client_addr.to_string())
     }
 
     fn route(&mut self, c: Resource<connection::Connection>) -> wasmtime::Result<String> {
-        Ok(self.conn(&c)?.route.clone())
+        Ok(self.conn(&c)?.route.to_string())
     }
 
     fn get_meta(

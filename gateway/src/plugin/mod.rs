@@ -37,7 +37,7 @@ pub use shared_kv::{KvFailure, LOCAL_PREFIX};
 pub use registry::{PluginRegistry, PluginSlot, ReloadEntry, ReloadOutcome, ReloadReport, StagedPlugins};
 pub use types::{
     Accept, Action, Candidate, CloseFrame, Compression, CompressionMode, ConnContext, ConnStats,
-    Direction, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, PoolInfo,
+    Direction, HandshakeInput, HandshakeRequest, Header, Hooks, MetaFull, OnError, Opcode, PluginError, PoolInfo,
     Reject, ServerInfo, Verdict, META_LIMIT_BYTES, TlsInfo, ClientCertificate, header_lines,
 };
 pub use session::{Outgoing, ReattachReason};

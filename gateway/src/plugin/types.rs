@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,8 +19,10 @@ use wasmtime::component::{ComponentType, Lift, Lower};
 /// It is the only per-connection cost of plugins: instances are shared.
 pub struct ConnContext {
     pub id: u64,
-    pub client_addr: String,
-    pub route: String,
+    /// Written out only when a plugin asks for it.
+    pub client_addr: SocketAddr,
+    /// The route's prefix, shared with the route table.
+    pub route: Arc<str>,
     meta: Mutex<Meta>,
     /// The replay log, only on routes with a session plugin (`with_session`).
     pub session: Option<Box<crate::session::SessionLog>>,
@@ -41,10 +44,10 @@ pub const META_LIMIT_BYTES: usize = 16 * 1024;
 pub struct MetaFull;
 
 impl ConnContext {
-    pub fn new(id: u64, client_addr: impl Into<String>, route: impl Into<String>) -> ConnContext {
+    pub fn new(id: u64, client_addr: SocketAddr, route: impl Into<Arc<str>>) -> ConnContext {
         ConnContext {
             id,
-            client_addr: client_addr.into(),
+            client_addr,
             route: route.into(),
             meta: Mutex::new(Meta::default()),
             session: None,
@@ -147,6 +150,57 @@ pub struct HandshakeRequest {
     /// "ws" or "wss".
     pub scheme: String,
     pub tls: Option<TlsInfo>,
+}
+
+/// A handshake as `on-handshake` takes it. A kept verdict (`verdicts`) is found by a few
+/// parts of the request, so the gateway hands the parsed request over and writes the
+/// contract's `request` record only when a plugin is actually called: in a reconnect storm
+/// most handshakes are answered without one.
+pub trait HandshakeInput {
+    /// The `request` record a call hands over.
+    fn record(&self) -> &HandshakeRequest;
+    fn path(&self) -> &str;
+    fn query(&self) -> &str;
+    fn host(&self) -> &str;
+    /// "ws" or "wss".
+    fn scheme(&self) -> &str;
+    /// The name the `wss://` client asked for, in any case; `None` over plain TCP.
+    fn sni(&self) -> Option<&str>;
+    fn client_ip(&self) -> Option<IpAddr>;
+    /// Each value of header `name` (lower case) that the record carries, in order.
+    fn each_header_value(&self, name: &str, each: &mut dyn FnMut(&str));
+}
+
+/// A record is its own input (tests, `plugin::bench`, and requests built elsewhere).
+impl HandshakeInput for HandshakeRequest {
+    fn record(&self) -> &HandshakeRequest {
+        self
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn query(&self) -> &str {
+        &self.query
+    }
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn scheme(&self) -> &str {
+        &self.scheme
+    }
+    fn sni(&self) -> Option<&str> {
+        self.tls.as_ref().map(|t| t.sni.as_str())
+    }
+    fn client_ip(&self) -> Option<IpAddr> {
+        self.client_addr.parse::<SocketAddr>().ok().map(|a| a.ip())
+    }
+    fn each_header_value(&self, name: &str, each: &mut dyn FnMut(&str)) {
+        for line in self.headers.lines() {
+            if let Some(value) = line.strip_prefix(name).and_then(|rest| rest.strip_prefix(": ")) {
+                each(value);
+            }
+        }
+    }
 }
 
 /// Headers as the `request` record carries them: one text, a line "name: value\n" each.
@@ -377,11 +431,10 @@ mod candidate_abi {
             offset: usize,
             items: &[Self],
         ) -> wasmtime::Result<()> {
-            let mut bytes = Vec::with_capacity(items.len() * SIZE);
-            for item in items {
-                bytes.extend_from_slice(&item.encode());
+            let memory = &mut cx.as_slice_mut()[offset..][..items.len() * SIZE];
+            for (to, item) in memory.chunks_exact_mut(SIZE).zip(items) {
+                to.copy_from_slice(&item.encode());
             }
-            cx.as_slice_mut()[offset..][..bytes.len()].copy_from_slice(&bytes);
             Ok(())
         }
     }
@@ -559,7 +612,7 @@ mod tests {
 
     #[test]
     fn meta_is_bounded_per_connection() {
-        let c = ConnContext::new(1, "1.2.3.4:5", "/");
+        let c = ConnContext::new(1, "1.2.3.4:5".parse().unwrap(), "/");
         c.set_meta("user", "alice").unwrap();
         c.set_meta("user", "bob").unwrap();
         assert_eq!(c.meta("user").as_deref(), Some("bob"));

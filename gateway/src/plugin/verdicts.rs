@@ -16,13 +16,15 @@
 //! kept, so a full cache costs no more than no cache.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
 use super::bindings::verdicts;
 use super::host::HostState;
-use super::types::{Accept, ConnContext, HandshakeRequest};
+use super::types::{Accept, ConnContext, HandshakeInput};
 use crate::metrics::{Counter, Gauge, Registry};
 
 /// Parts a plugin may name in `vary-on`.
@@ -84,11 +86,11 @@ pub(super) fn parse_parts(names: &[String]) -> Result<Vec<Part>, String> {
 
 /// The cache key of `req` on `route`: the route and each part's value, each preceded by its
 /// length so that no two different requests give the same bytes. `None` when it would pass
-/// `MAX_KEY_BYTES`.
-fn key(parts: &[Part], route: &str, req: &HandshakeRequest) -> Option<Vec<u8>> {
-    // Room for every part at once, so a key with a long token grows no more than once.
-    let room = route.len() + req.path.len() + req.query.len() + req.host.len() + req.headers.len() + 64;
-    let mut key = Vec::with_capacity(room.min(MAX_KEY_BYTES + 64));
+/// `MAX_KEY_BYTES`. The key lives only in this process's memory, so an address goes in as
+/// its octets and a server name as lower case.
+fn key(parts: &[Part], route: &str, req: &dyn HandshakeInput) -> Option<Key> {
+    // On the stack: a lookup that hits (most, in a storm) allocates nothing for its key.
+    let mut key = Key::new();
     let mut push = |bytes: &[u8]| {
         key.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         key.extend_from_slice(bytes);
@@ -96,31 +98,42 @@ fn key(parts: &[Part], route: &str, req: &HandshakeRequest) -> Option<Vec<u8>> {
     push(route.as_bytes());
     for part in parts {
         match part {
-            Part::Path => push(req.path.as_bytes()),
-            Part::Query => push(req.query.as_bytes()),
-            Part::Host => push(req.host.as_bytes()),
-            Part::Scheme => push(req.scheme.as_bytes()),
-            Part::Sni => push(req.tls.as_ref().map_or(&b""[..], |t| t.sni.as_bytes())),
-            Part::ClientIp => {
-                let ip = req.client_addr.parse::<SocketAddr>().map(|a| a.ip().to_string()).unwrap_or_default();
-                push(ip.as_bytes());
+            Part::Path => push(req.path().as_bytes()),
+            Part::Query => push(req.query().as_bytes()),
+            Part::Host => push(req.host().as_bytes()),
+            Part::Scheme => push(req.scheme().as_bytes()),
+            Part::Sni => {
+                let sni = req.sni().unwrap_or("").as_bytes();
+                let mut name = [0u8; 256];
+                // No name is that long (DNS stops at 253); such a request is not kept.
+                let name = name.get_mut(..sni.len())?;
+                for (to, from) in name.iter_mut().zip(sni) {
+                    *to = from.to_ascii_lowercase();
+                }
+                push(name)
             }
+            Part::ClientIp => match req.client_ip() {
+                Some(IpAddr::V4(ip)) => push(&ip.octets()),
+                Some(IpAddr::V6(ip)) => push(&ip.octets()),
+                None => push(b""),
+            },
             Part::Header(name) => {
                 // Each value with its own length, and the count after them: "a, b" in one
                 // line and "a" and "b" in two are different requests to a plugin.
                 let mut count = 0u32;
-                for line in req.headers.lines() {
-                    if let Some(value) = line.strip_prefix(name.as_str()).and_then(|rest| rest.strip_prefix(": ")) {
-                        push(value.as_bytes());
-                        count += 1;
-                    }
-                }
+                req.each_header_value(name, &mut |value| {
+                    push(value.as_bytes());
+                    count += 1;
+                });
                 push(&count.to_le_bytes());
             }
         }
     }
     (key.len() <= MAX_KEY_BYTES).then_some(key)
 }
+
+/// A cache key as it is built: a route and a bearer token fit inline.
+type Key = SmallVec<[u8; 512]>;
 
 /// An accept to give again, and the metadata its call set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -189,7 +202,7 @@ impl Entries {
 }
 
 /// A handshake's place in the cache: its key, if it has one.
-pub(super) struct Lookup(Option<Vec<u8>>);
+pub(super) struct Lookup(Option<Box<[u8]>>);
 
 impl VerdictCache {
     pub fn new(parts: Vec<Part>, max_entries: usize, max_bytes: usize, max_ttl: Duration, metrics: &Registry, plugin: &str) -> VerdictCache {
@@ -218,7 +231,7 @@ impl VerdictCache {
 
     /// The kept verdict for `req` on `conn`'s route, with its metadata set on `conn`; or
     /// where to keep the verdict the call is about to give.
-    pub fn find(&self, conn: &ConnContext, req: &HandshakeRequest) -> Result<Accept, Lookup> {
+    pub fn find(&self, conn: &ConnContext, req: &dyn HandshakeInput) -> Result<Accept, Lookup> {
         let Some(key) = key(&self.parts, &conn.route, req) else {
             self.misses.inc();
             return Err(Lookup(None));
@@ -237,7 +250,8 @@ impl VerdictCache {
             }
             None => {
                 self.misses.inc();
-                Err(Lookup(Some(key)))
+                // Its own copy, exactly as long: the entry the call's answer may become.
+                Err(Lookup(Some(Box::from(&key[..]))))
             }
         }
     }
@@ -266,8 +280,7 @@ impl VerdictCache {
             }
         }
         entries.bytes += bytes;
-        // Boxed only when kept: a lookup (most handshakes) needs no key of its own.
-        entries.map.insert(key.into_boxed_slice(), Entry { kept, until: now + ttl, bytes });
+        entries.map.insert(key, Entry { kept, until: now + ttl, bytes });
         self.size.set(entries.map.len() as f64);
     }
 
@@ -307,7 +320,7 @@ impl verdicts::Host for HostState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::types::Header;
+    use crate::plugin::types::{HandshakeRequest, Header};
 
     fn request(headers: &str) -> HandshakeRequest {
         HandshakeRequest {
@@ -377,6 +390,20 @@ mod tests {
     }
 
     #[test]
+    fn a_server_name_is_keyed_in_any_case_and_an_overlong_one_is_not_kept() {
+        let sni = parts(&[":sni"]);
+        let with_sni = |name: &str| HandshakeRequest {
+            tls: Some(crate::plugin::TlsInfo { sni: name.into(), ..Default::default() }),
+            ..request("")
+        };
+        let k = |r: &HandshakeRequest| key(&sni, "/chat", r);
+        assert_eq!(k(&with_sni("Chat.Example")), k(&with_sni("chat.example")));
+        assert_ne!(k(&with_sni("chat.example")), k(&with_sni("chat.example.")));
+        assert!(k(&with_sni(&"a".repeat(256))).is_some());
+        assert!(k(&with_sni(&"a".repeat(257))).is_none());
+    }
+
+    #[test]
     fn an_oversized_key_is_not_kept() {
         let long = format!("authorization: {}\n", "a".repeat(MAX_KEY_BYTES));
         assert!(key(&parts(&["authorization"]), "/", &request(&long)).is_none());
@@ -399,15 +426,15 @@ mod tests {
     #[test]
     fn a_kept_verdict_is_given_with_its_metadata_until_it_expires() {
         let cache = cache(10);
-        let conn = ConnContext::new(1, "[::1]:40000", "/chat");
+        let conn = ConnContext::new(1, "[::1]:40000".parse().unwrap(), "/chat");
         let req = request("authorization: Bearer alice\n");
         let Err(at) = cache.find(&conn, &req) else { panic!("hit in an empty cache") };
         cache.keep(at, accept("alice"), Duration::from_millis(50));
-        let again = ConnContext::new(2, "[::1]:40001", "/chat");
+        let again = ConnContext::new(2, "[::1]:40001".parse().unwrap(), "/chat");
         assert_eq!(cache.find(&again, &req).ok(), Some(accept("alice").accept));
         assert_eq!(again.meta("user").as_deref(), Some("alice"));
         // Another route is another key.
-        assert!(cache.find(&ConnContext::new(3, "[::1]:1", "/admin"), &req).is_err());
+        assert!(cache.find(&ConnContext::new(3, "[::1]:1".parse().unwrap(), "/admin"), &req).is_err());
         std::thread::sleep(Duration::from_millis(60));
         assert!(cache.find(&again, &req).is_err(), "expired");
     }
@@ -415,7 +442,7 @@ mod tests {
     #[test]
     fn a_full_cache_keeps_nothing_new_until_entries_expire() {
         let cache = cache(2);
-        let conn = ConnContext::new(1, "[::1]:40000", "/chat");
+        let conn = ConnContext::new(1, "[::1]:40000".parse().unwrap(), "/chat");
         let keep = |who: &str, ttl| {
             let req = request(&format!("authorization: Bearer {who}\n"));
             if let Err(at) = cache.find(&conn, &req) {
@@ -437,7 +464,7 @@ mod tests {
     #[test]
     fn the_operator_caps_the_life_of_a_verdict() {
         let cache = VerdictCache::new(parts(&["authorization"]), 10, usize::MAX, Duration::from_millis(20), &Registry::default(), "p");
-        let conn = ConnContext::new(1, "[::1]:40000", "/chat");
+        let conn = ConnContext::new(1, "[::1]:40000".parse().unwrap(), "/chat");
         let req = request("authorization: Bearer alice\n");
         let Err(at) = cache.find(&conn, &req) else { panic!() };
         cache.keep(at, accept("alice"), Duration::from_secs(3600));
@@ -452,7 +479,7 @@ mod tests {
         let small = accept("a");
         let one = "authorization: Bearer a\n".len() + small.bytes() + ENTRY_OVERHEAD + 16;
         let cache = VerdictCache::new(parts(&["authorization"]), 100, 2 * one, Duration::from_secs(60), &Registry::default(), "p");
-        let conn = ConnContext::new(1, "[::1]:40000", "/chat");
+        let conn = ConnContext::new(1, "[::1]:40000".parse().unwrap(), "/chat");
         let keep = |who: &str, kept: Kept| {
             let req = request(&format!("authorization: Bearer {who}\n"));
             if let Err(at) = cache.find(&conn, &req) {
@@ -467,7 +494,7 @@ mod tests {
         // Keeping the same answer again replaces it rather than counting it twice.
         let before = cache.lock().bytes;
         let req = request("authorization: Bearer a\n");
-        cache.keep(Lookup(key(&cache.parts, "/chat", &req)), accept("a"), Duration::from_secs(60));
+        cache.keep(Lookup(key(&cache.parts, "/chat", &req).map(|k| Box::from(&k[..]))), accept("a"), Duration::from_secs(60));
         assert_eq!(cache.lock().map.len(), 2);
         assert_eq!(cache.lock().bytes, before);
     }
@@ -476,11 +503,11 @@ mod tests {
     fn metadata_that_no_longer_fits_sends_the_handshake_to_the_plugin() {
         let cache = cache(10);
         let req = request("authorization: Bearer alice\n");
-        let Err(at) = cache.find(&ConnContext::new(1, "[::1]:1", "/chat"), &req) else { panic!() };
+        let Err(at) = cache.find(&ConnContext::new(1, "[::1]:1".parse().unwrap(), "/chat"), &req) else { panic!() };
         cache.keep(at, accept("alice"), Duration::from_secs(60));
-        let full = ConnContext::new(2, "[::1]:2", "/chat");
+        let full = ConnContext::new(2, "[::1]:2".parse().unwrap(), "/chat");
         full.set_meta("earlier", &"x".repeat(crate::plugin::META_LIMIT_BYTES - "earlier".len())).unwrap();
         assert!(cache.find(&full, &req).is_err(), "a miss: the call decides");
-        assert!(cache.find(&ConnContext::new(3, "[::1]:3", "/chat"), &req).is_ok());
+        assert!(cache.find(&ConnContext::new(3, "[::1]:3".parse().unwrap(), "/chat"), &req).is_ok());
     }
 }

@@ -32,7 +32,7 @@ pub struct Plan {
 pub struct Resumer {
     plan: Plan,
     conn: Arc<ConnContext>,
-    chain: Vec<Arc<PluginSlot>>,
+    chain: Arc<[Arc<PluginSlot>]>,
     shared: Arc<Shared>,
     /// The server attached now, counted as its connection.
     active: ActiveConnection,
@@ -46,7 +46,7 @@ impl Resumer {
     pub fn new(
         plan: Plan,
         conn: Arc<ConnContext>,
-        chain: Vec<Arc<PluginSlot>>,
+        chain: Arc<[Arc<PluginSlot>]>,
         active: ActiveConnection,
         shared: Arc<Shared>,
     ) -> Resumer {
@@ -117,7 +117,7 @@ impl Resumer {
         self.signal = self.active.close_signal(&self.shared.shutdown);
         self.signal.mark_movable();
         let mut first = Vec::new();
-        for slot in &self.chain {
+        for slot in self.chain.iter() {
             let plugin = slot.current();
             if !plugin.hooks().session {
                 continue;
