@@ -186,6 +186,7 @@ async fn plugins_that_cannot_load_are_rejected_and_the_old_version_keeps_serving
     let err = Gateway::start(config).await.err().expect("start refused");
     assert!(err.to_string().contains("fail-init never accepts"), "{err}");
     gw.shutdown().await;
+    let _ = std::fs::remove_file(&garbage);
 }
 
 fn bad_start(backends: &[EchoServer]) -> String {
