@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::FutureExt as _;
-use smallvec::SmallVec;
 use http::StatusCode;
 use rustls::ServerConfig;
+use smallvec::SmallVec;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -33,7 +33,7 @@ use crate::plugin::{
 };
 use crate::relay::{self, ClientCompression, DataKind, Endpoint, LinkRules, MessageAction, MessageHook, RelayOutcome, Side};
 use crate::tls::ClientStream;
-use crate::upstream::{self, ActiveConnection, ConnectError, Pool, UpstreamRequest, UpstreamSocket};
+use crate::upstream::{self, ActiveConnection, ConnectError, Pool, ServerOrder, UpstreamRequest, UpstreamSocket};
 
 /// Serves one client socket: answers its upgrade request, then relays, in this one task.
 /// `permit` counts the socket against the connection limits until it closes. `tls`: the
@@ -417,7 +417,7 @@ fn upstream_request(upgrade: &ClientUpgrade, client_addr: SocketAddr, secure: bo
 /// balancer falls back to round robin unless its `on_error` is "deny". Only available servers
 /// (healthy, not ejected, not draining) are offered to the plugin, as `candidates` whose
 /// indexes map back to the pool's list; none available is a 503.
-pub(crate) fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter, trace: &mut Trace) -> Result<Vec<usize>, Refusal> {
+pub(crate) fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Counter, trace: &mut Trace) -> Result<ServerOrder, Refusal> {
     let available = pool.available();
     if available.is_empty() {
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, pool.unavailable_reason()));
@@ -433,7 +433,7 @@ pub(crate) fn rank_servers(pool: &Pool, conn: Option<&ConnContext>, errors: &Cou
     let candidates: SmallVec<[_; 16]> = available.iter().map(|&i| pool.servers[i].candidate(i)).collect();
     match plugin.select(conn, &pool.plugin_view, &candidates) {
         Ok(ranked) => {
-            let mut order = Vec::with_capacity(ranked.len());
+            let mut order = ServerOrder::with_capacity(ranked.len());
             let mut seen: SmallVec<[bool; 64]> = smallvec::smallvec![false; candidates.len()];
             for i in ranked.into_iter().map(|i| i as usize) {
                 if i < candidates.len() && !std::mem::replace(&mut seen[i], true) {

@@ -78,7 +78,7 @@ impl Resumer {
         let pool = routing.pools.get(&self.plan.pool)?;
         let leaving = self.active.server();
         let errors = &self.shared.metrics.plugin_errors;
-        let order: Vec<usize> = crate::proxy::rank_servers(pool, Some(&self.conn), errors, &mut crate::access_log::Trace::default())
+        let order: crate::upstream::ServerOrder = crate::proxy::rank_servers(pool, Some(&self.conn), errors, &mut crate::access_log::Trace::default())
             .ok()?
             .into_iter()
             .filter(|&i| !Arc::ptr_eq(&pool.servers[i].state, &leaving.state))

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tokio_util::sync::CancellationToken;
 
 pub use connect::{open, ConnectError, UpstreamSocket, UpstreamStream};
@@ -27,6 +28,10 @@ pub use request::{HeaderLines, UpstreamRequest};
 pub use drain::{CloseSignal, Connections, DrainPace};
 pub use health::{Health, HealthSettings, ProbeKind};
 pub use tls::UpstreamTls;
+
+/// Servers of a pool by index, in the order to try them. Pools have a handful of servers,
+/// mostly: every connection ranks them, and on the stack that costs no allocation.
+pub type ServerOrder = SmallVec<[usize; 8]>;
 
 /// Where a server is: host, port and a path prefix for the upstream request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -368,7 +373,7 @@ impl Pool {
     }
 
     /// Indexes of the servers that may get new connections now, in configured order.
-    pub fn available(&self) -> Vec<usize> {
+    pub fn available(&self) -> ServerOrder {
         let now = health::now_ms();
         (0..self.servers.len()).filter(|&i| self.servers[i].is_available(now)).collect()
     }
@@ -389,7 +394,7 @@ impl Pool {
 
     /// `available` (indexes into `servers`), starting from the next one in round-robin order
     /// (rotated in place: this is every plain connection's path).
-    pub fn round_robin_order(&self, mut available: Vec<usize>) -> Vec<usize> {
+    pub fn round_robin_order(&self, mut available: ServerOrder) -> ServerOrder {
         if !available.is_empty() {
             let start = self.next.fetch_add(1, Ordering::Relaxed) % available.len();
             available.rotate_left(start);
@@ -511,7 +516,7 @@ mod tests {
         let p = pool(r#"["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]"#, None);
         let open = p.servers[0].connection_opened();
         assert_eq!(p.servers[1].state.health.probe_result(false, 2, 1), Some(false));
-        assert_eq!(p.available(), [0, 2]);
+        assert_eq!(p.available()[..], [0, 2]);
         let firsts: Vec<usize> = (0..4).map(|_| p.round_robin_order(p.available())[0]).collect();
         assert_eq!(firsts, [0, 2, 0, 2], "round robin over the available servers only");
         assert_eq!(p.find_server("127.0.0.1:3").map(|s| s.address.authority.as_str()), Some("127.0.0.1:3"));
