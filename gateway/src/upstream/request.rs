@@ -4,8 +4,9 @@
 //! The lines are one text rather than a list of name and value pairs: every connection
 //! builds them (the client's end-to-end headers, then the forwarding headers), and a list
 //! cost two allocations per header and a few more per forwarding header, about 20 of a
-//! plain connection's 60 (BENCHMARKS.md, "Reconnect cost, eighth round"). Edits by
-//! plugins, which are rare, rewrite the text.
+//! plain connection's 60 (BENCHMARKS.md, "Reconnect cost, eighth round"). Headers that
+//! plugins remove or set are left out as the text is written (`handshake::upstream_headers`),
+//! and what they set is appended.
 
 /// What to ask the upstream for.
 #[derive(Debug, Clone, Default)]
