@@ -41,12 +41,13 @@ pub fn validate_payload(payload: &[u8]) -> Result<u16, u16> {
 }
 
 /// A close payload: the code, then the reason cut to fit a control frame on a char boundary.
-pub fn payload(code: u16, reason: &str) -> Vec<u8> {
+/// On the stack: a storm of dropped clients sends one per connection.
+pub fn payload(code: u16, reason: &str) -> smallvec::SmallVec<[u8; 125]> {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    let mut out = Vec::with_capacity(2 + end);
+    let mut out = smallvec::SmallVec::new();
     out.extend_from_slice(&code.to_be_bytes());
     out.extend_from_slice(&reason.as_bytes()[..end]);
     out

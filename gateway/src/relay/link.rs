@@ -294,21 +294,34 @@ impl Link {
     /// Queues a frame the gateway itself sends to this link's destination.
     pub fn queue_frame(&mut self, opcode: OpCode, payload: &[u8]) {
         let mask = self.dest_mask();
-        write_frame(&mut self.pending, opcode, true, payload, mask);
+        write_frame(self.own_frame_buffer(), opcode, true, payload, mask);
         self.flush_pending();
+    }
+
+    /// Where a frame of the gateway's own goes: straight into `out` at a frame boundary
+    /// (most of the time: no buffer of its own to allocate), else into `pending` until one.
+    fn own_frame_buffer(&mut self) -> &mut Vec<u8> {
+        if self.pending.is_empty() && !self.mid_frame() {
+            self.own_frames_queued = true;
+            self.ensure_out();
+            &mut self.out
+        } else {
+            &mut self.pending
+        }
     }
 
     /// Queues a data message the gateway sends to this link's destination (a plugin's
     /// reply), compressed when the destination negotiated compression.
     pub fn queue_message(&mut self, opcode: OpCode, payload: &[u8]) {
         let mask = self.dest_mask();
-        match &mut self.deflater {
-            Some(deflater) => {
-                let mut compressed = Vec::with_capacity(payload.len() / 2 + 16);
-                deflater.compress(payload, &mut compressed);
-                write_compressed_frame(&mut self.pending, opcode, &compressed, mask);
-            }
-            None => write_frame(&mut self.pending, opcode, true, payload, mask),
+        let compressed = self.deflater.as_mut().map(|deflater| {
+            let mut compressed = Vec::with_capacity(payload.len() / 2 + 16);
+            deflater.compress(payload, &mut compressed);
+            compressed
+        });
+        match compressed {
+            Some(compressed) => write_compressed_frame(self.own_frame_buffer(), opcode, &compressed, mask),
+            None => write_frame(self.own_frame_buffer(), opcode, true, payload, mask),
         }
         self.flush_pending();
     }
@@ -643,6 +656,19 @@ impl Link {
     }
 }
 
+/// A link's buffers go back to this thread's pool when it is dropped, written or not: a
+/// connection that ends with output it can no longer deliver (its client reset) would
+/// otherwise free a pool buffer, and the next connection's read allocate one.
+impl Drop for Link {
+    fn drop(&mut self) {
+        for buf in [std::mem::take(&mut self.out), std::mem::take(&mut self.message)] {
+            if buf.capacity() > 0 {
+                super::pool::give(buf);
+            }
+        }
+    }
+}
+
 /// A single-frame compressed message: RSV1 set on its (only) frame.
 fn write_compressed_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
     let header = FrameHeader { fin: true, rsv1: true, opcode, mask, payload_len: payload.len() as u64, header_len: 0 };
@@ -769,5 +795,40 @@ mod tests {
         let mut expected = Vec::new();
         write_frame(&mut expected, OpCode::Text, true, b"ABCD", None);
         assert_eq!(link.out, expected);
+    }
+
+    #[test]
+    fn the_gateways_own_frames_wait_for_the_frame_being_streamed() {
+        let mut link = Link::new(Side::Client, rules(), false);
+        let mut other = Link::new(Side::Upstream, rules(), false);
+        // Part of a data frame is on its way to the upstream...
+        let wire = masked(OpCode::Binary, true, &[9; 100]);
+        let (used, ev) = run(&mut link, &mut other, wire[..40].to_vec());
+        assert_eq!((used, ev), (40, None));
+        // ...so a close of the gateway's waits for the rest of it,
+        link.queue_frame(OpCode::Close, &close::payload(code::GOING_AWAY, "bye"));
+        assert_eq!(link.out.len(), 40, "nothing is inserted into a frame");
+        run(&mut link, &mut other, wire[40..].to_vec());
+        assert_eq!(&link.out[..wire.len()], &wire[..]);
+        let close = FrameHeader::parse(&link.out[wire.len()..], true).unwrap().unwrap();
+        assert_eq!((close.opcode, close.payload_len), (OpCode::Close, 5));
+        // and at a frame boundary, one goes straight behind what is queued.
+        let queued = link.out.len();
+        link.queue_frame(OpCode::Ping, b"p");
+        assert!(link.pending.is_empty() && link.out.len() > queued && link.holds_own_frames());
+    }
+
+    #[test]
+    fn a_dropped_links_unwritten_output_goes_back_to_the_pool() {
+        let mut link = Link::new(Side::Client, rules(), false);
+        link.queue_frame(OpCode::Close, &close::payload(code::GOING_AWAY, "client went away"));
+        let buffer = link.out.as_ptr();
+        // Its destination is gone: the close is never written.
+        drop(link);
+        // Had it been freed, the allocator would hand its block to this one.
+        let same_size = std::hint::black_box(Vec::<u8>::with_capacity(super::super::READ_CHUNK + 256));
+        let again = super::super::pool::take();
+        assert_eq!(again.as_ptr(), buffer);
+        drop(same_size);
     }
 }
