@@ -8,6 +8,7 @@
 //!     [--scenario echo,connect,rss] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- soak [--minutes 30] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- storm [--clients 20000] [--only TARGET,...] [--out FILE]
+//! cargo run --release -p wasmgate-bench -- teardown [--clients 8000] [--only TARGET,...] [--rounds 3] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- scale [--connections 100000] [--gateways 12] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- kv [--seconds 5] [--rounds 3] [--out FILE]
 //! cargo run --release -p wasmgate-bench -- resume [--affected 1000] [--idle 3000] [--out FILE]
@@ -45,7 +46,8 @@
 //! the secret the generated jwt-auth config checks (see `jwt`), so all targets get the same
 //! requests.
 //!
-//! `storm` drops many idle clients at once and times their reconnecting (see `storm`).
+//! `storm` drops many idle clients at once and times their reconnecting (see `storm`);
+//! `teardown` measures the dropping alone, the proxy's CPU per vanished client (see `teardown`).
 //!
 //! `soak` runs something else: one wasmgate under 30 minutes of mixed work, checking that its
 //! memory and descriptors end where they started (see `soak`).
@@ -63,6 +65,7 @@ mod scale;
 mod soak;
 mod storm;
 mod table;
+mod teardown;
 mod tls;
 mod wasmgate;
 
@@ -124,6 +127,9 @@ enum Mode {
     /// A reconnect storm: idle clients all dropped at once and reconnecting with their
     /// tokens; the time until 99% and 100% are back, per proxy.
     Storm(storm::Options),
+    /// Idle clients all reset at once, nothing reconnecting: the proxy's CPU per vanished
+    /// client, apart from the storm's reconnects.
+    Teardown(teardown::Options),
     /// One process of the storm's clients (started by `storm`).
     #[command(hide = true)]
     StormClient(storm::ClientOptions),
@@ -149,6 +155,7 @@ fn main() -> ExitCode {
     let result = match args.mode.take() {
         Some(Mode::Soak(options)) => runtime.block_on(until_signal(soak::run(options))),
         Some(Mode::Storm(options)) => runtime.block_on(until_signal(storm::run(options))),
+        Some(Mode::Teardown(options)) => runtime.block_on(until_signal(teardown::run(options))),
         Some(Mode::StormClient(options)) => runtime.block_on(until_signal(storm::client(options))),
         Some(Mode::Scale(options)) => runtime.block_on(until_signal(scale::run(options))),
         Some(Mode::ScaleClient(options)) => runtime.block_on(until_signal(scale::client(options))),

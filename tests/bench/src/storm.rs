@@ -457,7 +457,8 @@ async fn reconnect(
     }
 }
 
-async fn connect_once(addr: SocketAddr, source: IpAddr, token: &HeaderValue, tls: Option<&TlsConnector>) -> anyhow::Result<Ws> {
+/// One client: connect from `source`, handshake with `token`, one echo.
+pub(crate) async fn connect_once(addr: SocketAddr, source: IpAddr, token: &HeaderValue, tls: Option<&TlsConnector>) -> anyhow::Result<Ws> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let tcp = socket.connect(addr).await?;
