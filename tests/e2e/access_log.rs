@@ -15,7 +15,7 @@ use wasmgate_tests::*;
 
 /// A fresh log path in a per-test directory.
 fn log_path(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmgate-access-{}-{test}", std::process::id()));
+    let dir = wasmgate_tests::scratch_dir(&format!("access-{test}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("access.log")

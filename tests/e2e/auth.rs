@@ -89,10 +89,8 @@ async fn text_roundtrip(ws: &mut Client, text: &str) -> String {
 
 /// A fresh scratch directory under the system temp dir.
 fn scratch_dir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmgate-{what}-{}-{:?}", std::process::id(), Instant::now()));
-    let dir = PathBuf::from(dir.to_string_lossy().replace([' ', '{', '}', ':', ','], "_"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    let name = format!("{what}-{:?}", Instant::now()).replace([' ', '{', '}', ':', ','], "_");
+    wasmgate_tests::scratch_dir(&name)
 }
 
 async fn run_python(args: &[&str]) -> std::process::Output {

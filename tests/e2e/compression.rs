@@ -86,8 +86,7 @@ fn bomb_frame(inflated: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decompression_bomb_is_refused_with_1009_and_memory_stays_flat() {
     let backends = echo_backends(1).await;
-    let dir = std::env::temp_dir().join(format!("wasmgate-bomb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = wasmgate_tests::scratch_dir("bomb");
     let path = dir.join("gw.toml");
     std::fs::write(&path, basic_config(&server_list(&backends), "compression = \"terminate\"\nmax_message_size = 1048576")).unwrap();
     let mut child = Command::new(gateway_binary()).args(["run", "--config"]).arg(&path).stdout(Stdio::piped()).spawn().unwrap();

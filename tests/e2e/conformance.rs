@@ -49,7 +49,7 @@ async fn autobahn_testsuite_finds_no_failure() {
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmgate-{name}-{}", std::process::id()));
+    let dir = wasmgate_tests::scratch_dir(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

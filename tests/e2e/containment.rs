@@ -136,8 +136,7 @@ impl TempDir {
     fn new(tag: &str) -> TempDir {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("wasmgate-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = wasmgate_tests::scratch_dir(&format!("{tag}-{n}"));
         TempDir(dir)
     }
 }

@@ -176,7 +176,7 @@ async fn live_numbers_per_server_agree_with_metrics() {
 #[tokio::test]
 async fn the_grafana_dashboard_reads_series_that_exist() {
     let backends = echo_backends(1).await;
-    let log = std::env::temp_dir().join(format!("wasmgate-grafana-{}.log", std::process::id()));
+    let log = wasmgate_tests::scratch_dir("grafana").join("access.log");
     let extra = format!(
         "metrics_public = true\naccess_log = \"{}\"\n\n[[plugin]]\nname = \"stamp\"\nwasm = \"{}\"\nconfig = {{ header = \"x-a\", value = \"b\" }}",
         log.display(),

@@ -171,8 +171,7 @@ async fn metrics_are_open_only_when_the_operator_says_so() {
 
 #[test]
 fn an_admin_address_off_loopback_needs_a_token() {
-    let dir = std::env::temp_dir().join(format!("wasmgate-limits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = wasmgate_tests::scratch_dir("limits");
     let good = basic_config("[\"127.0.0.1:9\"]", "");
     for (name, admin, ok) in [
         ("loopback.toml", "127.0.0.1:0", true),
@@ -455,8 +454,7 @@ fn assert_all_healthy(upstreams: &str, when: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_blames_no_upstream() {
     let backends = echo_backends(2).await;
-    let dir = std::env::temp_dir().join(format!("wasmgate-emfile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = wasmgate_tests::scratch_dir("emfile");
     let path = dir.join("gw.toml");
     // max_connections above what 64 descriptors allow, so the descriptors run out first; any
     // failure held against a server would show: one ejects it, one failed probe marks it
@@ -600,8 +598,7 @@ fn cpu_secs(pid: u32) -> f64 {
 #[tokio::test]
 async fn a_refused_reload_changes_nothing() {
     let backends = echo_backends(2).await;
-    let dir = std::env::temp_dir().join(format!("wasmgate-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = wasmgate_tests::scratch_dir("reload");
     let path = dir.join("gw.toml");
     let garbage = dir.join("broken.wasm");
     std::fs::write(&garbage, b"not wasm at all").unwrap();

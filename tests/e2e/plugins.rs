@@ -165,7 +165,7 @@ async fn plugins_that_cannot_load_are_rejected_and_the_old_version_keeps_serving
     assert_eq!(roundtrip(&mut ws, Message::text("a")).await, Message::text("old:a"));
 
     // A config its init refuses, an init that always fails, garbage bytes instead of Wasm.
-    let garbage = std::env::temp_dir().join(format!("wasmgate-garbage-{}.wasm", std::process::id()));
+    let garbage = wasmgate_tests::scratch_dir("garbage").join("garbage.wasm");
     std::fs::write(&garbage, b"this is not wasm at all").unwrap();
     let bad_configs = [
         good.replace("config = { prefix = \"old:\" }", "config = { nonsense = 1 }"),
@@ -199,8 +199,7 @@ fn bad_start(backends: &[EchoServer]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_under_traffic_drops_nothing() {
     let backends = echo_backends(2).await;
-    let dir = std::env::temp_dir().join(format!("wasmgate-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = wasmgate_tests::scratch_dir("reload");
     let wasm = dir.join("tag.wasm");
     std::fs::copy(plugin_wasm("echo-tag"), &wasm).unwrap();
     let make = |version: u32| {
@@ -280,8 +279,7 @@ fn custom_section(version: u32) -> Vec<u8> {
 #[tokio::test]
 async fn admin_lists_plugins_and_reloads_from_the_file() {
     let backends = echo_backends(1).await;
-    let dir = std::env::temp_dir().join(format!("wasmgate-admin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = wasmgate_tests::scratch_dir("admin");
     let path = dir.join("gw.toml");
     let text = |prefix: &str| {
         config(&server_list(&backends), &[("/", "\"tag\"")], &plugin("tag", "echo-tag", &format!("config = {{ prefix = \"{prefix}\" }}")), "")

@@ -48,7 +48,7 @@ fn check_loads_plugins_and_names_the_one_that_fails() {
 
     // A file that is not Wasm, and a plugin whose init refuses its config: both caught
     // by `check`, without starting a gateway.
-    let garbage = std::env::temp_dir().join(format!("wasmgate-check-garbage-{}.wasm", std::process::id()));
+    let garbage = wasmgate_tests::scratch_dir("check").join("garbage.wasm");
     std::fs::write(&garbage, b"not wasm at all").unwrap();
     let bad_init = good.replace("prefix = \"x\"", "prefx = \"x\"");
     let bad_wasm = basic_config("[\"127.0.0.1:9\"]", "") + &plugin(&garbage);

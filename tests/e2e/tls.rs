@@ -78,7 +78,7 @@ impl Leaf {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmgate-tls-{name}-{}", std::process::id()));
+    let dir = wasmgate_tests::scratch_dir(&format!("tls-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

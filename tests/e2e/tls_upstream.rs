@@ -40,8 +40,7 @@ struct CertFiles {
 impl Pki {
     /// A new CA; its certificate is `ca.pem` in `dir()`.
     fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("wasmgate-tls-upstream-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = wasmgate_tests::scratch_dir(&format!("tls-upstream-{name}"));
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, format!("wasmgate test CA {name}"));

@@ -166,7 +166,7 @@ fn echo_process() -> (KillOnDrop, String) {
 async fn a_successor_takes_over_the_port_and_nothing_is_refused_or_lost() {
     let (_backend, backend) = echo_process();
     let (port, admin) = free_ports();
-    let handover = std::env::temp_dir().join(format!("wasmgate-handover-{}.sock", std::process::id()));
+    let handover = wasmgate_tests::scratch_dir("handover").join("handover.sock");
     let extra = format!("handover = \"{}\"", handover.display());
     let path = write_config("upgrade.toml", &config(&format!("[\"{backend}\"]"), port, admin, &extra));
     let (old, addr) = spawn_gateway(&path);
@@ -354,8 +354,7 @@ async fn the_wss_listener_is_handed_over_too() {
     let (_backend, backend) = echo_process();
     let (port, admin) = free_ports();
     let (tls_port, _) = free_ports();
-    let dir = std::env::temp_dir().join(format!("wasmgate-upgrade-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = wasmgate_tests::scratch_dir("upgrade-tls");
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -303,11 +303,33 @@ pub fn accept_for(request_head: &str) -> String {
     tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
 }
 
-/// Writes a config file into a per-test-process temporary directory.
-pub fn write_config(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmgate-configs-{}", std::process::id()));
+/// This test process's scratch directory, `$TMPDIR/wasmgate-tests-PID`: configs, generated
+/// certificates and keys, logs. It is removed when the process exits.
+static SCRATCH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `name`, a directory inside this test process's scratch directory (made if missing).
+/// Test processes run side by side (CI and a developer's run); each has its own.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let root = SCRATCH.get_or_init(|| {
+        // libtest has no hook for the end of a test binary; the C library's exit handlers
+        // run on every exit through `exit`, failed tests included.
+        extern "C" fn remove_scratch() {
+            if let Some(root) = SCRATCH.get() {
+                let _ = std::fs::remove_dir_all(root);
+            }
+        }
+        // SAFETY: registers a plain function with no arguments, as atexit(3) requires.
+        unsafe { libc::atexit(remove_scratch) };
+        std::env::temp_dir().join(format!("wasmgate-tests-{}", std::process::id()))
+    });
+    let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    dir
+}
+
+/// Writes a config file into this test process's scratch directory.
+pub fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path = scratch_dir("configs").join(name);
     std::fs::write(&path, text).unwrap();
     path
 }

@@ -65,5 +65,6 @@ mod tests {
         assert!(err.contains("empty.pem: no PEM certificate"), "{err}");
         let err = load_key(&empty).unwrap_err();
         assert!(err.contains("empty.pem: no PEM private key"), "{err}");
+        std::fs::remove_dir_all(empty.parent().unwrap()).unwrap();
     }
 }
