@@ -74,6 +74,7 @@ impl Routing {
                 pong_timeout: Duration::from_secs(g.pong_timeout_secs.max(1)),
                 idle_timeout: secs(g.idle_timeout_secs),
                 close_timeout: g.close_timeout(),
+                close_upstream_on_client_loss: g.on_client_loss.get_ref() == "close",
                 message_assembly_timeout: secs(g.message_assembly_timeout_secs),
             },
             handshake_timeout: g.handshake_timeout(),

@@ -238,6 +238,40 @@ async fn vanished_client_gets_its_upstream_closed_with_1001() {
     gw.shutdown().await;
 }
 
+/// `on_client_loss = "disconnect"`: no close frame; the upstream gets what the client sent
+/// before it vanished, then the end of its TCP connection.
+#[tokio::test]
+async fn with_disconnect_a_vanished_clients_upstream_gets_its_last_message_then_a_tcp_close() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(socket.read_u8().await.unwrap());
+        }
+        let accept = accept_for(&String::from_utf8_lossy(&head));
+        let answer = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+        socket.write_all(answer.as_bytes()).await.unwrap();
+        // Everything the gateway sends until it closes the connection.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut rest)).await.expect("the gateway closes").unwrap();
+        rest
+    });
+    let extra = "on_client_loss = \"disconnect\"";
+    let gw = start_gateway(&basic_config(&format!("[\"{addr}\"]"), extra)).await;
+    let mut ws = connect(&ws_url(&gw, "/")).await;
+    ws.send(Message::text("last words")).await.unwrap();
+    drop(ws); // TCP gone, no close frame
+    let rest = backend.await.unwrap();
+    // One masked text frame (2 header bytes, 4 of mask, 10 of payload), and no close frame.
+    assert_eq!(rest.len(), 16, "{rest:?}");
+    assert_eq!(&rest[..2], &[0x81, 0x80 | 10]);
+    let text: Vec<u8> = rest[6..].iter().zip(rest[2..6].iter().cycle()).map(|(b, m)| b ^ m).collect();
+    assert_eq!(text, b"last words");
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn vanished_upstream_gets_the_client_a_1011() {
     // A backend that accepts the upgrade, then drops the connection.

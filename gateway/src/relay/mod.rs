@@ -56,6 +56,9 @@ pub struct RelaySettings {
     pub idle_timeout: Option<Duration>,
     /// How long to wait for close replies once closing started.
     pub close_timeout: Duration,
+    /// A vanished client's upstream gets a close frame (1001) and the relay waits for its
+    /// reply; false: the upstream's TCP connection is closed once its output is written.
+    pub close_upstream_on_client_loss: bool,
     /// A message assembled in memory (for plugins, or to inflate it) must be complete this
     /// long after its first frame, or its sender is closed with 1008: a peer trickling a
     /// large message cannot hold its buffer for ever.
@@ -578,6 +581,13 @@ impl<'a> Relay<'a> {
             // `other` started closing and its answer will never come: answer it as the
             // peer would have, so a clean close stays clean.
             self.answer_close(other);
+        } else if side == Side::Client && !self.settings.close_upstream_on_client_loss {
+            // `on_client_loss = "disconnect"`: read nothing more from the upstream; the relay
+            // ends, closing its socket, once what the client sent before is written to it.
+            let upstream = self.state_mut(other);
+            upstream.reading_done = true;
+            upstream.close_sent = true;
+            self.links(other).0.stop_delivering();
         } else {
             let (code, reason) = match side {
                 Side::Client => (code::GOING_AWAY, "client went away"),
@@ -819,6 +829,7 @@ mod size {
             pong_timeout: Duration::from_secs(10),
             idle_timeout: None,
             close_timeout: Duration::from_secs(1),
+            close_upstream_on_client_loss: true,
             message_assembly_timeout: None,
         };
         let rules = LinkRules { expect_masked: true, validate_utf8: true, allow_rsv1: false, max_message_size: 1 << 20 };
