@@ -73,6 +73,13 @@ pub enum Target {
     /// instead of 3 s: in a 20,000-client storm the backends are slow to accept.
     #[value(name = "wasmgate-patient")]
     WasmgatePatient,
+    /// No plugins, `on_client_loss = "disconnect"`: a vanished client's upstream gets its TCP
+    /// connection closed instead of a close frame (what nginx and HAProxy do).
+    #[value(name = "wasmgate-disconnect")]
+    WasmgateDisconnect,
+    /// jwt-auth and least-conn with `on_client_loss = "disconnect"`.
+    #[value(name = "wasmgate-auth-disconnect")]
+    WasmgateAuthDisconnect,
     Nginx,
     Haproxy,
     /// HAProxy relaying bytes (`mode tcp`): no HTTP, no WebSocket, not even the handshake
@@ -97,9 +104,11 @@ impl Target {
     /// The plugins a wasmgate column loads; None for the other paths.
     pub fn wasmgate_plugins(self) -> Option<&'static [Plugin]> {
         match self {
-            Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers | Target::WasmgatePatient | Target::WasmgateTls => Some(&[]),
+            Target::Wasmgate | Target::WasmgateLog | Target::WasmgateRefuse | Target::WasmgateWorkers | Target::WasmgatePatient | Target::WasmgateDisconnect | Target::WasmgateTls => Some(&[]),
             Target::WasmgateHook => Some(&[Plugin::NoopMessages]),
-            Target::WasmgateAuth | Target::WasmgateAuthWorkers | Target::WasmgateAuthTls => Some(&[Plugin::JwtAuth, Plugin::LeastConn]),
+            Target::WasmgateAuth | Target::WasmgateAuthWorkers | Target::WasmgateAuthDisconnect | Target::WasmgateAuthTls => {
+                Some(&[Plugin::JwtAuth, Plugin::LeastConn])
+            }
             Target::WasmgateAuthCall => Some(&[Plugin::JwtAuthCalled, Plugin::LeastConn]),
             Target::WasmgateJwt => Some(&[Plugin::JwtAuth]),
             Target::WasmgateLc => Some(&[Plugin::LeastConn]),
@@ -157,6 +166,8 @@ impl fmt::Display for Target {
             Target::WasmgateWorkers => "wasmgate-workers",
             Target::WasmgateAuthWorkers => "wasmgate-auth-workers",
             Target::WasmgatePatient => "wasmgate-patient",
+            Target::WasmgateDisconnect => "wasmgate-disconnect",
+            Target::WasmgateAuthDisconnect => "wasmgate-auth-disconnect",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::HaproxyTcp => "haproxy-tcp",
@@ -373,6 +384,8 @@ fn start_proxy(
         | Target::WasmgateWorkers
         | Target::WasmgateAuthWorkers
         | Target::WasmgatePatient
+        | Target::WasmgateDisconnect
+        | Target::WasmgateAuthDisconnect
         | Target::WasmgateTls
         | Target::WasmgateAuthTls => {
             if !bins.wasmgate.exists() {
@@ -394,6 +407,9 @@ fn start_proxy(
             }
             if target == Target::WasmgatePatient {
                 extra.upstream.push("connect_timeout_ms = 60000".into());
+            }
+            if matches!(target, Target::WasmgateDisconnect | Target::WasmgateAuthDisconnect) {
+                extra.gateway.push("on_client_loss = \"disconnect\"".into());
             }
             let cache = dir.join("plugin-cache");
             let text = if target.is_tls() {
