@@ -139,20 +139,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let instances = options.clients.div_ceil(options.per_instance);
 
     let mut results = Results::new(&targets);
-    let mut outcomes: Vec<Vec<anyhow::Result<Outcome>>> = targets.iter().map(|_| Vec::new()).collect();
-    for round in 1..=options.rounds {
-        for (&target, rounds) in targets.iter().zip(&mut outcomes) {
-            eprint!("{round} {target:>22} storm ");
-            let cell = dir.0.join(format!("{target}-{round}"));
-            std::fs::create_dir_all(&cell)?;
-            let outcome = storm(target, &bins, &cell, instances, &options).await;
-            match &outcome {
-                Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
-                Err(e) => eprintln!("error: {e:#}"),
-            }
-            rounds.push(outcome);
-        }
-    }
+    let outcomes = crate::table::rounds_over("storm", &targets, options.rounds, &dir.0, |target, cell| {
+        let (bins, options) = (&bins, &options);
+        async move { storm(target, bins, &cell, instances, options).await }
+    })
+    .await?;
     for (target, rounds) in targets.iter().zip(outcomes) {
         results.record("storm", metrics(), *target, &crate::load::median(rounds));
     }
@@ -185,17 +176,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .into(),
     );
     results.note(format!("open-file limit {nofile}; load average at the end: {}", crate::machine::load_average()));
-    let header = format!(
-        "## Reconnect storm\n\n{}\n\nProxies: {}; each in front of two echo-backend processes.\n",
-        crate::machine::describe(),
-        bins.versions(&targets).join("; ")
-    );
-    let table = results.render(&header);
-    println!("{table}");
-    if let Some(out) = &options.out {
-        std::fs::write(out, &table)?;
-    }
-    Ok(())
+    results.publish("Reconnect storm", &bins, &targets, options.out.as_deref())
 }
 
 /// A child process holding clients, spoken to over its stdin and stdout.

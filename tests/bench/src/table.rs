@@ -1,8 +1,11 @@
 //! The results table: one row per metric, one column per target, each cell the absolute
 //! value and its ratio to nginx's.
 
+use std::future::Future;
+use std::path::Path;
+
 use crate::load::{Metric, Outcome, Unit};
-use crate::proxies::Target;
+use crate::proxies::{Binaries, Target};
 
 enum Cell {
     Empty,
@@ -133,5 +136,55 @@ pub fn thousands(value: f64) -> String {
         format!("-{out}")
     } else {
         out
+    }
+}
+
+/// Measures every target `rounds` times, a round over all targets before the next, so a
+/// busy spell on the machine hits one round of every column rather than every round of one.
+/// Each cell gets a fresh directory under `dir`, and its values are logged as it ends.
+/// Returns each target's outcomes, in `targets`' order.
+pub async fn rounds_over<F, Fut>(
+    what: &str,
+    targets: &[Target],
+    rounds: u32,
+    dir: &Path,
+    mut measure: F,
+) -> anyhow::Result<Vec<Vec<anyhow::Result<Outcome>>>>
+where
+    F: FnMut(Target, std::path::PathBuf) -> Fut,
+    Fut: Future<Output = anyhow::Result<Outcome>>,
+{
+    let mut outcomes: Vec<Vec<anyhow::Result<Outcome>>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (&target, rounds) in targets.iter().zip(&mut outcomes) {
+            eprint!("{round} {target:>22} {what} ");
+            let cell = dir.join(format!("{target}-{round}"));
+            std::fs::create_dir_all(&cell)?;
+            let outcome = measure(target, cell).await;
+            match &outcome {
+                Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            rounds.push(outcome);
+        }
+    }
+    Ok(outcomes)
+}
+
+impl Results {
+    /// Prints the table under `## title`, with the machine and the proxies' versions, and
+    /// writes it to `out` as well if given.
+    pub fn publish(&self, title: &str, bins: &Binaries, targets: &[Target], out: Option<&Path>) -> anyhow::Result<()> {
+        let header = format!(
+            "## {title}\n\n{}\n\nProxies: {}; each in front of two echo-backend processes.\n",
+            crate::machine::describe(),
+            bins.versions(targets).join("; ")
+        );
+        let table = self.render(&header);
+        println!("{table}");
+        if let Some(out) = out {
+            std::fs::write(out, &table)?;
+        }
+        Ok(())
     }
 }

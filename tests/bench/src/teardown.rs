@@ -67,20 +67,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let bins = Binaries::locate(&targets)?;
     let dir = TempDir::new()?;
     let mut results = Results::new(&targets);
-    let mut outcomes: Vec<Vec<anyhow::Result<Outcome>>> = targets.iter().map(|_| Vec::new()).collect();
-    for round in 1..=options.rounds {
-        for (&target, rounds) in targets.iter().zip(&mut outcomes) {
-            eprint!("{round} {target:>22} teardown ");
-            let cell = dir.0.join(format!("{target}-{round}"));
-            std::fs::create_dir_all(&cell)?;
-            let outcome = measure(target, &bins, &cell, options.clients).await;
-            match &outcome {
-                Ok(o) => eprintln!("{}", o.values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("  ")),
-                Err(e) => eprintln!("error: {e:#}"),
-            }
-            rounds.push(outcome);
-        }
-    }
+    let outcomes = crate::table::rounds_over("teardown", &targets, options.rounds, &dir.0, |target, cell| {
+        let bins = &bins;
+        async move { measure(target, bins, &cell, options.clients).await }
+    })
+    .await?;
     for (target, rounds) in targets.iter().zip(outcomes) {
         results.record("teardown", metrics(), *target, &crate::load::median(rounds));
     }
@@ -98,17 +89,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .into(),
     );
     results.note(format!("open-file limit {nofile}; load average at the end: {}", crate::machine::load_average()));
-    let header = format!(
-        "## Teardown of vanished clients\n\n{}\n\nProxies: {}; each in front of two echo-backend processes.\n",
-        crate::machine::describe(),
-        bins.versions(&targets).join("; ")
-    );
-    let table = results.render(&header);
-    println!("{table}");
-    if let Some(out) = &options.out {
-        std::fs::write(out, &table)?;
-    }
-    Ok(())
+    results.publish("Teardown of vanished clients", &bins, &targets, options.out.as_deref())
 }
 
 async fn measure(target: Target, bins: &Binaries, dir: &std::path::Path, clients: usize) -> anyhow::Result<Outcome> {
