@@ -5,8 +5,9 @@
 //! gives the proxy's CPU per connection for the set-up and for the teardown.
 //!
 //! Proxies differ in what a vanished client costs by design: nginx and HAProxy close the
-//! upstream socket; wasmgate first sends the upstream a close frame (1001, "client went
-//! away") and waits for its answer, so the server hears a clean WebSocket close.
+//! upstream socket; wasmgate by default first sends the upstream a close frame (1001,
+//! "client went away") and waits for its answer, so the server hears a clean WebSocket
+//! close. The `-disconnect` columns (`on_client_loss = "disconnect"`) close it as nginx does.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -85,7 +86,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     ));
     results.note(
         "On a client's reset nginx and HAProxy close the upstream socket; wasmgate sends the upstream a close \
-         frame (1001) and waits for its reply."
+         frame (1001) and waits for its reply, or with on_client_loss = \"disconnect\" (the -disconnect \
+         columns) closes the upstream socket too."
             .into(),
     );
     results.note(format!("open-file limit {nofile}; load average at the end: {}", crate::machine::load_average()));
