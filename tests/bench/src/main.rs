@@ -65,6 +65,7 @@ mod scale;
 mod soak;
 mod storm;
 mod table;
+mod tcp_relay;
 mod teardown;
 mod tls;
 mod wasmgate;
@@ -130,6 +131,9 @@ enum Mode {
     /// Idle clients all reset at once, nothing reconnecting: the proxy's CPU per vanished
     /// client, apart from the storm's reconnects.
     Teardown(teardown::Options),
+    /// A byte relay on tokio, the `tokio-tcp` column's proxy (started by the harness).
+    #[command(hide = true)]
+    TcpRelay(tcp_relay::Options),
     /// One process of the storm's clients (started by `storm`).
     #[command(hide = true)]
     StormClient(storm::ClientOptions),
@@ -149,6 +153,16 @@ enum Mode {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
+    // The relay builds its own runtime, configured as the gateway's.
+    if let Some(Mode::TcpRelay(options)) = &args.mode {
+        return match tcp_relay::run(options.clone()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     // The run future owns every child process, so leaving it (done, failed or interrupted)
     // stops them all. It runs on this thread, which children's parent-death signal watches.
@@ -156,6 +170,7 @@ fn main() -> ExitCode {
         Some(Mode::Soak(options)) => runtime.block_on(until_signal(soak::run(options))),
         Some(Mode::Storm(options)) => runtime.block_on(until_signal(storm::run(options))),
         Some(Mode::Teardown(options)) => runtime.block_on(until_signal(teardown::run(options))),
+        Some(Mode::TcpRelay(_)) => unreachable!("handled above"),
         Some(Mode::StormClient(options)) => runtime.block_on(until_signal(storm::client(options))),
         Some(Mode::Scale(options)) => runtime.block_on(until_signal(scale::run(options))),
         Some(Mode::ScaleClient(options)) => runtime.block_on(until_signal(scale::client(options))),

@@ -86,6 +86,10 @@ pub enum Target {
     /// looked at. The least any proxy can cost on this machine, for scale.
     #[value(name = "haproxy-tcp")]
     HaproxyTcp,
+    /// The same byte relay on tokio, run as the gateway runs its runtime (`tcp_relay`):
+    /// what any tokio proxy pays, for scale.
+    #[value(name = "tokio-tcp")]
+    TokioTcp,
     /// wasmgate without plugins, clients over `wss://` (`[gateway.tls]`).
     #[value(name = "wasmgate-tls")]
     WasmgateTls,
@@ -116,9 +120,13 @@ impl Target {
             Target::Wasmgate3 => Some(&[Plugin::JwtAuth, Plugin::NoopMessages, Plugin::LeastConn]),
             Target::WasmgateRs256 => Some(&[Plugin::JwtAuthRs256, Plugin::LeastConn]),
             Target::WasmgateRs256Nocache => Some(&[Plugin::JwtAuthRs256Uncached, Plugin::LeastConn]),
-            Target::Direct | Target::Nginx | Target::Haproxy | Target::HaproxyTcp | Target::NginxTls | Target::HaproxyTls => {
-                None
-            }
+            Target::Direct
+            | Target::Nginx
+            | Target::Haproxy
+            | Target::HaproxyTcp
+            | Target::TokioTcp
+            | Target::NginxTls
+            | Target::HaproxyTls => None,
         }
     }
 
@@ -171,6 +179,7 @@ impl fmt::Display for Target {
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::HaproxyTcp => "haproxy-tcp",
+            Target::TokioTcp => "tokio-tcp",
             Target::WasmgateTls => "wasmgate-tls",
             Target::WasmgateAuthTls => "wasmgate-auth-tls",
             Target::NginxTls => "nginx-tls",
@@ -245,6 +254,9 @@ impl Binaries {
         if targets.iter().any(|t| matches!(t, Target::Haproxy | Target::HaproxyTcp | Target::HaproxyTls)) {
             let tcp = if targets.contains(&Target::HaproxyTcp) { "; haproxy-tcp: the same in mode tcp" } else { "" };
             versions.push(format!("{} (nbthread 2{tcp})", first_line(Command::new(HAPROXY).arg("-v"))));
+        }
+        if targets.contains(&Target::TokioTcp) {
+            versions.push("tokio-tcp: wasmgate-bench tcp-relay (tokio copy_bidirectional, the gateway's runtime settings)".into());
         }
         versions
     }
@@ -446,6 +458,12 @@ fn start_proxy(
             let config = write(dir, "haproxy.cfg", &haproxy_config(listen, servers, mode, tls.as_ref()))?;
             let mut cmd = Command::new(HAPROXY);
             cmd.arg("-db").arg("-f").arg(config);
+            cmd
+        }
+        Target::TokioTcp => {
+            let upstreams: Vec<String> = servers.iter().map(SocketAddr::to_string).collect();
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.arg("tcp-relay").arg("--listen").arg(listen.to_string()).arg("--upstream").arg(upstreams.join(","));
             cmd
         }
     };
