@@ -1,8 +1,10 @@
 //! `wasmgate-bench teardown`: what a proxy spends on a client that vanishes. A storm's CPU per
 //! reconnect includes tearing down the connection the client dropped; this separates the
-//! two. N idle clients are connected (handshake and one echo each, 200 at a time), then all
-//! of them reset their sockets at once (`SO_LINGER` 0), and nothing reconnects. The table
-//! gives the proxy's CPU per connection for the set-up and for the teardown.
+//! two. N idle clients are connected (handshake and one echo each, 200 at a time, or as
+//! many as `--set-up-concurrency` says), then all of them reset their sockets at once
+//! (`SO_LINGER` 0), and nothing reconnects. The table gives the proxy's CPU per connection
+//! for the set-up and for the teardown. A set-up of all N at once is a storm of new clients
+//! with no teardown in it.
 //!
 //! Proxies differ in what a vanished client costs by design: nginx and HAProxy close the
 //! upstream socket; wasmgate by default first sends the upstream a close frame (1001,
@@ -23,8 +25,6 @@ use crate::procs::{self, TempDir};
 use crate::proxies::{self, Binaries, Running, Target};
 use crate::table::Results;
 
-/// Connections opened at once while setting up.
-const SET_UP_CONCURRENCY: usize = 200;
 /// After the resets, the proxy is given this long to finish closing (its close timeout for
 /// an upstream that does not answer is longer, but the echo backends answer at once).
 const SETTLE: Duration = Duration::from_secs(3);
@@ -38,6 +38,10 @@ pub struct Options {
     /// Proxies to measure, comma separated (plain ws:// ones, not `direct`).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "wasmgate,wasmgate-auth,nginx,haproxy")]
     only: Vec<Target>,
+    /// Connections opened at once while setting up (a storm's set-up opens 200 at a time;
+    /// as many as `--clients` makes the set-up a storm of new clients with no teardown).
+    #[arg(long, default_value_t = 200)]
+    set_up_concurrency: usize,
     /// Measure every proxy this many times (a fresh proxy each time); medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
@@ -70,17 +74,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut results = Results::new(&targets);
     let outcomes = crate::table::rounds_over("teardown", &targets, options.rounds, &dir.0, |target, cell| {
         let bins = &bins;
-        async move { measure(target, bins, &cell, options.clients).await }
+        async move { measure(target, bins, &cell, options.clients, options.set_up_concurrency).await }
     })
     .await?;
     for (target, rounds) in targets.iter().zip(outcomes) {
         results.record("teardown", metrics(), *target, &crate::load::median(rounds));
     }
     results.note(format!(
-        "{} idle clients connected (handshake + one 64 B echo), then all reset (SO_LINGER 0) at once; CPU is \
+        "{} idle clients connected ({} at a time: handshake + one 64 B echo), then all reset (SO_LINGER 0) at once; CPU is \
          user plus system time of the proxy's processes, over the set-up and over the {} s after the resets, \
          per connection. Medians of {} rounds.",
         options.clients,
+        options.set_up_concurrency,
         SETTLE.as_secs(),
         options.rounds
     ));
@@ -94,7 +99,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     results.publish("Teardown of vanished clients", &bins, &targets, options.out.as_deref())
 }
 
-async fn measure(target: Target, bins: &Binaries, dir: &std::path::Path, clients: usize) -> anyhow::Result<Outcome> {
+async fn measure(target: Target, bins: &Binaries, dir: &std::path::Path, clients: usize, concurrency: usize) -> anyhow::Result<Outcome> {
     let running = Running::start(target, bins, dir)?;
     let addr = running.entry[0];
     let token = jwt::bearer_for(target.token_alg(), "teardown");
@@ -104,7 +109,7 @@ async fn measure(target: Target, bins: &Binaries, dir: &std::path::Path, clients
     let before_set_up = running.cpu_secs()?;
     let held: Vec<_> = futures_util::stream::iter(0..clients)
         .map(|_| crate::storm::connect_once(addr, source, &token, None))
-        .buffer_unordered(SET_UP_CONCURRENCY)
+        .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
     let held = held.into_iter().collect::<anyhow::Result<Vec<_>>>().context("setting up the clients")?;
