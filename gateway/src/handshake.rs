@@ -149,7 +149,9 @@ pub async fn refuse(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), refusal:
         return;
     }
     let _ = tokio::time::timeout(LINGER, async {
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would size every handshake's future (`proxy::answer`
+        // awaits this) by 4 KiB more, for the few that are refused.
+        let mut sink = vec![0u8; 4096];
         let mut drained = 0;
         while drained < MAX_HEAD {
             match stream.read(&mut sink).await {
@@ -617,5 +619,15 @@ mod tests {
             let head = parse_head(GOOD).unwrap().unwrap();
             assert!(validate(&head.method, head.version, &head.target, head.headers).is_ok());
         }
+    }
+
+    /// `proxy::answer` awaits a refusal, so the refusal's future sizes every handshake's
+    /// future: its drain buffer must not be in it.
+    #[test]
+    fn a_refusal_keeps_its_drain_buffer_off_its_future() {
+        let (mut stream, _peer) = tokio::io::duplex(64);
+        let refusing = refuse(&mut stream, Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "busy"));
+        let size = std::mem::size_of_val(&refusing);
+        assert!(size <= 512, "refuse's future is {size} bytes");
     }
 }

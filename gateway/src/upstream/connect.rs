@@ -132,53 +132,79 @@ async fn open_inner(
         if n == 0 {
             return Err(ConnectError::BadHandshake("connection closed during the handshake".into()));
         }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut response = httparse::Response::new(&mut headers);
-        let head_len = match response.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => continue,
-            Err(e) => return Err(ConnectError::BadHandshake(format!("unparsable response: {e}"))),
-        };
-        let status = response.code.unwrap_or(0);
-        let find = |name: &str| {
-            response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .and_then(|h| std::str::from_utf8(h.value).ok())
-                .map(str::trim)
-        };
-        if status != 101 {
-            if (400..500).contains(&status) {
-                let headers = response
-                    .headers
-                    .iter()
-                    .filter(|h| !is_framing_header(h.name))
-                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
-                    .collect();
-                let body_len: usize = find("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        match read_answer(&buf, key)? {
+            Answer::Partial => continue,
+            Answer::Switching { head_len, subprotocol, extensions } => {
+                return Ok(UpstreamSocket { stream, already_read: buf.split_off(head_len), subprotocol, extensions });
+            }
+            Answer::Refused { status, headers, head_len, body_len } => {
                 let body = read_body(&mut stream, buf.split_off(head_len), body_len.min(4096)).await;
                 return Err(ConnectError::Refused { status, headers, body });
             }
-            return Err(ConnectError::BadHandshake(format!("answered {status} instead of 101")));
         }
-        // RFC 6455 §4.1: Upgrade names websocket, Connection holds the upgrade token (a
-        // comma-separated list), and the accept answers our key.
-        let upgrade_ok = find("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-        let connection_ok = response
+    }
+}
+
+/// What the upstream's answer head says, with what the caller needs of it copied out.
+enum Answer {
+    /// The head is not complete yet.
+    Partial,
+    /// A valid 101 for our key; the head is `head_len` bytes.
+    Switching { head_len: usize, subprotocol: Option<String>, extensions: Option<String> },
+    /// A 4xx, which the client should see: its headers and the body length it announced.
+    Refused { status: u16, headers: Vec<(String, String)>, head_len: usize, body_len: usize },
+}
+
+/// Parses the answer head in `buf` to the request sent with `key`. A plain function, so
+/// httparse's 64 header slots (2 KiB, all written on every parse) live on the thread's
+/// stack: in `open_inner` they were part of every handshake's future, heap memory that is
+/// cold when thousands of handshakes are in flight.
+fn read_answer(buf: &[u8], key: &str) -> Result<Answer, ConnectError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Answer::Partial),
+        Err(e) => return Err(ConnectError::BadHandshake(format!("unparsable response: {e}"))),
+    };
+    let status = response.code.unwrap_or(0);
+    let find = |name: &str| {
+        response
             .headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|h| h.value.split(|&b| b == b','))
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
-        let accept_ok = find("sec-websocket-accept").is_some_and(|v| v.as_bytes() == accept_key_bytes(key).as_slice());
-        if !upgrade_ok || !connection_ok || !accept_ok {
-            return Err(ConnectError::BadHandshake("101 without a valid WebSocket accept".into()));
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    if status != 101 {
+        if (400..500).contains(&status) {
+            let headers = response
+                .headers
+                .iter()
+                .filter(|h| !is_framing_header(h.name))
+                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect();
+            let body_len = find("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            return Ok(Answer::Refused { status, headers, head_len, body_len });
         }
-        let subprotocol = find("sec-websocket-protocol").map(str::to_string);
-        let extensions = find("sec-websocket-extensions").map(str::to_string);
-        return Ok(UpstreamSocket { stream, already_read: buf.split_off(head_len), subprotocol, extensions });
+        return Err(ConnectError::BadHandshake(format!("answered {status} instead of 101")));
     }
+    // RFC 6455 §4.1: Upgrade names websocket, Connection holds the upgrade token (a
+    // comma-separated list), and the accept answers our key.
+    let upgrade_ok = find("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connection_ok = response
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    let accept_ok = find("sec-websocket-accept").is_some_and(|v| v.as_bytes() == accept_key_bytes(key).as_slice());
+    if !upgrade_ok || !connection_ok || !accept_ok {
+        return Err(ConnectError::BadHandshake("101 without a valid WebSocket accept".into()));
+    }
+    let subprotocol = find("sec-websocket-protocol").map(str::to_string);
+    let extensions = find("sec-websocket-extensions").map(str::to_string);
+    Ok(Answer::Switching { head_len, subprotocol, extensions })
 }
 
 /// A fresh random `Sec-WebSocket-Key`, in base64 in `buf`.
@@ -250,5 +276,71 @@ impl AsyncWrite for UpstreamStream {
             UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn answer(head: &str) -> Result<Answer, ConnectError> {
+        read_answer(head.as_bytes(), KEY)
+    }
+
+    #[test]
+    fn a_valid_101_gives_its_length_and_negotiated_headers() {
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: keep-alive, upgrade\r\n\
+                    Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+        let with_frame = format!("{head}\u{81}\u{0}");
+        match read_answer(with_frame.as_bytes(), KEY) {
+            Ok(Answer::Switching { head_len, subprotocol, extensions }) => {
+                assert_eq!(head_len, head.len());
+                assert_eq!(subprotocol.as_deref(), Some("chat"));
+                assert_eq!(extensions, None);
+            }
+            _ => panic!("a valid 101 was not accepted"),
+        }
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more() {
+        assert!(matches!(answer("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"), Ok(Answer::Partial)));
+    }
+
+    #[test]
+    fn a_101_that_does_not_answer_the_key_is_a_bad_handshake() {
+        let wrong_accept = "HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAA\r\n\r\n";
+        let no_upgrade = "HTTP/1.1 101 OK\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        for head in [wrong_accept, no_upgrade] {
+            assert!(matches!(answer(head), Err(ConnectError::BadHandshake(_))), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn a_4xx_is_passed_on_without_its_framing_headers_and_other_statuses_are_failures() {
+        match answer("HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\nX-Reason: token\r\nConnection: close\r\n\r\nno way!") {
+            Ok(Answer::Refused { status, headers, body_len, .. }) => {
+                assert_eq!((status, body_len), (403, 7));
+                assert_eq!(headers, vec![("X-Reason".to_string(), "token".to_string())]);
+            }
+            _ => panic!("a 403 was not passed on"),
+        }
+        for head in ["HTTP/1.1 503 Busy\r\n\r\n", "HTTP/1.1 200 OK\r\n\r\n", "nonsense\r\n\r\n"] {
+            assert!(matches!(answer(head), Err(ConnectError::BadHandshake(_))), "{head:?}");
+        }
+    }
+
+    /// Each handshake in flight holds this future in heap memory that a storm keeps cold:
+    /// scratch space (httparse's header slots) belongs on the stack, in `read_answer`.
+    #[test]
+    fn opening_an_upstream_keeps_no_scratch_space_in_its_future() {
+        let server = ServerAddress::parse("127.0.0.1:9").unwrap();
+        let request = UpstreamRequest { path_and_query: "/".into(), headers: Default::default() };
+        let opening = open_inner(&server, None, &request);
+        let size = std::mem::size_of_val(&opening);
+        // The largest state is the TLS connect (rustls' connector future, about 1.2 KiB).
+        assert!(size <= 1536, "open_inner's future is {size} bytes");
     }
 }
